@@ -1,0 +1,50 @@
+"""Settings read from the environment once, at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Ceilings that protect the host; each is overridable by an environment variable."""
+
+    max_nodes_per_cluster: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_NODES_PER_CLUSTER", 16))
+    max_clusters: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_CLUSTERS", 32))
+    max_node_processes: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_NODE_PROCESSES", 32))
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    db_url: str
+    node_start_timeout_s: float = 90.0
+    group_timeout_s: float = 30.0
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def clusters_dir(self) -> Path:
+        return self.home / "clusters"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "server.log"
+
+    @classmethod
+    def from_env(cls, home: str | Path | None = None) -> "Settings":
+        root = Path(home or os.environ.get("FLOW_NEXUS_HOME") or Path.home() / ".flow-nexus").expanduser()
+        root = root.resolve()
+        db_url = os.environ.get("FLOW_NEXUS_DB_URL") or f"sqlite:///{root / 'state.db'}"
+        return cls(home=root, db_url=db_url)

@@ -1,0 +1,59 @@
+"""The launcher interface: start, poll and stop node processes, wherever they run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class LaunchError(RuntimeError):
+    """A node did not start; the message carries the reason (and the end of its log)."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    cluster_id: str
+    role: str
+    sandbox: Path
+    token: str
+    threads: int = 1
+
+
+@dataclass
+class NodeHandle:
+    node_id: str
+    host: str  # address of the node's control API
+    port: int
+    pid: int | None
+    ref: str  # launcher-specific: pid, container id, actor id
+
+
+class NodeLauncher(Protocol):
+    name: str
+
+    def available(self) -> tuple[bool, str]:
+        """(usable now?, the reason when not)."""
+
+    def launch(self, spec: NodeSpec, timeout_s: float) -> NodeHandle:
+        """Start the node and return once its control API listens; raise LaunchError otherwise."""
+
+    def is_alive(self, handle: NodeHandle) -> tuple[bool, int | None]:
+        """(alive?, exit code when known)."""
+
+    def terminate(self, handle: NodeHandle, grace_s: float = 5.0) -> bool:
+        """Stop the node (graceful, then forced); True once it is verifiably gone."""
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a text file, or '' when it does not exist."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:]) if lines > 0 else ""

@@ -1,0 +1,152 @@
+"""Local launcher: one ``python -m workers.agent`` process per node, in its own process group."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, log_tail
+from workers.protocol import READY_FILE, TOKEN_ENV
+
+log = logging.getLogger(__name__)
+
+NODE_LOG = "node.log"
+
+
+class SubprocessLauncher:
+    name = "subprocess"
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self.python = python
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}  # pid -> Popen, for reaping
+        self._lock = threading.Lock()
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def command(self, spec: NodeSpec) -> list[str]:
+        return [
+            self.python, "-m", "workers.agent",
+            "--node-id", spec.node_id,
+            "--cluster-id", spec.cluster_id,
+            "--role", spec.role,
+            "--sandbox", str(spec.sandbox),
+            "--threads", str(spec.threads),
+        ]
+
+    def environment(self, spec: NodeSpec) -> dict[str, str]:
+        env = dict(os.environ)
+        env[TOKEN_ENV] = spec.token  # environment, not argv: `ps` must not show it
+        env["OMP_NUM_THREADS"] = str(spec.threads)
+        env["PYTHONUNBUFFERED"] = "1"
+        # The node must import the same `workers` package the server uses.
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        return env
+
+    def launch(self, spec: NodeSpec, timeout_s: float) -> NodeHandle:
+        spec.sandbox.mkdir(parents=True, exist_ok=True)
+        ready = spec.sandbox / READY_FILE
+        ready.unlink(missing_ok=True)
+        log_path = spec.sandbox / NODE_LOG
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(
+                self.command(spec),
+                cwd=spec.sandbox,
+                env=self.environment(spec),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: terminate reaches its children too
+            )
+        with self._lock:
+            self._procs[proc.pid] = proc
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = proc.poll()
+            if code is not None:
+                self._forget(proc.pid)
+                raise LaunchError(
+                    f"node {spec.node_id} exited with code {code} during start-up; "
+                    f"end of its log:\n{log_tail(log_path, 20)}"
+                )
+            if ready.exists():
+                info = json.loads(ready.read_text())
+                return NodeHandle(spec.node_id, "127.0.0.1", int(info["port"]), proc.pid, str(proc.pid))
+            time.sleep(0.05)
+        self.terminate(NodeHandle(spec.node_id, "127.0.0.1", 0, proc.pid, str(proc.pid)), grace_s=1)
+        raise LaunchError(
+            f"node {spec.node_id} did not start listening within {timeout_s:.0f} s; "
+            f"end of its log:\n{log_tail(log_path, 20)}"
+        )
+
+    def is_alive(self, handle: NodeHandle) -> tuple[bool, int | None]:
+        pid = handle.pid
+        if pid is None:
+            return False, None
+        with self._lock:
+            proc = self._procs.get(pid)
+        if proc is not None:
+            code = proc.poll()
+            return code is None, code
+        # Not our child (the server restarted): check the pid still runs this node's agent.
+        return _runs_node(pid, handle.node_id), None
+
+    def terminate(self, handle: NodeHandle, grace_s: float = 5.0) -> bool:
+        pid = handle.pid
+        if pid is None:
+            return True
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            if not self.is_alive(handle)[0]:
+                break
+            try:
+                os.killpg(pid, sig)  # the node leads its own process group
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                log.warning("not allowed to signal node %s (pid %d)", handle.node_id, pid)
+                return False
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and self.is_alive(handle)[0]:
+                time.sleep(0.05)
+        gone = not self.is_alive(handle)[0]
+        if gone:
+            self._forget(pid)
+        return gone
+
+    def _forget(self, pid: int) -> None:
+        with self._lock:
+            proc = self._procs.pop(pid, None)
+        if proc is not None:
+            try:
+                proc.wait(timeout=1)  # reap, so no zombie is left
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _runs_node(pid: int, node_id: str) -> bool:
+    """True when ``pid`` is a live process whose command line names ``node_id``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != b"Z" and node_id.encode() in cmd
+
+
+def pid_exists(pid: int) -> bool:
+    """True when a process (not a zombie) with this pid exists."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False

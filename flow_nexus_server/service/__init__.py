@@ -1,0 +1,1 @@
+"""Cluster lifecycle, training jobs and the monitor: plain classes that know nothing of MCP."""

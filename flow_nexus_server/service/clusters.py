@@ -1,0 +1,536 @@
+"""Cluster lifecycle: init, deploy, connect, status, remove, logs, terminate.
+
+Every public method is synchronous and thread-safe (one lock per cluster); the MCP layer runs
+them on worker threads so the event loop never blocks on a node or on the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import func, select
+
+from flow_nexus_server import replies as r
+from flow_nexus_server.config import Settings
+from flow_nexus_server.launchers import LaunchError, NodeHandle, NodeLauncher, NodeSpec, SubprocessLauncher
+from flow_nexus_server.launchers.base import log_tail
+from flow_nexus_server.launchers.local import NODE_LOG
+from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
+from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
+from flow_nexus_server.service.rendezvous import Rendezvous
+from flow_nexus_server.service.topology import edges as topology_edges
+from flow_nexus_server.store import Cluster, Node, Store, TrainingSession
+from flow_nexus_server.store.db import LIVE_NODE_STATES
+from workers import protocol as p
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Ranks: the roles that coordinate come first, so the aggregator / parameter server is rank 0.
+ROLE_RANK_ORDER = {"aggregator": 0, "parameter_server": 1, "validator": 2, "worker": 3}
+
+
+def parallel(fn: Callable[[Any], T], items: Iterable[Any]) -> list[T | BaseException]:
+    """Run ``fn`` over items concurrently; each result is the value or the exception raised."""
+    items = list(items)
+    if not items:
+        return []
+
+    def safe(item: Any) -> T | BaseException:
+        try:
+            return fn(item)
+        except BaseException as exc:  # returned, so one failure does not hide the others
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(16, len(items))) as pool:
+        return list(pool.map(safe, items))
+
+
+class ClusterService:
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        settings.clusters_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store or Store(settings.db_url)
+        self.launchers: dict[str, NodeLauncher] = {"subprocess": SubprocessLauncher()}
+        self.rendezvous = Rendezvous()
+        self.last_seen: dict[str, float] = {}  # node_id -> time of its last health answer
+        self._locks: dict[str, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+        self._closed = False
+
+    # ----------------------------------------------------------------- helpers
+    def lock(self, cluster_id: str) -> threading.RLock:
+        with self._locks_guard:
+            return self._locks.setdefault(cluster_id, threading.RLock())
+
+    def get_cluster(self, cluster_id: str, *, active: bool = True) -> Cluster:
+        cluster = self.store.cluster(cluster_id)
+        if cluster is None:
+            raise NotFound(
+                f"cluster {cluster_id!r} does not exist; call neural_cluster_list to see clusters "
+                "or neural_cluster_init to create one"
+            )
+        if active and cluster.status == "terminated":
+            raise Conflict(
+                f"cluster {cluster_id} is terminated; create a new one with neural_cluster_init"
+            )
+        return cluster
+
+    def get_node(self, node_id: str) -> Node:
+        node = self.store.node(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id!r} does not exist; neural_cluster_status lists a cluster's nodes")
+        return node
+
+    def client(self, cluster: Cluster, node: Node) -> NodeClient:
+        assert node.host and node.port
+        return NodeClient(node.id, node.host, node.port, cluster.token)
+
+    def launcher(self, cluster: Cluster) -> NodeLauncher:
+        return self.launchers[cluster.launcher]
+
+    @staticmethod
+    def handle(node: Node) -> NodeHandle:
+        return NodeHandle(node.id, node.host or "127.0.0.1", node.port or 0, node.pid, node.launcher_ref or "")
+
+    def event(self, cluster_id: str, kind: str, message: str, **kw: Any) -> None:
+        log.info("[%s] %s: %s", cluster_id, kind, message)
+        self.store.add_event(cluster_id, kind, message, **kw)
+
+    # -------------------------------------------------------------------- init
+    def init_cluster(self, *, name: str, topology: str, architecture: str, consensus: str,
+                     launcher: str, backend: str, max_nodes: int, auto_healing: bool,
+                     wasm_optimization: bool, daa_enabled: bool,
+                     extra: dict[str, Any] | None = None) -> r.ClusterInitReply:
+        if launcher not in self.launchers:
+            raise ServiceError(
+                f"launcher {launcher!r} is not available in this version of flow-nexus-server; "
+                "use launcher 'subprocess' (local node processes)"
+            )
+        if backend == "nccl":
+            raise ServiceError(
+                "backend 'nccl' needs a CUDA device on every node and none is visible here; "
+                "use backend 'auto' or 'gloo'"
+            )
+        if max_nodes > self.settings.limits.max_nodes_per_cluster:
+            raise ServiceError(
+                f"max_nodes {max_nodes} is above this server's limit of "
+                f"{self.settings.limits.max_nodes_per_cluster} nodes per cluster "
+                "(FLOW_NEXUS_MAX_NODES_PER_CLUSTER); ask for fewer"
+            )
+        with self.store.session() as s:
+            active = s.scalar(select(func.count()).select_from(Cluster).where(Cluster.status != "terminated"))
+        if active and active >= self.settings.limits.max_clusters:
+            raise ServiceError(
+                f"{active} clusters are active, the limit is {self.settings.limits.max_clusters} "
+                "(FLOW_NEXUS_MAX_CLUSTERS); terminate one with neural_cluster_terminate first"
+            )
+        cluster_id = "dnc_" + secrets.token_hex(6)
+        directory = self.settings.clusters_dir / cluster_id
+        (directory / "nodes").mkdir(parents=True)
+        options = {"wasmOptimization": wasm_optimization, "daaEnabled": daa_enabled, **(extra or {})}
+        cluster = Cluster(
+            id=cluster_id, name=name, status="initializing", topology=topology,
+            architecture=architecture, consensus=consensus, launcher=launcher,
+            backend="gloo", max_nodes=max_nodes, auto_healing=auto_healing,
+            token=secrets.token_hex(32), directory=str(directory), options=options,
+            created_at=time.time(),
+        )
+        with self.store.session() as s:
+            s.add(cluster)
+        self.event(cluster_id, "cluster_created", f"cluster {name!r} created ({topology}, {architecture})")
+        return r.ClusterInitReply(
+            success=True, cluster_id=cluster_id, name=name, status=cluster.status, topology=topology,
+            architecture=architecture, consensus=consensus, launcher=launcher, backend=cluster.backend,
+            max_nodes=max_nodes, auto_healing=auto_healing, wasm_enabled=wasm_optimization,
+            daa_enabled=daa_enabled, directory=str(directory), created_at=cluster.created_at,
+            next_step=f"deploy nodes with neural_node_deploy(cluster_id='{cluster_id}')",
+        )
+
+    # ------------------------------------------------------------------ deploy
+    def deploy_nodes(self, cluster_id: str, *, role: str, count: int, model: str,
+                     capabilities: list[str], autonomy: float, template: str,
+                     layers: list[dict[str, Any]] | None,
+                     options: dict[str, Any] | None = None) -> r.DeployReply:
+        with self.lock(cluster_id):
+            cluster = self.get_cluster(cluster_id)
+            live = self.store.nodes(cluster_id)
+            if len(live) + count > cluster.max_nodes:
+                raise ServiceError(
+                    f"cluster {cluster_id} has {len(live)} of at most {cluster.max_nodes} nodes; "
+                    f"deploying {count} more would exceed max_nodes. Remove nodes with "
+                    "neural_node_remove or create a cluster with a larger max_nodes"
+                )
+            total = self._live_node_count()
+            if total + count > self.settings.limits.max_node_processes:
+                raise ServiceError(
+                    f"{total} node processes run on this host, the limit is "
+                    f"{self.settings.limits.max_node_processes} (FLOW_NEXUS_MAX_NODE_PROCESSES); "
+                    "terminate a cluster first"
+                )
+            with self.store.session() as s:
+                seq0 = s.scalar(select(func.coalesce(func.max(Node.seq), -1)).where(Node.cluster_id == cluster_id)) + 1
+            nodes = []
+            for i in range(count):
+                node_id = "node_" + secrets.token_hex(4)
+                sandbox = Path(cluster.directory) / "nodes" / node_id
+                nodes.append(Node(
+                    id=node_id, cluster_id=cluster_id, seq=seq0 + i, role=role, status="starting",
+                    model=model, capabilities=capabilities, layers=layers,
+                    options={"autonomy": autonomy, "template": template, **(options or {})},
+                    sandbox=str(sandbox), created_at=time.time(),
+                ))
+            with self.store.session() as s:
+                s.add_all(nodes)
+            results = parallel(lambda n: self._start_node(cluster, n), nodes)
+            infos = [self._node_info(n, res) for n, res in zip(nodes, results)]
+            failed = [i for i in infos if i.status == "failed"]
+            ok = [i for i in infos if i.status == "deployed"]
+            group = self._after_membership_change(cluster_id, f"{len(ok)} node(s) deployed") if ok else \
+                r.GroupChange(action="none", generation=cluster.generation, message="no node joined")
+            cluster = self.get_cluster(cluster_id)
+            if failed:
+                detail = "; ".join(f"{i.node_id}: {i.error}" for i in failed)
+                kept = f" Nodes started: {', '.join(i.node_id for i in ok)}." if ok else ""
+                raise ServiceError(f"{len(failed)} of {count} node(s) failed to deploy: {detail}.{kept}")
+            first = infos[0]
+            return r.DeployReply(
+                success=True, cluster_id=cluster_id, node_id=first.node_id, sandbox_id=first.sandbox_id,
+                role=role, status=first.status, capabilities=capabilities, nodes=infos,
+                cluster_status=cluster.status, group=group,
+            )
+
+    def _start_node(self, cluster: Cluster, node: Node) -> float:
+        """Launch one node and wait for its health check; returns the start-up time."""
+        start = time.monotonic()
+        spec = NodeSpec(node.id, cluster.id, node.role, Path(node.sandbox), cluster.token)
+        handle = self.launcher(cluster).launch(spec, self.settings.node_start_timeout_s)
+        self.store.update(Node, node.id, host=handle.host, port=handle.port, pid=handle.pid,
+                          launcher_ref=handle.ref)
+        node.host, node.port, node.pid = handle.host, handle.port, handle.pid
+        try:
+            health = self.client(cluster, node).health(timeout=10)
+        except NodeRequestError as exc:
+            self.launcher(cluster).terminate(handle, grace_s=1)
+            raise LaunchError(f"it started but failed its health check: {exc}") from exc
+        if health.node_id != node.id:
+            self.launcher(cluster).terminate(handle, grace_s=1)
+            raise LaunchError(f"the process on port {handle.port} answered as {health.node_id}")
+        self.last_seen[node.id] = time.time()
+        self.store.update(Node, node.id, status="running")
+        return time.monotonic() - start
+
+    def _node_info(self, node: Node, result: float | BaseException) -> r.NodeInfo:
+        if isinstance(result, BaseException):
+            error = str(result) if isinstance(result, (LaunchError, NodeRequestError)) else \
+                f"{type(result).__name__}: {result}"
+            if not isinstance(result, (LaunchError, NodeRequestError)):
+                log.error("deploying %s failed", node.id, exc_info=result)
+            self.store.update(Node, node.id, status="failed", error=error, stopped_at=time.time())
+            self.event(node.cluster_id, "node_failed", f"node {node.id} failed to deploy: {error}", node_id=node.id)
+            status, startup, err = "failed", None, error
+        else:
+            self.event(node.cluster_id, "node_deployed", f"node {node.id} ({node.role}) is up, pid {node.pid}",
+                       node_id=node.id, data={"startup_s": result})
+            status, startup, err = "deployed", result, None
+        return r.NodeInfo(
+            node_id=node.id, sandbox_id=Path(node.sandbox).name, sandbox_path=node.sandbox, role=node.role,
+            status=status, capabilities=node.capabilities, model=node.model,
+            autonomy=node.options.get("autonomy", 0.8), pid=node.pid, startup_s=startup, error=err,
+        )
+
+    def _live_node_count(self) -> int:
+        with self.store.session() as s:
+            return s.scalar(select(func.count()).select_from(Node).where(Node.status.in_(LIVE_NODE_STATES))) or 0
+
+    # ----------------------------------------------------------------- connect
+    def connect(self, cluster_id: str, topology: str | None = None) -> r.ConnectReply:
+        with self.lock(cluster_id):
+            cluster = self.get_cluster(cluster_id)
+            nodes = self.store.nodes(cluster_id)
+            if not nodes:
+                raise ServiceError(
+                    f"cluster {cluster_id} has no nodes; call neural_node_deploy first"
+                )
+            if cluster.status == "training":
+                raise Conflict(f"cluster {cluster_id} is training; stop the session before reconnecting")
+            return self._form_group(cluster, nodes, topology or cluster.topology)
+
+    def _form_group(self, cluster: Cluster, nodes: list[Node], topology: str) -> r.ConnectReply:
+        ordered = sorted(nodes, key=lambda n: (ROLE_RANK_ORDER.get(n.role, 9), n.seq))
+        generation = cluster.generation + 1
+        host, port = self.rendezvous.address(cluster.id, cluster.store_port)
+        world = len(ordered)
+
+        def join(item: tuple[int, Node]) -> p.JoinReply:
+            rank, node = item
+            req = p.JoinRequest(
+                generation=generation, rank=rank, world_size=world, store_host=host, store_port=port,
+                store_prefix=f"{cluster.id}/g{generation}", backend="gloo",
+                timeout_s=self.settings.group_timeout_s,
+            )
+            return self.client(cluster, node).join(req)
+
+        joined = parallel(join, enumerate(ordered))
+        errors = [f"{n.id}: {res}" for n, res in zip(ordered, joined) if isinstance(res, BaseException)]
+        if errors:
+            self._mark_needs_connect(cluster, generation, "forming the group failed: " + "; ".join(errors))
+            raise ServiceError(
+                f"forming generation {generation} of cluster {cluster.id} failed: {'; '.join(errors)}. "
+                "Check the node with neural_node_logs, remove it with neural_node_remove, then reconnect"
+            )
+        edge_list = topology_edges(topology, world)
+        probe = p.ProbeRequest(generation=generation, edges=edge_list)
+        probed = parallel(lambda n: self.client(cluster, n).probe(probe), ordered)
+        errors = [f"{n.id}: {res}" for n, res in zip(ordered, probed) if isinstance(res, BaseException)]
+        if errors:
+            self._mark_needs_connect(cluster, generation, "measuring links failed: " + "; ".join(errors))
+            raise ServiceError(f"measuring the links of cluster {cluster.id} failed: {'; '.join(errors)}")
+        measured = {(m.src, m.dst): m for reply in probed for m in reply.edges}  # type: ignore[union-attr]
+        out_edges = []
+        for a, b in edge_list:
+            m = measured.get((a, b))
+            if m is None:
+                raise ServiceError(f"no measurement came back for edge {a}->{b}; reconnect the cluster")
+            out_edges.append(r.Edge(**{"from": a}, to=b, from_node=ordered[a].id, to_node=ordered[b].id,
+                                    status="active", latency_ms=round(m.rtt_ms, 4),
+                                    bandwidth_mbps=round(m.bandwidth_mbps, 2)))
+        lat = [e.latency_ms for e in out_edges]
+        bw = [e.bandwidth_mbps for e in out_edges]
+        health = r.NetworkHealth(
+            avg_latency_ms=statistics.fmean(lat) if lat else None, max_latency_ms=max(lat) if lat else None,
+            avg_bandwidth_mbps=statistics.fmean(bw) if bw else None, min_bandwidth_mbps=min(bw) if bw else None,
+        )
+        with self.store.session() as s:
+            for rank, node in enumerate(ordered):
+                row = s.get(Node, node.id)
+                row.rank, row.generation = rank, generation
+            c = s.get(Cluster, cluster.id)
+            c.generation, c.connected_topology, c.status = generation, topology, "connected"
+            c.needs_connect_reason, c.store_host, c.store_port = None, host, port
+            c.options = {**c.options, "network": {**health.model_dump(), "edges": len(out_edges)}}
+        cluster.generation = generation
+        self.event(cluster.id, "group_formed",
+                   f"generation {generation}: {world} node(s) joined, {topology} with {len(out_edges)} edge(s)",
+                   data={"generation": generation, "topology": topology})
+        return r.ConnectReply(
+            success=True, cluster_id=cluster.id, topology=topology, backend="gloo", generation=generation,
+            connections=len(out_edges), nodes_connected=world,
+            ranks=[r.RankInfo(node_id=n.id, rank=i, role=n.role) for i, n in enumerate(ordered)],
+            edges=out_edges, network_health=health,
+            join_ms_max=max(j.join_ms for j in joined),  # type: ignore[union-attr]
+        )
+
+    def _mark_needs_connect(self, cluster: Cluster, generation: int, reason: str) -> None:
+        with self.store.session() as s:
+            c = s.get(Cluster, cluster.id)
+            c.generation, c.status, c.needs_connect_reason = generation, "needs_connect", reason
+        cluster.generation = generation
+        self.event(cluster.id, "group_failed", reason)
+
+    def _after_membership_change(self, cluster_id: str, what: str) -> r.GroupChange:
+        """Deploy/remove on a connected cluster re-forms the group; otherwise records the state."""
+        cluster = self.get_cluster(cluster_id)
+        nodes = self.store.nodes(cluster_id)
+        if cluster.status in ("connected",) and nodes:
+            try:
+                reply = self._form_group(cluster, nodes, cluster.connected_topology or cluster.topology)
+            except ServiceError as exc:
+                return r.GroupChange(action="needs_connect", generation=cluster.generation,
+                                     message=f"{what}; re-forming the group failed ({exc}); call neural_cluster_connect")
+            return r.GroupChange(action="reformed", generation=reply.generation,
+                                 message=f"{what}; the group was re-formed as generation {reply.generation}")
+        if not nodes:
+            self.store.update(Cluster, cluster_id, status="initializing", needs_connect_reason=None)
+            return r.GroupChange(action="none", generation=cluster.generation, message=f"{what}; no nodes left")
+        if cluster.status in ("initializing",):
+            self.store.update(Cluster, cluster_id, status="ready")
+            return r.GroupChange(action="none", generation=cluster.generation,
+                                 message=f"{what}; call neural_cluster_connect to form the process group")
+        if cluster.status == "needs_connect":
+            return r.GroupChange(action="needs_connect", generation=cluster.generation,
+                                 message=f"{what}; call neural_cluster_connect to form the process group")
+        return r.GroupChange(action="none", generation=cluster.generation, message=what)
+
+    # ------------------------------------------------------------------ status
+    def status(self, cluster_id: str) -> r.ClusterStatusReply:
+        cluster = self.get_cluster(cluster_id, active=False)
+        all_nodes = self.store.nodes(cluster_id, live_only=False)
+        live = [n for n in all_nodes if n.status in LIVE_NODE_STATES]
+        healths = dict(zip([n.id for n in live], parallel(lambda n: self._probe_health(cluster, n), live)))
+        cluster = self.get_cluster(cluster_id, active=False)  # probing may have changed it
+        topo = cluster.connected_topology or cluster.topology
+        formed = cluster.status in ("connected", "training")
+        edge_list = topology_edges(topo, len(live)) if formed else []
+        now = time.time()
+        node_rows = []
+        for node in self.store.nodes(cluster_id, live_only=False):
+            h = healths.get(node.id)
+            healthy = isinstance(h, p.HealthReply)
+            seen = self.last_seen.get(node.id)
+            node_rows.append(r.NodeStatus(
+                node_id=node.id, sandbox_id=Path(node.sandbox).name, role=node.role, status=node.status,
+                alive=healthy, pid=node.pid,
+                rss_mb=round(h.rss_bytes / 2**20, 1) if healthy else None,
+                rank=node.rank if node.status in LIVE_NODE_STATES else None,
+                generation=node.generation if node.status in LIVE_NODE_STATES else None,
+                last_heartbeat=seen, heartbeat_age_s=round(now - seen, 3) if seen else None,
+                connections=sum(1 for a, b in edge_list if node.rank in (a, b)) if formed else 0,
+                capabilities=node.capabilities, error=node.error,
+                metrics={"uptime_s": round(h.uptime_s, 1), "torch_threads": h.torch_threads,
+                         "job_state": h.job_state} if healthy else {},
+            ))
+        net = cluster.options.get("network", {})
+        with self.store.session() as s:
+            sessions = s.scalar(select(func.count()).select_from(TrainingSession)
+                                .where(TrainingSession.cluster_id == cluster_id)) or 0
+        if cluster.status == "terminated":
+            state, msg = "not_connected", "the cluster is terminated"
+        elif formed:
+            state, msg = "formed", f"generation {cluster.generation} over {len(live)} node(s), {topo}"
+        elif cluster.status == "needs_connect":
+            state, msg = "needs_connect", (cluster.needs_connect_reason or "membership changed") + \
+                "; call neural_cluster_connect"
+        else:
+            state, msg = "not_connected", "call neural_cluster_connect to form the process group"
+        return r.ClusterStatusReply(
+            success=True, cluster_id=cluster.id, name=cluster.name, status=cluster.status,
+            topology=topo, architecture=cluster.architecture, consensus=cluster.consensus,
+            launcher=cluster.launcher, backend=cluster.backend, created_at=cluster.created_at,
+            uptime_s=round((cluster.terminated_at or now) - cluster.created_at, 1),
+            generation=cluster.generation, group_state=state, group_message=msg, nodes=node_rows,
+            performance=r.Performance(latency_ms=net.get("avg_latency_ms"), bandwidth_mbps=net.get("avg_bandwidth_mbps")),
+            features=r.Features(
+                daa_enabled=bool(cluster.options.get("daaEnabled")),
+                wasm_enabled=bool(cluster.options.get("wasmOptimization")),
+                nodes_deployed=len(live), connections_active=len(edge_list), training_sessions=sessions,
+            ),
+            options=cluster.options,
+        )
+
+    def _probe_health(self, cluster: Cluster, node: Node) -> p.HealthReply | str:
+        """Live health of one node; a dead process marks the node failed (with the reason)."""
+        alive, code = self.launcher(cluster).is_alive(self.handle(node))
+        if not alive:
+            reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
+            self._node_lost(cluster, node, reason)
+            return reason
+        try:
+            h = self.client(cluster, node).health(timeout=3)
+        except NodeRequestError as exc:
+            return str(exc)
+        self.last_seen[node.id] = time.time()
+        return h
+
+    def _node_lost(self, cluster: Cluster, node: Node, reason: str) -> None:
+        self.store.update(Node, node.id, status="failed", error=reason, stopped_at=time.time())
+        self.event(cluster.id, "node_failed", f"node {node.id} failed: {reason}", node_id=node.id)
+        with self.lock(cluster.id):
+            c = self.get_cluster(cluster.id, active=False)
+            if c.status in ("connected", "training"):
+                self.store.update(Cluster, cluster.id, status="needs_connect",
+                                  needs_connect_reason=f"node {node.id} failed ({reason})")
+
+    # -------------------------------------------------------------------- list
+    def list_clusters(self, include_terminated: bool = True) -> r.ClusterListReply:
+        with self.store.session() as s:
+            q = select(Cluster).order_by(Cluster.created_at)
+            if not include_terminated:
+                q = q.where(Cluster.status != "terminated")
+            clusters = list(s.scalars(q))
+            counts = dict(s.execute(
+                select(Node.cluster_id, func.count()).where(Node.status.in_(LIVE_NODE_STATES))
+                .group_by(Node.cluster_id)).all())
+        rows = [r.ClusterSummary(cluster_id=c.id, name=c.name, status=c.status, topology=c.topology,
+                                 architecture=c.architecture, nodes=counts.get(c.id, 0), created_at=c.created_at)
+                for c in clusters]
+        return r.ClusterListReply(success=True, clusters=rows, count=len(rows))
+
+    # ------------------------------------------------------------------ remove
+    def remove_node(self, node_id: str) -> r.NodeRemoveReply:
+        node = self.get_node(node_id)
+        with self.lock(node.cluster_id):
+            cluster = self.get_cluster(node.cluster_id)
+            node = self.get_node(node_id)
+            if cluster.status == "training":
+                raise Conflict(f"cluster {cluster.id} is training; stop the session before removing nodes")
+            if node.status not in LIVE_NODE_STATES:
+                raise Conflict(f"node {node_id} is already {node.status}; nothing to remove")
+            gone = self._stop_node(cluster, node)
+            if not gone:
+                raise ServiceError(f"node {node_id} (pid {node.pid}) could not be stopped; it is still running")
+            self.store.update(Node, node_id, status="removed", stopped_at=time.time(), rank=None)
+            self.event(cluster.id, "node_removed", f"node {node_id} removed", node_id=node_id)
+            group = self._after_membership_change(cluster.id, f"node {node_id} removed")
+            return r.NodeRemoveReply(success=True, cluster_id=cluster.id, node_id=node_id, pid=node.pid,
+                                     process_gone=True, cluster_status=self.get_cluster(cluster.id).status,
+                                     group=group)
+
+    def _stop_node(self, cluster: Cluster, node: Node) -> bool:
+        """Ask the node to shut down, then make sure: SIGTERM, SIGKILL. True once it is gone."""
+        launcher = self.launcher(cluster)
+        if node.host and node.port and launcher.is_alive(self.handle(node))[0]:
+            try:
+                self.client(cluster, node).shutdown()
+            except NodeRequestError as exc:
+                log.info("graceful shutdown of %s failed (%s); signalling it", node.id, exc)
+        return launcher.terminate(self.handle(node), grace_s=5)
+
+    # -------------------------------------------------------------------- logs
+    def node_logs(self, node_id: str, tail: int) -> r.NodeLogsReply:
+        node = self.get_node(node_id)
+        path = Path(node.sandbox) / NODE_LOG
+        text = log_tail(path, tail)
+        return r.NodeLogsReply(success=True, node_id=node_id, status=node.status, log_path=str(path),
+                               lines=len(text.splitlines()), log=text)
+
+    # --------------------------------------------------------------- terminate
+    def terminate(self, cluster_id: str, reason: str = "terminated on request") -> r.TerminateReply:
+        with self.lock(cluster_id):
+            cluster = self.get_cluster(cluster_id, active=False)
+            if cluster.status == "terminated":
+                raise Conflict(f"cluster {cluster_id} is already terminated")
+            nodes = self.store.nodes(cluster_id)
+            results = parallel(lambda n: self._stop_node(cluster, n), nodes)
+            out = []
+            for node, gone in zip(nodes, results):
+                ok = gone is True
+                if isinstance(gone, BaseException):
+                    log.error("stopping %s failed", node.id, exc_info=gone)
+                self.store.update(Node, node.id, status="stopped" if ok else "lost", stopped_at=time.time(),
+                                  error=None if ok else "could not verify the process stopped")
+                out.append(r.TerminatedNode(node_id=node.id, pid=node.pid, process_gone=ok))
+            self.rendezvous.close(cluster_id)
+            all_gone = all(n.process_gone for n in out)
+            self.store.update(Cluster, cluster_id, status="terminated", terminated_at=time.time())
+            self.event(cluster_id, "cluster_terminated", f"{reason}: {len(out)} node(s) stopped")
+            msg = (f"all {len(out)} node process(es) stopped and verified gone" if all_gone else
+                   "some node processes could not be verified gone: " +
+                   ", ".join(f"{n.node_id} (pid {n.pid})" for n in out if not n.process_gone))
+            return r.TerminateReply(success=all_gone, cluster_id=cluster_id, status="terminated",
+                                    nodes_terminated=sum(n.process_gone for n in out), nodes=out, message=msg)
+
+    def close(self) -> None:
+        """Server shutdown: stop every node this store says is live, so no process is orphaned."""
+        if self._closed:
+            return
+        self._closed = True
+        with self.store.session() as s:
+            ids = list(s.scalars(select(Cluster.id).where(Cluster.status != "terminated")))
+        for cluster_id in ids:
+            try:
+                if self.store.nodes(cluster_id):
+                    self.terminate(cluster_id, reason="server shut down")
+            except Exception:
+                log.exception("stopping cluster %s at shutdown failed", cluster_id)
+        self.rendezvous.close_all()
+        self.store.close()

@@ -1,0 +1,66 @@
+"""HTTP client for the node control API (token on every request)."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from workers import protocol as p
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class NodeRequestError(RuntimeError):
+    """A node answered with an error or did not answer; the message says which."""
+
+    def __init__(self, node_id: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"node {node_id}: {message}")
+        self.node_id = node_id
+        self.status = status
+
+
+class NodeClient:
+    def __init__(self, node_id: str, host: str, port: int, token: str) -> None:
+        self.node_id = node_id
+        self.base = f"http://{host}:{port}"
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    def call(self, method: str, path: str, reply: type[M] | None, body: BaseModel | None = None,
+             timeout: float = 10.0) -> Any:
+        try:
+            r = httpx.request(
+                method,
+                self.base + path,
+                content=body.model_dump_json() if body is not None else None,
+                headers={**self._headers, "Content-Type": "application/json"},
+                timeout=timeout,
+            )
+        except httpx.TimeoutException as exc:
+            raise NodeRequestError(self.node_id, f"no answer to {path} within {timeout:.0f} s") from exc
+        except httpx.HTTPError as exc:
+            raise NodeRequestError(self.node_id, f"cannot reach the control API ({exc})") from exc
+        if r.status_code != 200:
+            try:
+                detail = r.json().get("error", r.text)
+            except ValueError:
+                detail = r.text
+            raise NodeRequestError(self.node_id, detail, r.status_code)
+        data = r.json()
+        return reply.model_validate(data) if reply is not None else data
+
+    def health(self, timeout: float = 3.0) -> p.HealthReply:
+        return self.call("GET", "/health", p.HealthReply, timeout=timeout)
+
+    def join(self, req: p.JoinRequest) -> p.JoinReply:
+        return self.call("POST", "/join", p.JoinReply, req, timeout=req.timeout_s * 2 + 5)
+
+    def probe(self, req: p.ProbeRequest, timeout: float = 120.0) -> p.ProbeReply:
+        return self.call("POST", "/probe", p.ProbeReply, req, timeout=timeout)
+
+    def leave(self) -> None:
+        self.call("POST", "/leave", None, timeout=35)
+
+    def shutdown(self) -> None:
+        self.call("POST", "/shutdown", None, timeout=5)

