@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -45,7 +46,12 @@ def serve_stdio(settings: Settings) -> int:
     service = ClusterService(settings)
 
     def on_sigterm(*_: object) -> None:
-        raise KeyboardInterrupt  # unwinds the event loop so the lifespan stops the nodes
+        # Unwinding the event loop would wait forever on the thread blocked reading stdin,
+        # so stop the nodes right here and leave.
+        log.info("SIGTERM: stopping every node this server started")
+        service.close()
+        logging.shutdown()
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
