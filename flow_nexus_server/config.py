@@ -24,6 +24,7 @@ class Limits:
     max_nodes_per_cluster: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_NODES_PER_CLUSTER", 16))
     max_clusters: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_CLUSTERS", 32))
     max_node_processes: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_NODE_PROCESSES", 32))
+    max_sandbox_bytes: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_SANDBOX_BYTES", 256 << 20))
 
 
 @dataclass(frozen=True)

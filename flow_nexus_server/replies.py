@@ -151,6 +151,11 @@ class ClusterStatusReply(BaseModel):
     performance: Performance
     features: Features
     options: dict[str, Any] = Field(description="Stored options, echoed (compatibility parameters included)")
+    training: "TrainingLive | None" = Field(None, description="The running or most recent training session")
+    training_progress: float | None = Field(None, description="Percent done of the current session")
+    current_epoch: int | None = None
+    current_loss: float | None = None
+    global_accuracy: float | None = Field(None, description="Latest validation accuracy of the global model")
 
 
 class ClusterSummary(BaseModel):
@@ -201,3 +206,92 @@ class TerminateReply(BaseModel):
     nodes_terminated: int
     nodes: list[TerminatedNode]
     message: str
+    final_metrics: dict[str, Any] | None = Field(None, description="Of the last training session")
+    checkpoints: list[str] = Field(default_factory=list, description="Checkpoint files kept on disk")
+
+
+class TrainConfig(BaseModel):
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    federated: bool
+    mode: str = Field(description="sync, parameter_server or federated")
+    topology: str
+    architecture: str
+    model: str
+    dataset: str
+    rounds: int
+    local_epochs: int
+    extra: dict[str, Any] = Field(default_factory=dict, description="Every other option as applied")
+
+
+class CheckpointInfo(BaseModel):
+    checkpoint_id: str
+    path: str
+    epoch: int
+    node_id: str
+    created_at: float
+    deleted: bool = Field(description="Removed to keep only the last max_checkpoints")
+
+
+class TrainingLive(BaseModel):
+    """What a running (or the last) session looks like right now."""
+
+    session_id: str
+    status: str
+    mode: str
+    epoch: int = Field(description="Epoch (sync/PS) or round (federated) in progress or done")
+    total_epochs: int
+    step: int
+    total_steps: int
+    progress_pct: float
+    elapsed_s: float
+    eta_s: float | None = Field(None, description="Remaining time extrapolated from measured progress")
+    metrics: dict[str, float] = Field(description="Latest global metrics from the reporting node")
+    nodes: dict[str, dict[str, float]] = Field(description="Per-node measured stats, by node id")
+    checkpoints: list[str]
+    error: str | None = None
+
+
+class TrainStartReply(BaseModel):
+    success: bool
+    session_id: str
+    cluster_id: str
+    status: str
+    nodes_training: int
+    roles: dict[str, str] = Field(description="node_id -> role in this session")
+    config: TrainConfig
+    data: dict[str, Any] = Field(description="What the nodes found: kind, examples, classes")
+    result: TrainingLive | None = Field(None, description="Final state when `wait` was set")
+    message: str
+
+
+class TrainingStatusReply(BaseModel):
+    success: bool
+    session_id: str
+    cluster_id: str
+    status: str
+    config: dict[str, Any]
+    created_at: float
+    finished_at: float | None
+    live: TrainingLive | None = Field(None, description="Progress while running, final figures after")
+    final_metrics: dict[str, Any] | None
+    history: dict[str, list[list[float]]] = Field(description="metric -> [[epoch, step, value], ...]")
+    checkpoints: list[CheckpointInfo]
+    error: str | None
+
+
+class TrainingStopReply(BaseModel):
+    success: bool
+    session_id: str
+    status: str
+    message: str
+
+
+class UploadReply(BaseModel):
+    success: bool
+    node_id: str
+    path: str = Field(description="Where the file now lies inside the node's sandbox")
+    relative_path: str = Field(description="Pass this as `dataset` to train on it")
+    bytes: int

@@ -19,6 +19,9 @@ from flow_nexus_server import replies as r
 from flow_nexus_server.config import Settings
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import ServiceError
+from flow_nexus_server.service.monitor import NodeMonitor
+from flow_nexus_server.service.training import TrainingService
+from mcp.server.mcpserver import Context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,22 +52,31 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def build_server(settings: Settings | None = None, service: ClusterService | None = None) -> MCPServer:
     """One factory for stdio, HTTP and the in-memory test client."""
-    holder: dict[str, ClusterService] = {}
+    holder: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[None]:
-        svc = service or ClusterService(settings or Settings.from_env())
-        holder["svc"] = svc
-        log.info("flow-nexus-server %s ready; state home %s", __version__, svc.settings.home)
+        clusters = service or ClusterService(settings or Settings.from_env())
+        holder["svc"], holder["training"] = clusters, TrainingService(clusters)
+        await anyio.to_thread.run_sync(clusters.recover)
+        await anyio.to_thread.run_sync(holder["training"].recover)
+        monitor = NodeMonitor(clusters)
+        monitor.start()
+        log.info("flow-nexus-server %s ready; state home %s", __version__, clusters.settings.home)
         try:
             yield None
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(svc.close)
+                monitor.stop()
+                holder["training"].close()
+                await anyio.to_thread.run_sync(clusters.close)
             log.info("flow-nexus-server stopped")
 
     def svc() -> ClusterService:
         return holder["svc"]
+
+    def training() -> TrainingService:
+        return holder["training"]
 
     mcp = MCPServer("flow-nexus-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
 
@@ -132,7 +144,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
     @mcp.tool(title="Cluster status", annotations=READ_ONLY)
     async def neural_cluster_status(cluster_id: ClusterId) -> r.ClusterStatusReply:
         """Live state of every node (alive, pid, RSS, rank, heartbeat) merged with the store."""
-        return await call(svc().status, cluster_id)
+        return await call(training().cluster_status, cluster_id)
 
     @mcp.tool(title="List clusters", annotations=READ_ONLY)
     async def neural_cluster_list(
@@ -157,6 +169,97 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
     @mcp.tool(title="Terminate a cluster", annotations=DESTROYS)
     async def neural_cluster_terminate(cluster_id: ClusterId) -> r.TerminateReply:
         """Stop every node (graceful, then forced) and verify each process is gone."""
-        return await call(svc().terminate, cluster_id)
+        return await call(training().terminate_cluster, cluster_id)
+
+    @mcp.tool(title="Train across the cluster", annotations=CREATES)
+    async def neural_train_distributed(
+        cluster_id: ClusterId,
+        dataset: Annotated[str, Field(min_length=1, max_length=1_000_000, description=(
+            "A built-in dataset (digits, mnist-5k, tweet-sentiment, tweet-polarity, bbc-news, bbc-news-lm), "
+            "a CSV/JSONL/TXT path or glob (relative paths are read inside each node's sandbox, see "
+            "neural_node_upload), or inline JSON {\"X\"|\"data\"|\"features\": [...], \"y\"|\"labels\"|\"targets\": [...]}"))],
+        ctx: Context,
+        epochs: Annotated[int, Field(ge=1, le=1000, description="Epochs (synchronous / parameter server)")] = 10,
+        batch_size: Annotated[int, Field(ge=1, le=512, description="Examples per step per worker")] = 32,
+        learning_rate: Annotated[float, Field(ge=1e-5, le=1, description="Optimizer learning rate")] = 0.001,
+        optimizer: Literal["adam", "sgd", "rmsprop", "adagrad"] = "adam",
+        federated: Annotated[bool, Field(description="FedAvg: workers train locally, the aggregator combines models")] = False,
+        rounds: Annotated[int | None, Field(ge=1, le=1000, description="Federated rounds (default: epochs)")] = None,
+        aggregation_rounds: Annotated[int | None, Field(ge=1, le=1000, description="Alias of rounds (Flow Nexus guides)")] = None,
+        local_epochs: Annotated[int, Field(ge=1, le=100, description="Federated local epochs per round")] = 1,
+        architecture: Annotated[Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"] | None,
+                                Field(description="Override the cluster's architecture")] = None,
+        partition: Annotated[Literal["iid", "dirichlet"], Field(description="How training data is split across workers")] = "iid",
+        alpha: Annotated[float, Field(gt=0, le=1000, description="Dirichlet concentration (smaller = more label skew)")] = 0.5,
+        validation_split: Annotated[float, Field(ge=0, le=0.5, description="Held-out fraction evaluated every epoch/round")] = 0.2,
+        seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0,
+        grad_clip: Annotated[float | None, Field(gt=0, le=1e6, description="Clip the global gradient norm")] = None,
+        gradient_accumulation: Annotated[int, Field(ge=1, le=64, description="Micro-batches per optimizer step")] = 1,
+        mixed_precision: Annotated[bool, Field(description="bf16 autocast on CPU")] = False,
+        gradient_compression: Annotated[float | None, Field(gt=0, le=1, description="Top-k ratio of gradient entries sent (error feedback keeps the rest)")] = None,
+        gradient_checkpointing: Annotated[bool, Field(description="Recompute activations in backward to save memory")] = False,
+        checkpoint_every: Annotated[int, Field(ge=0, le=1000, description="Epochs/rounds between checkpoints (0: only at the end)")] = 0,
+        max_checkpoints: Annotated[int, Field(ge=1, le=100, description="Keep the last N checkpoints")] = 3,
+        resume_from: Annotated[str | None, Field(max_length=4096, description="Checkpoint id or path to continue from")] = None,
+        min_nodes_per_round: Annotated[int | None, Field(ge=1, le=64, description="Accepted for compatibility; stored")] = None,
+        wait: Annotated[bool, Field(description="Block (with progress notifications) until done or wait_timeout_s")] = False,
+        wait_timeout_s: Annotated[float, Field(gt=0, le=3600, description="Longest wait when `wait` is set")] = 600,
+    ) -> r.TrainStartReply:
+        """Train a real model across the cluster's nodes: synchronous data parallel along the topology,
+        parameter-server mode (when the cluster has parameter_server nodes), or federated (FedAvg).
+        Returns a session id at once unless `wait` is set."""
+        options = dict(partition=partition, alpha=alpha, validation_split=validation_split, seed=seed,
+                       grad_clip=grad_clip, gradient_accumulation=gradient_accumulation,
+                       mixed_precision=mixed_precision, gradient_compression=gradient_compression,
+                       gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
+                       max_checkpoints=max_checkpoints, resume_from=resume_from)
+        reply = await call(training().start, cluster_id, dataset=dataset, epochs=epochs, batch_size=batch_size,
+                           learning_rate=learning_rate, optimizer=optimizer, federated=federated,
+                           rounds=rounds or aggregation_rounds, local_epochs=local_epochs,
+                           architecture=architecture, options=options)
+        if not wait:
+            return reply
+        deadline = anyio.current_time() + wait_timeout_s
+        while anyio.current_time() < deadline:
+            done = await anyio.to_thread.run_sync(training().wait, reply.session_id, 1.0)
+            view = training().live_view(cluster_id)
+            if view is not None:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in view.metrics.items()
+                                  if k in ("loss", "val_loss", "val_accuracy", "val_perplexity"))
+                await ctx.report_progress(view.progress_pct, 100, f"{view.mode} {view.status}: epoch {view.epoch}/"
+                                          f"{view.total_epochs}, step {view.step}/{view.total_steps} {shown}".strip())
+            if done:
+                break
+        final = training().live_view(cluster_id)
+        return reply.model_copy(update={"result": final, "status": final.status if final else reply.status})
+
+    @mcp.tool(title="Training session status", annotations=READ_ONLY)
+    async def neural_training_status(
+        session_id: Annotated[str | None, Field(max_length=64, description="Session id from neural_train_distributed")] = None,
+        job_id: Annotated[str | None, Field(max_length=64, description="Alias of session_id (Flow Nexus)")] = None,
+    ) -> r.TrainingStatusReply:
+        """One session, running or finished: progress, metric history, per-node stats, checkpoints."""
+        sid = session_id or job_id
+        if not sid:
+            raise ToolError("give session_id (the id neural_train_distributed returned)")
+        return await call(training().status, sid)
+
+    @mcp.tool(title="Stop training", annotations=DESTROYS)
+    async def neural_training_stop(
+        session_id: Annotated[str, Field(min_length=1, max_length=64, description="Session to stop")],
+    ) -> r.TrainingStopReply:
+        """Ask every node to stop the session at its next step; returns once it ended."""
+        return await call(training().stop, session_id)
+
+    @mcp.tool(title="Upload a file to one node", annotations=CREATES)
+    async def neural_node_upload(
+        node_id: NodeId,
+        file_name: Annotated[str, Field(min_length=1, max_length=255, description="Relative name inside the node's sandbox, e.g. data/mine.csv")],
+        content: Annotated[str, Field(max_length=8_000_000, description="File content (text, or base64 with encoding='base64')")],
+        encoding: Literal["text", "base64"] = "text",
+    ) -> r.UploadReply:
+        """Write a file into one node's sandbox, so only that node reads it (federated privacy).
+        Train with dataset=<file_name> and each node reads the file of that name in its own sandbox."""
+        return await call(svc().upload, node_id, file_name, content, encoding)
 
     return mcp

@@ -67,6 +67,10 @@ class NodeAgent:
         # One thread runs every torch.distributed call, so collectives never interleave.
         self.dist_thread = ThreadPoolExecutor(1, thread_name_prefix="dist")
         self.stopping = threading.Event()
+        # Training: the current/last job's progress, its stop flag, and the model it left.
+        self.sink: Any = None
+        self.stop_flag = threading.Event()
+        self.trained: Any = None
 
     def health(self) -> p.HealthReply:
         import torch
@@ -80,6 +84,7 @@ class NodeAgent:
             uptime_s=time.time() - self.started,
             torch_threads=torch.get_num_threads(),
             group=self.membership.info,
+            job_state=self.sink.snapshot(1 << 62).state if self.sink else "idle",
             time=time.time(),
         )
 
@@ -95,6 +100,66 @@ class NodeAgent:
             return probe_edges(self.membership.require(req.generation), req)
 
         return p.ProbeReply(edges=self._on_dist_thread(run, 120))
+
+    def validate_job(self, job: p.TrainJob) -> p.DatasetCheck:
+        """Cheap checks before a session starts: the data loads here and the model can take it."""
+        from workers.data import DatasetError, load_dataset
+        from workers.models import ModelError, check_compatible
+
+        try:
+            ds = load_dataset(job.dataset, self.sandbox)
+            check_compatible(job.architecture, ds.kind)
+        except (DatasetError, ModelError) as exc:
+            return p.DatasetCheck(ok=False, error=str(exc))
+        return p.DatasetCheck(
+            ok=True, dataset=ds.name, kind=ds.kind, examples=len(ds), num_classes=ds.num_classes,
+            label_names=list(ds.label_names)[:50], private=self._is_private(job.dataset),
+        )
+
+    def _is_private(self, spec: str) -> bool:
+        """A relative path that exists in this node's sandbox is data only this node holds."""
+        if spec.lstrip().startswith(("{", "[")) or Path(spec).is_absolute():
+            return False
+        try:
+            return any(self.sandbox.glob(spec))
+        except (ValueError, NotImplementedError):
+            return False
+
+    def start_training(self, job: p.TrainJob) -> p.TrainStarted:
+        from workers.training import ProgressSink
+
+        if self.membership.info is None:
+            raise RequestError(409, "this node has not joined a process group; connect the cluster first")
+        if self.sink is not None and self.sink.snapshot(1 << 62).state in ("preparing", "running"):
+            raise RequestError(409, "a training job is already running on this node; stop it first")
+        self.sink = ProgressSink(job.session_id, job.roles[self.membership.info.rank])
+        self.stop_flag = threading.Event()
+        self.dist_thread.submit(self._train, job, self.sink, self.stop_flag)
+        return p.TrainStarted(session_id=job.session_id, state="preparing")
+
+    def _train(self, job: p.TrainJob, sink: Any, stop: threading.Event) -> None:
+        from workers.training import run_training
+
+        try:
+            sink.set_state("preparing")
+            result = run_training(job, node_id=self.node_id, sandbox=self.sandbox, sink=sink, stop=stop)
+            if result is not None:
+                self.trained = result
+            state = sink.snapshot(1 << 62).state
+            if state not in ("completed", "stopped", "failed"):
+                sink.set_state("stopped" if stop.is_set() else "completed")
+        except Exception as exc:
+            log.exception("training session %s failed", job.session_id)
+            sink.set_state("failed", error=str(exc) or type(exc).__name__)
+
+    def training_status(self, cursor: int = 0) -> p.TrainProgress:
+        if self.sink is None:
+            return p.TrainProgress(session_id=None, state="idle", role=self.role)
+        return self.sink.snapshot(cursor)
+
+    def stop_training(self) -> p.TrainProgress:
+        self.stop_flag.set()
+        return self.training_status(1 << 62)
 
     def leave(self) -> dict[str, Any]:
         self._on_dist_thread(self.membership.leave, 30)
@@ -113,6 +178,7 @@ class NodeAgent:
 
     def close(self) -> None:
         self.stopping.set()
+        self.stop_flag.set()  # a running job ends at its next stop check
         try:
             self.dist_thread.submit(self.membership.leave).result(timeout=10)
         except Exception:
@@ -129,6 +195,10 @@ def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) 
         ("POST", "/join"): (p.JoinRequest, agent.join),
         ("POST", "/probe"): (p.ProbeRequest, agent.probe),
         ("POST", "/leave"): (None, agent.leave),
+        ("POST", "/train/validate"): (p.TrainJob, agent.validate_job),
+        ("POST", "/train"): (p.TrainJob, agent.start_training),
+        ("GET", "/train/status"): (None, agent.training_status),
+        ("POST", "/train/stop"): (None, agent.stop_training),
         ("POST", "/shutdown"): (None, lambda: (on_shutdown(), {"stopping": True})[1]),
     }
 
@@ -145,11 +215,17 @@ def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) 
             try:
                 body = self._read_body()
                 self._check_token()
-                route = routes.get((method, self.path.split("?")[0]))
+                path, _, query = self.path.partition("?")
+                route = routes.get((method, path))
                 if route is None:
-                    raise RequestError(404, f"no endpoint {method} {self.path}")
+                    raise RequestError(404, f"no endpoint {method} {path}")
                 model, fn = route
-                result = fn(model.model_validate_json(body or b"{}")) if model else fn()
+                if model is not None:
+                    result = fn(model.model_validate_json(body or b"{}"))
+                elif path == "/train/status":
+                    result = fn(_int_param(query, "cursor"))
+                else:
+                    result = fn()
                 payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
                 self._reply(200, payload)
             except RequestError as exc:
@@ -183,6 +259,17 @@ def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) 
             log.debug("http: " + format, *args)
 
     return Handler
+
+
+def _int_param(query: str, name: str) -> int:
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name:
+            try:
+                return int(value)
+            except ValueError as exc:
+                raise RequestError(400, f"query parameter {name} must be an integer") from exc
+    return 0
 
 
 def write_ready_file(sandbox: Path, port: int) -> None:
@@ -241,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return serve(parse_args(argv))
+    code = serve(parse_args(argv))
+    # The dist thread may still sit in a collective with a dead peer: do not wait for it.
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,8 @@ class MetricSample(BaseModel):
 class TrainProgress(BaseModel):
     session_id: str | None
     state: JobState
+    role: str = ""
+    reporter: bool = Field(False, description="True on the node whose `latest` holds the global metrics")
     epoch: int = 0
     total_epochs: int = 0
     step: int = 0
@@ -159,3 +161,16 @@ class TrainProgress(BaseModel):
     checkpoints: list[str] = Field(default_factory=list)
     error: str | None = None
     log_lines: list[str] = Field(default_factory=list)
+
+
+class DatasetCheck(BaseModel):
+    """A node's answer to POST /train/validate: can it run this job on its data?"""
+
+    ok: bool
+    error: str | None = None
+    dataset: str = ""
+    kind: str = ""
+    examples: int = 0
+    num_classes: int = 0
+    label_names: list[str] = Field(default_factory=list)
+    private: bool = Field(False, description="The data is a file in this node's own sandbox")

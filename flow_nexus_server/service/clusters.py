@@ -6,6 +6,8 @@ them on worker threads so the event loop never blocks on a node or on the store.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import secrets
 import statistics
@@ -36,6 +38,24 @@ T = TypeVar("T")
 
 # Ranks: the roles that coordinate come first, so the aggregator / parameter server is rank 0.
 ROLE_RANK_ORDER = {"aggregator": 0, "parameter_server": 1, "validator": 2, "worker": 3}
+
+
+RESERVED_NAMES = {"agent.json", NODE_LOG}
+
+
+def safe_path(root: Path, name: str) -> Path:
+    """``root / name`` when it stays inside ``root`` (no absolute path, no '..', no symlink escape)."""
+    if not name or "\0" in name or name.startswith(("/", "\\")) or Path(name).is_absolute():
+        raise ServiceError(f"file name {name!r} must be a relative path inside the node's sandbox, e.g. data/mine.csv")
+    if any(part == ".." for part in Path(name).parts):
+        raise ServiceError(f"file name {name!r} may not contain '..'; give a path inside the node's sandbox")
+    target = (root / name).resolve()
+    if target != root and root not in target.parents:
+        raise ServiceError(f"file name {name!r} leads outside the node's sandbox {root} (through a symlink); "
+                           "choose another name")
+    if target.name in RESERVED_NAMES or target.is_dir():
+        raise ServiceError(f"{name!r} is reserved or a directory in the node's sandbox; choose another file name")
+    return target
 
 
 def parallel(fn: Callable[[Any], T], items: Iterable[Any]) -> list[T | BaseException]:
@@ -422,7 +442,7 @@ class ClusterService:
         alive, code = self.launcher(cluster).is_alive(self.handle(node))
         if not alive:
             reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
-            self._node_lost(cluster, node, reason)
+            self.node_lost(cluster, node, reason)
             return reason
         try:
             h = self.client(cluster, node).health(timeout=3)
@@ -431,14 +451,55 @@ class ClusterService:
         self.last_seen[node.id] = time.time()
         return h
 
-    def _node_lost(self, cluster: Cluster, node: Node, reason: str) -> None:
-        self.store.update(Node, node.id, status="failed", error=reason, stopped_at=time.time())
-        self.event(cluster.id, "node_failed", f"node {node.id} failed: {reason}", node_id=node.id)
+    def node_lost(self, cluster: Cluster, node: Node, reason: str) -> None:
+        """Record a node that died or went silent (once, whoever noticed first)."""
         with self.lock(cluster.id):
+            current = self.store.node(node.id)
+            if current is None or current.status not in LIVE_NODE_STATES:
+                return
+            self.store.update(Node, node.id, status="failed", error=reason, stopped_at=time.time())
+            self.event(cluster.id, "node_failed", f"node {node.id} ({node.role}) failed: {reason}", node_id=node.id)
             c = self.get_cluster(cluster.id, active=False)
             if c.status in ("connected", "training"):
                 self.store.update(Cluster, cluster.id, status="needs_connect",
                                   needs_connect_reason=f"node {node.id} failed ({reason})")
+
+    # ----------------------------------------------------------------- recover
+    def recover(self) -> None:
+        """After a server restart: re-attach to nodes still alive, mark the others lost."""
+        with self.store.session() as s:
+            clusters = list(s.scalars(select(Cluster).where(Cluster.status != "terminated")))
+        for cluster in clusters:
+            nodes = self.store.nodes(cluster.id)
+            if not nodes:
+                continue
+            alive = []
+            for node in nodes:
+                ok = self.launcher(cluster).is_alive(self.handle(node))[0] and node.port is not None
+                if ok:
+                    try:
+                        self.client(cluster, node).health(timeout=3)
+                        self.last_seen[node.id] = time.time()
+                    except NodeRequestError:
+                        ok = False
+                if ok:
+                    alive.append(node)
+                else:
+                    self.store.update(Node, node.id, status="lost", stopped_at=time.time(),
+                                      error="not found alive when the server restarted")
+            if alive and cluster.store_port:
+                try:  # nodes re-form through the same address they already know
+                    self.rendezvous.address(cluster.id, cluster.store_port)
+                except Exception as exc:
+                    log.warning("could not restart the rendezvous store of %s on port %s: %s",
+                                cluster.id, cluster.store_port, exc)
+                    self.store.update(Cluster, cluster.id, store_port=None)
+            lost = len(nodes) - len(alive)
+            if lost and cluster.status in ("connected", "training"):
+                self.store.update(Cluster, cluster.id, status="needs_connect",
+                                  needs_connect_reason=f"{lost} node(s) lost while the server was down")
+            self.event(cluster.id, "server_reattached",
+                       f"server restarted: {len(alive)} node(s) re-attached, {lost} lost")
 
     # -------------------------------------------------------------------- list
     def list_clusters(self, include_terminated: bool = True) -> r.ClusterListReply:
@@ -484,6 +545,34 @@ class ClusterService:
             except NodeRequestError as exc:
                 log.info("graceful shutdown of %s failed (%s); signalling it", node.id, exc)
         return launcher.terminate(self.handle(node), grace_s=5)
+
+    # ------------------------------------------------------------------ upload
+    def upload(self, node_id: str, file_name: str, content: str, encoding: str) -> r.UploadReply:
+        node = self.get_node(node_id)
+        self.get_cluster(node.cluster_id)
+        if node.status not in LIVE_NODE_STATES:
+            raise Conflict(f"node {node_id} is {node.status}; upload to a running node")
+        if encoding == "base64":
+            try:
+                data = base64.b64decode(content, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ServiceError(f"content is not valid base64 ({exc}); send text with encoding='text'") from exc
+        else:
+            data = content.encode("utf-8")
+        sandbox = Path(node.sandbox).resolve()
+        target = safe_path(sandbox, file_name)
+        used = sum(f.stat().st_size for f in sandbox.rglob("*") if f.is_file())
+        limit = self.settings.limits.max_sandbox_bytes
+        if used + len(data) > limit:
+            raise ServiceError(f"node {node_id}'s sandbox holds {used} bytes; {len(data)} more would pass its limit of "
+                               f"{limit} bytes (FLOW_NEXUS_MAX_SANDBOX_BYTES)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        rel = str(target.relative_to(sandbox))
+        self.event(node.cluster_id, "file_uploaded", f"{len(data)} bytes written to {node_id}:{rel}", node_id=node_id)
+        return r.UploadReply(success=True, node_id=node_id, path=str(target), relative_path=rel, bytes=len(data))
 
     # -------------------------------------------------------------------- logs
     def node_logs(self, node_id: str, tail: int) -> r.NodeLogsReply:

@@ -59,6 +59,18 @@ class NodeClient:
     def probe(self, req: p.ProbeRequest, timeout: float = 120.0) -> p.ProbeReply:
         return self.call("POST", "/probe", p.ProbeReply, req, timeout=timeout)
 
+    def validate_job(self, job: p.TrainJob) -> p.DatasetCheck:
+        return self.call("POST", "/train/validate", p.DatasetCheck, job, timeout=120)
+
+    def start_training(self, job: p.TrainJob) -> p.TrainStarted:
+        return self.call("POST", "/train", p.TrainStarted, job, timeout=30)
+
+    def training_status(self, cursor: int = 0, timeout: float = 5.0) -> p.TrainProgress:
+        return self.call("GET", f"/train/status?cursor={cursor}", p.TrainProgress, timeout=timeout)
+
+    def stop_training(self) -> p.TrainProgress:
+        return self.call("POST", "/train/stop", p.TrainProgress, timeout=10)
+
     def leave(self) -> None:
         self.call("POST", "/leave", None, timeout=35)
 

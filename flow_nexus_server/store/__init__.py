@@ -1,6 +1,6 @@
 """SQLAlchemy state store: the truth a restarted server recovers from."""
 
 from flow_nexus_server.store.db import Store
-from flow_nexus_server.store.tables import Cluster, Event, Node, TrainingSession
+from flow_nexus_server.store.tables import Checkpoint, Cluster, Event, MetricSample, Node, TrainingSession
 
-__all__ = ["Store", "Cluster", "Node", "TrainingSession", "Event"]
+__all__ = ["Store", "Checkpoint", "Cluster", "Event", "MetricSample", "Node", "TrainingSession"]

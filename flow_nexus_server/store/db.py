@@ -40,6 +40,10 @@ class Store:
                 q = q.where(Node.status.in_(LIVE_NODE_STATES))
             return list(s.scalars(q))
 
+    def all_live_nodes(self) -> list[Node]:
+        with self.session() as s:
+            return list(s.scalars(select(Node).where(Node.status.in_(LIVE_NODE_STATES))))
+
     def node(self, node_id: str) -> Node | None:
         with self.session() as s:
             return s.get(Node, node_id)

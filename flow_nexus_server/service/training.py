@@ -1,0 +1,397 @@
+"""Training sessions: validate, start on every node, watch until done, keep the figures.
+
+A session's watcher is a thread owned by the service (not by the MCP request that started
+it): it polls each node's progress, stores the reporting node's metric samples as a time
+series, tracks checkpoints, and ends the session when every node is done or one fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from flow_nexus_server import replies as r
+from flow_nexus_server.service.clusters import ClusterService, parallel
+from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
+from flow_nexus_server.service.node_client import NodeRequestError
+from flow_nexus_server.store import Checkpoint, Cluster, MetricSample, Node, TrainingSession
+from workers import protocol as p
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+TERMINAL = ("completed", "failed", "stopped")
+UNREACHABLE_LIMIT_S = 30.0  # a node that does not answer this long fails the session
+
+
+@dataclass
+class NodeView:
+    node: Node
+    cursor: int = 0
+    snapshot: p.TrainProgress | None = None
+    last_answer: float = field(default_factory=time.time)
+
+
+@dataclass
+class LiveSession:
+    session_id: str
+    cluster_id: str
+    mode: str
+    started: float
+    nodes: list[NodeView]
+    status: str = "running"
+    error: str | None = None
+    stop_requested: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def reporter(self) -> NodeView | None:
+        return next((v for v in self.nodes if v.snapshot and v.snapshot.reporter), None)
+
+    def view(self) -> r.TrainingLive:
+        rep = self.reporter()
+        snap = rep.snapshot if rep else None
+        progress = snap.progress if snap else 0.0
+        elapsed = time.time() - self.started
+        eta = elapsed / progress * (1 - progress) if 0 < progress < 1 and self.status == "running" else None
+        return r.TrainingLive(
+            session_id=self.session_id, status=self.status, mode=self.mode,
+            epoch=snap.epoch if snap else 0, total_epochs=snap.total_epochs if snap else 0,
+            step=snap.step if snap else 0, total_steps=snap.total_steps if snap else 0,
+            progress_pct=round(100 * progress, 1), elapsed_s=round(elapsed, 2),
+            eta_s=round(eta, 1) if eta is not None else None,
+            metrics=dict(snap.latest) if snap else {},
+            nodes={v.node.id: {**v.snapshot.node_stats} for v in self.nodes if v.snapshot},
+            checkpoints=list(snap.checkpoints) if snap else [], error=self.error,
+        )
+
+
+class TrainingService:
+    def __init__(self, clusters: ClusterService) -> None:
+        self.clusters = clusters
+        self.store = clusters.store
+        self.live: dict[str, LiveSession] = {}
+        self.by_cluster: dict[str, str] = {}  # cluster_id -> most recent session_id
+        self._closed = threading.Event()
+
+    # ------------------------------------------------------------------ start
+    def start(self, cluster_id: str, *, dataset: str, epochs: int, batch_size: int, learning_rate: float,
+              optimizer: str, federated: bool, rounds: int | None, local_epochs: int,
+              architecture: str | None, options: dict[str, Any]) -> r.TrainStartReply:
+        svc = self.clusters
+        with svc.lock(cluster_id):
+            cluster = svc.get_cluster(cluster_id)
+            if cluster.status == "training":
+                raise Conflict(f"cluster {cluster_id} is already training session {self.by_cluster.get(cluster_id)}; "
+                               "stop it with neural_training_stop or wait for it to finish")
+            if cluster.status != "connected":
+                raise ServiceError(f"cluster {cluster_id} is not connected (status {cluster.status}); "
+                                   "call neural_cluster_connect first")
+            nodes = sorted(svc.store.nodes(cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
+            if any(n.generation != cluster.generation or n.rank is None for n in nodes):
+                raise ServiceError(f"the nodes of cluster {cluster_id} are not all in generation {cluster.generation}; "
+                                   "call neural_cluster_connect again")
+            roles = [n.role for n in nodes]
+            trainers = [n for n in nodes if n.role == "worker" and "training" in n.capabilities]
+            if not trainers:
+                what = "federated training" if federated else "training"
+                raise ServiceError(f"{what} needs at least one worker node with the 'training' capability; "
+                                   f"cluster {cluster_id} has roles {sorted(set(roles))}. Deploy workers with "
+                                   "neural_node_deploy(role='worker')")
+            mode = "federated" if federated else ("parameter_server" if "parameter_server" in roles else "sync")
+            arch = architecture or cluster.architecture
+            first = trainers[0]
+            layers = first.layers if first.model == "custom" else None
+            resume = self._resolve_resume(options.pop("resume_from", None))
+            session_id = "train_" + secrets.token_hex(6)
+            job = p.TrainJob(
+                session_id=session_id, mode=mode, topology=cluster.connected_topology or cluster.topology,
+                dataset=dataset, architecture=arch, model=first.model, layers=layers, epochs=epochs,
+                batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
+                rounds=rounds or epochs, local_epochs=local_epochs, roles=roles, resume_from=resume,
+                **options,
+            )
+            checks = parallel(lambda n: svc.client(cluster, n).validate_job(job), trainers)
+            for node, check in zip(trainers, checks):
+                if isinstance(check, BaseException):
+                    raise ServiceError(f"node {node.id} could not check the job: {check}")
+                if not check.ok:
+                    raise ServiceError(check.error or f"node {node.id} cannot run this job")
+            data = checks[0]
+            started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
+            failures = [f"{n.id}: {res}" for n, res in zip(nodes, started) if isinstance(res, BaseException)]
+            if failures:
+                parallel(lambda n: svc.client(cluster, n).stop_training(), nodes)
+                raise ServiceError("starting the session failed on " + "; ".join(failures))
+            config = r.TrainConfig(
+                epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
+                federated=federated, mode=mode, topology=job.topology, architecture=arch, model=job.model,
+                dataset=dataset if len(dataset) <= 200 else dataset[:200] + "...", rounds=job.rounds,
+                local_epochs=local_epochs,
+                extra=job.model_dump(exclude={"session_id", "mode", "topology", "dataset", "architecture", "model",
+                                              "epochs", "batch_size", "learning_rate", "optimizer", "rounds",
+                                              "local_epochs", "roles", "layers"}),
+            )
+            with self.store.session() as s:
+                s.add(TrainingSession(id=session_id, cluster_id=cluster_id, status="running",
+                                      config=config.model_dump(), created_at=time.time()))
+                s.get(Cluster, cluster_id).status = "training"
+            live = LiveSession(session_id, cluster_id, mode, time.time(), [NodeView(n) for n in nodes])
+            self.live[session_id] = live
+            self.by_cluster[cluster_id] = session_id
+            svc.event(cluster_id, "session_started",
+                      f"{mode} training on {len(trainers)} worker(s): {data.dataset} ({data.examples} examples), {arch}",
+                      session_id=session_id)
+            threading.Thread(target=self._watch, args=(live,), name=f"watch-{session_id}", daemon=True).start()
+        return r.TrainStartReply(
+            success=True, session_id=session_id, cluster_id=cluster_id, status="running",
+            nodes_training=len(trainers), roles={n.id: n.role for n in nodes}, config=config,
+            data=data.model_dump(exclude={"ok", "error"}),
+            message=f"training started; follow it with neural_training_status(session_id='{session_id}') "
+                    "or neural_cluster_status",
+        )
+
+    def _resolve_resume(self, resume: str | None) -> str | None:
+        if not resume:
+            return None
+        with self.store.session() as s:
+            ckpt = s.get(Checkpoint, resume)
+        path = Path(ckpt.path) if ckpt else Path(resume).expanduser()
+        if not path.is_file():
+            raise ServiceError(f"resume_from {resume!r} is neither a checkpoint id nor an existing checkpoint file; "
+                               "neural_training_status lists a session's checkpoints")
+        return str(path.resolve())
+
+    # ------------------------------------------------------------------ watch
+    def _watch(self, live: LiveSession) -> None:
+        cluster = self.clusters.get_cluster(live.cluster_id, active=False)
+        launcher = self.clusters.launcher(cluster)
+        try:
+            while not self._closed.is_set():
+                for view in live.nodes:
+                    self._poll(cluster, live, view, launcher)
+                states = [v.snapshot.state if v.snapshot else "preparing" for v in live.nodes]
+                failed = next((v for v in live.nodes if v.snapshot and v.snapshot.state == "failed"), None)
+                if live.error is None and failed is not None:
+                    live.error = f"node {failed.node.id} ({failed.node.role}) failed: {failed.snapshot.error}"
+                if live.error is not None:
+                    self._finish(live, cluster, "failed")
+                    return
+                if all(s in TERMINAL for s in states):
+                    self._finish(live, cluster, "stopped" if "stopped" in states else "completed")
+                    return
+                time.sleep(POLL_S)
+        except Exception as exc:  # the watcher must never die silently
+            log.exception("watching session %s failed", live.session_id)
+            live.error = f"the server lost track of the session: {type(exc).__name__}: {exc}"
+            self._finish(live, cluster, "failed")
+
+    def _poll(self, cluster: Cluster, live: LiveSession, view: NodeView, launcher: Any) -> None:
+        node = view.node
+        alive, code = launcher.is_alive(self.clusters.handle(node))
+        if not alive:
+            reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
+            live.error = live.error or f"node {node.id} ({node.role}, rank {node.rank}) died: {reason}"
+            self.clusters.node_lost(cluster, node, reason)
+            return
+        try:
+            snap = self.clusters.client(cluster, node).training_status(view.cursor)
+        except NodeRequestError as exc:
+            if time.time() - view.last_answer > UNREACHABLE_LIMIT_S:
+                live.error = live.error or f"node {node.id} stopped answering: {exc}"
+            return
+        view.last_answer = time.time()
+        self.clusters.last_seen[node.id] = view.last_answer
+        if snap.session_id != live.session_id:
+            return  # still answering about an older job
+        if snap.reporter and snap.samples:
+            with self.store.session() as s:
+                s.add_all(MetricSample(session_id=live.session_id, node_id=node.id, seq=m.seq, time=m.time, epoch=m.epoch,
+                                       step=m.step, name=m.name, value=m.value) for m in snap.samples)
+            view.cursor = snap.samples[-1].seq
+            prev_epoch = view.snapshot.epoch if view.snapshot else 0
+            if snap.epoch > prev_epoch:
+                unit = "round" if live.mode == "federated" else "epoch"
+                shown = {k: round(v, 4) for k, v in snap.latest.items() if k in ("loss", "val_loss", "val_accuracy", "val_perplexity")}
+                self.clusters.event(live.cluster_id, "epoch_completed", f"{unit} {snap.epoch}/{snap.total_epochs}: {shown}",
+                                    session_id=live.session_id, data={"epoch": snap.epoch, **snap.latest})
+        known = set(view.snapshot.checkpoints) if view.snapshot else set()
+        for path in snap.checkpoints:
+            if path not in known:
+                self._record_checkpoint(live, node, path, snap.epoch)
+        # Samples were consumed: keep the snapshot without them (the cursor moved on).
+        view.snapshot = snap.model_copy(update={"samples": []})
+
+    def _record_checkpoint(self, live: LiveSession, node: Node, path: str, epoch: int) -> None:
+        with self.store.session() as s:
+            s.add(Checkpoint(id="ckpt_" + secrets.token_hex(6), session_id=live.session_id, cluster_id=live.cluster_id,
+                             node_id=node.id, path=path, epoch=epoch, created_at=time.time()))
+            # Files the node pruned (max_checkpoints) are marked, not forgotten.
+            for old in s.scalars(select(Checkpoint).where(Checkpoint.session_id == live.session_id,
+                                                          Checkpoint.deleted.is_(False))):
+                if old.path != path and not Path(old.path).exists():
+                    old.deleted = True
+        self.clusters.event(live.cluster_id, "checkpoint_saved", f"checkpoint {path}", session_id=live.session_id,
+                            node_id=node.id, data={"path": path, "epoch": epoch})
+
+    def _finish(self, live: LiveSession, cluster: Cluster, status: str) -> None:
+        if status == "failed":
+            # Survivors may sit in a collective waiting for the dead peer: tell them to stop.
+            parallel(lambda v: self.clusters.client(cluster, v.node).stop_training(),
+                     [v for v in live.nodes if v.node.status in ("starting", "running")])
+        live.status = status
+        view = live.view()
+        final = {**view.metrics, "elapsed_s": view.elapsed_s, "epochs_done": view.epoch, "nodes": view.nodes}
+        with self.store.session() as s:
+            row = s.get(TrainingSession, live.session_id)
+            row.status, row.finished_at, row.error, row.final_metrics = status, time.time(), live.error, final
+            c = s.get(Cluster, live.cluster_id)
+            if c.status == "training":
+                c.status = "connected" if status != "failed" else "needs_connect"
+                if status == "failed":
+                    c.needs_connect_reason = f"session {live.session_id} failed"
+        self.clusters.event(live.cluster_id, f"session_{status}",
+                            f"session {live.session_id} {status}" + (f": {live.error}" if live.error else ""),
+                            session_id=live.session_id)
+        live.done.set()
+
+    # ----------------------------------------------------------------- status
+    def session(self, session_id: str) -> TrainingSession:
+        with self.store.session() as s:
+            row = s.get(TrainingSession, session_id)
+        if row is None:
+            raise NotFound(f"training session {session_id!r} does not exist; neural_cluster_status shows a "
+                           "cluster's current session")
+        return row
+
+    def status(self, session_id: str) -> r.TrainingStatusReply:
+        row = self.session(session_id)
+        live = self.live.get(session_id)
+        with self.store.session() as s:
+            samples = list(s.scalars(select(MetricSample).where(MetricSample.session_id == session_id)
+                                     .order_by(MetricSample.id)))
+            ckpts = list(s.scalars(select(Checkpoint).where(Checkpoint.session_id == session_id)
+                                   .order_by(Checkpoint.created_at)))
+        history: dict[str, list[list[float]]] = {}
+        for m in samples:
+            history.setdefault(m.name, []).append([m.epoch, m.step, m.value])
+        return r.TrainingStatusReply(
+            success=True, session_id=session_id, cluster_id=row.cluster_id, status=row.status, config=row.config,
+            created_at=row.created_at, finished_at=row.finished_at, live=live.view() if live else None,
+            final_metrics=row.final_metrics, history=history,
+            checkpoints=[r.CheckpointInfo(checkpoint_id=c.id, path=c.path, epoch=c.epoch, node_id=c.node_id,
+                                          created_at=c.created_at, deleted=c.deleted or not Path(c.path).exists())
+                         for c in ckpts],
+            error=row.error,
+        )
+
+    def live_view(self, cluster_id: str) -> r.TrainingLive | None:
+        sid = self.by_cluster.get(cluster_id)
+        live = self.live.get(sid) if sid else None
+        return live.view() if live else None
+
+    def wait(self, session_id: str, timeout: float) -> bool:
+        live = self.live.get(session_id)
+        return live.done.wait(timeout) if live else True
+
+    # ------------------------------------------------------------------- stop
+    def stop(self, session_id: str, timeout: float = 60.0) -> r.TrainingStopReply:
+        row = self.session(session_id)
+        live = self.live.get(session_id)
+        if live is None or row.status in TERMINAL:
+            raise Conflict(f"session {session_id} is not running (status {row.status})")
+        cluster = self.clusters.get_cluster(row.cluster_id, active=False)
+        live.stop_requested = True
+        results = parallel(lambda v: self.clusters.client(cluster, v.node).stop_training(), live.nodes)
+        errors = [f"{v.node.id}: {e}" for v, e in zip(live.nodes, results) if isinstance(e, BaseException)]
+        if errors:
+            log.warning("stop request failed on %s", "; ".join(errors))
+        if not live.done.wait(timeout):
+            raise ServiceError(f"session {session_id} did not stop within {timeout:.0f} s; "
+                               "neural_cluster_terminate stops the nodes themselves")
+        return r.TrainingStopReply(success=True, session_id=session_id, status=live.status,
+                                   message=f"session ended {live.status} at epoch {live.view().epoch}")
+
+    def last_results(self, cluster_id: str) -> tuple[dict[str, Any] | None, list[str]]:
+        """Final metrics of the cluster's latest session and the checkpoint files still on disk."""
+        with self.store.session() as s:
+            row = s.scalars(select(TrainingSession).where(TrainingSession.cluster_id == cluster_id)
+                            .order_by(TrainingSession.created_at.desc())).first()
+            paths = list(s.scalars(select(Checkpoint.path).where(Checkpoint.cluster_id == cluster_id)))
+        return (row.final_metrics if row else None), [x for x in paths if Path(x).exists()]
+
+    def close(self) -> None:
+        self._closed.set()
+
+    # ------------------------------------------- cluster views that include training
+    def cluster_status(self, cluster_id: str) -> r.ClusterStatusReply:
+        reply = self.clusters.status(cluster_id)
+        live = self.live_view(cluster_id)
+        if live is None:
+            return reply
+        for node in reply.nodes:
+            node.metrics.update(live.nodes.get(node.node_id, {}))
+        return reply.model_copy(update={
+            "training": live, "training_progress": live.progress_pct, "current_epoch": live.epoch,
+            "current_loss": live.metrics.get("loss"),
+            "global_accuracy": live.metrics.get("val_accuracy", live.metrics.get("accuracy")),
+        })
+
+    def terminate_cluster(self, cluster_id: str) -> r.TerminateReply:
+        """Stop a running session first (so it ends 'stopped', not 'failed'), then every node."""
+        sid = self.by_cluster.get(cluster_id)
+        live = self.live.get(sid) if sid else None
+        if live is not None and live.status == "running":
+            try:
+                self.stop(live.session_id, timeout=30)
+            except ServiceError as exc:
+                log.warning("stopping %s before terminate: %s", live.session_id, exc)
+        reply = self.clusters.terminate(cluster_id)
+        final, paths = self.last_results(cluster_id)
+        return reply.model_copy(update={"final_metrics": final, "checkpoints": paths})
+
+    # ---------------------------------------------------------------- recover
+    def recover(self) -> None:
+        """After a server restart: watch sessions still running on the nodes again; mark the rest
+        interrupted, naming their last checkpoint. A session is never silently forgotten."""
+        with self.store.session() as s:
+            rows = list(s.scalars(select(TrainingSession).where(TrainingSession.status == "running")))
+        for row in rows:
+            cluster = self.clusters.get_cluster(row.cluster_id, active=False)
+            nodes = sorted(self.store.nodes(row.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
+            snaps = parallel(lambda n: self.clusters.client(cluster, n).training_status(1 << 62), nodes)
+            same = nodes and all(isinstance(x, p.TrainProgress) and x.session_id == row.id for x in snaps)
+            if same and cluster.status != "terminated":
+                with self.store.session() as s:
+                    cursors = dict(s.execute(select(MetricSample.node_id, func.max(MetricSample.seq))
+                                             .where(MetricSample.session_id == row.id)
+                                             .group_by(MetricSample.node_id)).all())
+                    s.get(Cluster, row.cluster_id).status = "training"
+                live = LiveSession(row.id, row.cluster_id, row.config.get("mode", "?"), row.created_at,
+                                   [NodeView(n, cursor=cursors.get(n.id) or 0) for n in nodes])
+                self.live[row.id] = live
+                self.by_cluster[row.cluster_id] = row.id
+                self.clusters.event(row.cluster_id, "session_reattached", f"session {row.id} is watched again",
+                                    session_id=row.id)
+                threading.Thread(target=self._watch, args=(live,), name=f"watch-{row.id}", daemon=True).start()
+                continue
+            with self.store.session() as s:
+                last = s.scalars(select(Checkpoint).where(Checkpoint.session_id == row.id)
+                                 .order_by(Checkpoint.created_at.desc())).first()
+                session = s.get(TrainingSession, row.id)
+                session.status, session.finished_at = "interrupted", time.time()
+                session.error = ("the server restarted and the session no longer runs on the nodes; " +
+                                 (f"last checkpoint {last.id} ({last.path}): resume with resume_from='{last.id}'"
+                                  if last else "no checkpoint was saved"))
+                c = s.get(Cluster, row.cluster_id)
+                if c.status == "training":
+                    c.status = "needs_connect"
+                    c.needs_connect_reason = f"session {row.id} was interrupted"
+            self.clusters.event(row.cluster_id, "session_interrupted", f"session {row.id} interrupted by a server restart",
+                                session_id=row.id)
