@@ -20,7 +20,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--version", action="version", version=__version__)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging (stderr and the log file)")
     ap.add_argument("--home", help="state home (default $FLOW_NEXUS_HOME or ~/.flow-nexus)")
-    ap.add_argument("--transport", choices=["stdio"], default="stdio", help="MCP transport")
+    ap.add_argument("--transport", choices=["stdio", "http"], default="stdio",
+                    help="MCP transport: stdio (default, what MCP hosts spawn) or http (streamable HTTP at /mcp)")
+    http = ap.add_argument_group("http transport")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1); "
+                      "anything but loopback needs a token")
+    http.add_argument("--port", type=int, default=8765, help="port to bind (default 8765)")
+    http.add_argument("--token-file", metavar="PATH", help="file holding the bearer token "
+                      "(default: $FLOW_NEXUS_TOKEN); clients send 'Authorization: Bearer <token>'")
+    http.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                      help="extra Host header value to accept (DNS-rebinding protection); repeatable")
     sub = ap.add_subparsers(dest="command")
     sch = sub.add_parser("schemas", help="write or check the JSON Schema files under schemas/")
     sch.add_argument("--check", action="store_true", help="exit 1 when the files are stale")
@@ -34,9 +43,43 @@ def main(argv: list[str] | None = None) -> int:
         from flow_nexus_server.schema_export import main as schemas_main
 
         return schemas_main(check=args.check, out=args.out)
+    token: str | None = None
+    if args.transport == "http":
+        token, problem = http_token(args)
+        if problem:
+            sys.stderr.write(f"flow-nexus-server: {problem}\n")
+            return 2
     settings = Settings.from_env(args.home)
     setup_logging(settings.log_file, args.verbose)
+    if args.transport == "http":
+        return serve_http(settings, host=args.host, port=args.port, token=token, allowed_hosts=args.allowed_host)
     return serve_stdio(settings)
+
+
+def http_token(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(token, None), or (None, why the HTTP server must not start)."""
+    from flow_nexus_server.http_app import is_loopback
+
+    if not 0 < args.port < 65536:
+        return None, f"--port must be between 1 and 65535, got {args.port}"
+    token: str | None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            return None, f"cannot read the token file {args.token_file}: {exc}"
+        if not token:
+            return None, f"the token file {args.token_file} is empty"
+    else:
+        token = os.environ.get("FLOW_NEXUS_TOKEN", "").strip() or None
+    if token is None and not is_loopback(args.host):
+        return None, (
+            f"refusing to bind {args.host} (not a loopback address) without a token: anyone who can reach "
+            "the port could start processes on this machine. Set FLOW_NEXUS_TOKEN or pass --token-file PATH, "
+            "or bind to 127.0.0.1."
+        )
+    return token, None
 
 
 def serve_stdio(settings: Settings) -> int:
@@ -60,6 +103,42 @@ def serve_stdio(settings: Settings) -> int:
         log.info("interrupted")
     finally:
         service.close()  # idempotent; covers exits where the lifespan did not unwind
+    return 0
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler to leave the server's run loop (after uvicorn shut down)."""
+
+
+def serve_http(settings: Settings, *, host: str, port: int, token: str | None,
+               allowed_hosts: list[str] | None = None) -> int:
+    import uvicorn
+
+    from flow_nexus_server.http_app import create_app
+    from flow_nexus_server.service.clusters import ClusterService
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # uvicorn swaps in its own handlers while it serves (graceful shutdown: the app's lifespan
+        # closes the ClusterService) and re-raises the signal once done; this handler then ends
+        # the run. Before uvicorn starts it ends start-up, and the finally below stops the nodes.
+        raise _Stop(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service: ClusterService | None = None
+    try:
+        service = ClusterService(settings)
+        if token is None:
+            log.warning("HTTP without a token on %s: any local process can use the MCP endpoint", host)
+        app = create_app(service=service, host=host, port=port, token=token, allowed_hosts=allowed_hosts)
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
+                                timeout_graceful_shutdown=5, ws="none", server_header=False)
+        uvicorn.Server(config).run()
+    except _Stop as stop:
+        log.info("%s: stopped", signal.Signals(stop.args[0]).name)
+    finally:
+        if service is not None:
+            service.close()  # idempotent; covers exits where the lifespan did not unwind
     return 0
 
 

@@ -295,3 +295,59 @@ class UploadReply(BaseModel):
     path: str = Field(description="Where the file now lies inside the node's sandbox")
     relative_path: str = Field(description="Pass this as `dataset` to train on it")
     bytes: int
+
+
+class TemplateInfo(BaseModel):
+    id: str
+    name: str
+    category: str
+    tier: str
+    description: str
+    tags: list[str]
+    cluster: dict[str, Any]
+    nodes: list[dict[str, Any]]
+    training: dict[str, Any] | None = Field(None, description="The neural_train_distributed arguments it suggests")
+
+
+class TemplateListReply(BaseModel):
+    success: bool
+    templates: list[TemplateInfo]
+    count: int
+    total_matching: int
+
+
+class TemplateDeployReply(BaseModel):
+    success: bool
+    template_id: str
+    cluster_id: str
+    cluster: ClusterInitReply
+    nodes: list[NodeInfo]
+    connection: ConnectReply
+    training: TrainStartReply | None = Field(None, description="Set when custom_config.train was true")
+    suggested_training: dict[str, Any] | None = Field(None, description="Arguments for neural_train_distributed")
+
+
+class EventInfo(BaseModel):
+    id: int = Field(description="Pass the last id as `cursor` to get only newer events")
+    time: float
+    kind: str
+    message: str
+    node_id: str | None = None
+    data: dict[str, Any] | None = None
+
+
+class EventStreamReply(BaseModel):
+    success: bool
+    deployment_id: str
+    status: str = Field(description="The session's status when the reply was made")
+    events: list[EventInfo]
+    cursor: int = Field(description="The id to pass next time")
+    resource_uri: str = Field(description="The same events as an MCP resource")
+
+
+class PlotInfo(BaseModel):
+    session_id: str
+    epochs_plotted: int
+    bytes: int
+    series: list[str]
+    mime_type: str = "image/png"

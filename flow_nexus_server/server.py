@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -10,8 +12,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 from mcp.server import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
+from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
 from flow_nexus_server import __version__
@@ -20,7 +23,8 @@ from flow_nexus_server.config import Settings
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import ServiceError
 from flow_nexus_server.service.monitor import NodeMonitor
-from flow_nexus_server.service.training import TrainingService
+from flow_nexus_server.service import plots, templates
+from flow_nexus_server.service.training import TrainingService, TrainRequest
 from mcp.server.mcpserver import Context
 
 log = logging.getLogger(__name__)
@@ -50,7 +54,8 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise ToolError(str(exc)) from exc
 
 
-def build_server(settings: Settings | None = None, service: ClusterService | None = None) -> MCPServer:
+def build_server(settings: Settings | None = None, service: ClusterService | None = None, *,
+                 token_verifier: Any = None, auth: Any = None) -> MCPServer:
     """One factory for stdio, HTTP and the in-memory test client."""
     holder: dict[str, Any] = {}
 
@@ -64,7 +69,10 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         monitor.start()
         log.info("flow-nexus-server %s ready; state home %s", __version__, clusters.settings.home)
         try:
-            yield None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(publish_event_updates, clusters)
+                yield None
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 monitor.stop()
@@ -72,13 +80,25 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
                 await anyio.to_thread.run_sync(clusters.close)
             log.info("flow-nexus-server stopped")
 
+    bus = InMemorySubscriptionBus()
+
+    async def publish_event_updates(clusters: ClusterService) -> None:
+        """Tell subscribers of session://{id}/events when that session has new events."""
+        last = (await anyio.to_thread.run_sync(clusters.store.new_event_sessions, 0))[0]
+        while True:
+            await anyio.sleep(0.5)
+            last, sessions = await anyio.to_thread.run_sync(clusters.store.new_event_sessions, last)
+            for sid in sessions:
+                await bus.publish(ResourceUpdated(uri=f"session://{sid}/events"))
+
     def svc() -> ClusterService:
         return holder["svc"]
 
     def training() -> TrainingService:
         return holder["training"]
 
-    mcp = MCPServer("flow-nexus-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
+    mcp = MCPServer("flow-nexus-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
+                    token_verifier=token_verifier, auth=auth)
 
     @mcp.tool(title="Create a cluster", annotations=CREATES)
     async def neural_cluster_init(
@@ -208,15 +228,14 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         """Train a real model across the cluster's nodes: synchronous data parallel along the topology,
         parameter-server mode (when the cluster has parameter_server nodes), or federated (FedAvg).
         Returns a session id at once unless `wait` is set."""
-        options = dict(partition=partition, alpha=alpha, validation_split=validation_split, seed=seed,
-                       grad_clip=grad_clip, gradient_accumulation=gradient_accumulation,
-                       mixed_precision=mixed_precision, gradient_compression=gradient_compression,
-                       gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
-                       max_checkpoints=max_checkpoints, resume_from=resume_from)
-        reply = await call(training().start, cluster_id, dataset=dataset, epochs=epochs, batch_size=batch_size,
-                           learning_rate=learning_rate, optimizer=optimizer, federated=federated,
-                           rounds=rounds or aggregation_rounds, local_epochs=local_epochs,
-                           architecture=architecture, options=options)
+        req = TrainRequest(
+            dataset=dataset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
+            federated=federated, rounds=rounds or aggregation_rounds, local_epochs=local_epochs,
+            architecture=architecture, partition=partition, alpha=alpha, validation_split=validation_split, seed=seed,
+            grad_clip=grad_clip, gradient_accumulation=gradient_accumulation, mixed_precision=mixed_precision,
+            gradient_compression=gradient_compression, gradient_checkpointing=gradient_checkpointing,
+            checkpoint_every=checkpoint_every, max_checkpoints=max_checkpoints, resume_from=resume_from)
+        reply = await call(training().start, cluster_id, req)
         if not wait:
             return reply
         deadline = anyio.current_time() + wait_timeout_s
@@ -233,6 +252,28 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         final = training().live_view(cluster_id)
         return reply.model_copy(update={"result": final, "status": final.status if final else reply.status})
 
+    @mcp.tool(title="List cluster templates", annotations=READ_ONLY)
+    async def neural_list_templates(
+        category: Annotated[Literal["timeseries", "classification", "regression", "nlp", "vision", "anomaly",
+                                    "generative", "reinforcement", "custom"] | None,
+                            Field(description="Only templates of this category")] = None,
+        tier: Annotated[str | None, Field(max_length=32, description="Only templates of this tier (all are 'free')")] = None,
+        search: Annotated[str | None, Field(max_length=200, description="Words that must all appear")] = None,
+        limit: Annotated[int, Field(ge=1, le=100)] = 20,
+    ) -> r.TemplateListReply:
+        """Ready-made clusters (nodes, topology, training recipe) that neural_deploy_template builds in one call."""
+        return templates.list_templates(category, tier, search, limit)
+
+    @mcp.tool(title="Deploy a template", annotations=CREATES)
+    async def neural_deploy_template(
+        template_id: Annotated[str, Field(min_length=1, max_length=100, description="Id from neural_list_templates")],
+        custom_config: Annotated[dict[str, Any] | None, Field(description=(
+            "Overrides: name, topology, architecture, consensus, auto_healing, max_nodes, workers (count), "
+            "train (true to start the template's training), training (neural_train_distributed arguments)"))] = None,
+    ) -> r.TemplateDeployReply:
+        """Build a whole ready cluster in one call: init, deploy every node, connect (and train if asked)."""
+        return await call(templates.deploy_template, svc(), training(), template_id, custom_config)
+
     @mcp.tool(title="Training session status", annotations=READ_ONLY)
     async def neural_training_status(
         session_id: Annotated[str | None, Field(max_length=64, description="Session id from neural_train_distributed")] = None,
@@ -243,6 +284,55 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         if not sid:
             raise ToolError("give session_id (the id neural_train_distributed returned)")
         return await call(training().status, sid)
+
+    @mcp.tool(title="Training curves", annotations=READ_ONLY)
+    async def neural_training_plot(
+        session_id: Annotated[str, Field(min_length=1, max_length=64, description="Session to plot")],
+    ) -> Annotated[CallToolResult, r.PlotInfo]:
+        """A PNG of loss and accuracy per epoch/round, with each worker's local loss."""
+        status = await call(training().status, session_id)
+        unit = "round" if status.config.get("mode") == "federated" else "epoch"
+        png, epochs = await call(plots.training_plot_png, status.history,
+                                 title=f"{session_id} ({status.config.get('mode')}, {status.status})", unit=unit)
+        info = r.PlotInfo(session_id=session_id, epochs_plotted=epochs, bytes=len(png), series=sorted(status.history))
+        return CallToolResult(
+            content=[ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"),
+                     TextContent(type="text", text=info.model_dump_json())],
+            structured_content=info.model_dump(),
+        )
+
+    @mcp.tool(title="Session events", annotations=READ_ONLY)
+    async def execution_stream_subscribe(
+        deployment_id: Annotated[str, Field(min_length=1, max_length=64, description="The training session id")],
+        cursor: Annotated[int, Field(ge=0, description="Last event id seen; 0 for all")] = 0,
+        wait_s: Annotated[float, Field(ge=0, le=60, description="How long to wait for new events when there are none")] = 10,
+        limit: Annotated[int, Field(ge=1, le=500)] = 100,
+    ) -> r.EventStreamReply:
+        """A session's events after `cursor` (epoch done, checkpoint saved, node lost...), waiting briefly for new ones."""
+        row = await call(training().session, deployment_id)
+        deadline = anyio.current_time() + wait_s
+        while True:
+            events = await call(svc().store.session_events, deployment_id, cursor, limit)
+            status = (await call(training().session, deployment_id)).status
+            if events or anyio.current_time() >= deadline or status != "running":
+                break
+            await anyio.sleep(0.25)
+        return r.EventStreamReply(
+            success=True, deployment_id=row.id, status=status,
+            events=[r.EventInfo(id=e.id, time=e.time, kind=e.kind, message=e.message, node_id=e.node_id, data=e.data)
+                    for e in events],
+            cursor=events[-1].id if events else cursor, resource_uri=f"session://{row.id}/events")
+
+    @mcp.resource("session://{session_id}/events", mime_type="application/json", name="session-events",
+                  description="All events of a training session, oldest first")
+    async def session_events(session_id: str) -> str:
+        try:
+            await call(training().session, session_id)
+        except ToolError as exc:
+            raise ResourceNotFoundError(str(exc)) from exc
+        events = await call(svc().store.session_events, session_id, 0, 10_000)
+        return json.dumps([r.EventInfo(id=e.id, time=e.time, kind=e.kind, message=e.message, node_id=e.node_id,
+                                       data=e.data).model_dump() for e in events])
 
     @mcp.tool(title="Stop training", annotations=DESTROYS)
     async def neural_training_stop(

@@ -13,8 +13,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
 from flow_nexus_server import replies as r
@@ -29,6 +30,38 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 TERMINAL = ("completed", "failed", "stopped")
 UNREACHABLE_LIMIT_S = 30.0  # a node that does not answer this long fails the session
+
+
+class TrainRequest(BaseModel):
+    """neural_train_distributed's arguments, validated once more where they arrive another way (templates)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1)
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=512)
+    learning_rate: float = Field(1e-3, ge=1e-5, le=1)
+    optimizer: Literal["adam", "sgd", "rmsprop", "adagrad"] = "adam"
+    federated: bool = False
+    rounds: int | None = Field(None, ge=1, le=1000)
+    local_epochs: int = Field(1, ge=1, le=100)
+    architecture: Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"] | None = None
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, le=1000)
+    validation_split: float = Field(0.2, ge=0, le=0.5)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    grad_clip: float | None = Field(None, gt=0)
+    gradient_accumulation: int = Field(1, ge=1, le=64)
+    mixed_precision: bool = False
+    gradient_compression: float | None = Field(None, gt=0, le=1)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(0, ge=0, le=1000)
+    max_checkpoints: int = Field(3, ge=1, le=100)
+    resume_from: str | None = None
+
+    JOB_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "partition", "alpha", "validation_split", "seed", "grad_clip", "gradient_accumulation", "mixed_precision",
+        "gradient_compression", "gradient_checkpointing", "checkpoint_every", "max_checkpoints")
 
 
 @dataclass
@@ -81,10 +114,18 @@ class TrainingService:
         self._closed = threading.Event()
 
     # ------------------------------------------------------------------ start
-    def start(self, cluster_id: str, *, dataset: str, epochs: int, batch_size: int, learning_rate: float,
-              optimizer: str, federated: bool, rounds: int | None, local_epochs: int,
-              architecture: str | None, options: dict[str, Any]) -> r.TrainStartReply:
+    def start_from_dict(self, cluster_id: str, args: dict[str, Any]) -> r.TrainStartReply:
+        try:
+            req = TrainRequest.model_validate(args)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ServiceError(f"training arguments are invalid: {problems}") from exc
+        return self.start(cluster_id, req)
+
+    def start(self, cluster_id: str, req: TrainRequest) -> r.TrainStartReply:
         svc = self.clusters
+        dataset, epochs, batch_size, federated = req.dataset, req.epochs, req.batch_size, req.federated
+        learning_rate, optimizer, local_epochs = req.learning_rate, req.optimizer, req.local_epochs
         with svc.lock(cluster_id):
             cluster = svc.get_cluster(cluster_id)
             if cluster.status == "training":
@@ -105,17 +146,17 @@ class TrainingService:
                                    f"cluster {cluster_id} has roles {sorted(set(roles))}. Deploy workers with "
                                    "neural_node_deploy(role='worker')")
             mode = "federated" if federated else ("parameter_server" if "parameter_server" in roles else "sync")
-            arch = architecture or cluster.architecture
+            arch = req.architecture or cluster.architecture
             first = trainers[0]
             layers = first.layers if first.model == "custom" else None
-            resume = self._resolve_resume(options.pop("resume_from", None))
+            resume = self._resolve_resume(req.resume_from)
             session_id = "train_" + secrets.token_hex(6)
             job = p.TrainJob(
                 session_id=session_id, mode=mode, topology=cluster.connected_topology or cluster.topology,
                 dataset=dataset, architecture=arch, model=first.model, layers=layers, epochs=epochs,
                 batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
-                rounds=rounds or epochs, local_epochs=local_epochs, roles=roles, resume_from=resume,
-                **options,
+                rounds=req.rounds or epochs, local_epochs=local_epochs, roles=roles, resume_from=resume,
+                **req.model_dump(include=set(TrainRequest.JOB_OPTIONS)),
             )
             checks = parallel(lambda n: svc.client(cluster, n).validate_job(job), trainers)
             for node, check in zip(trainers, checks):
@@ -221,6 +262,12 @@ class TrainingService:
                 shown = {k: round(v, 4) for k, v in snap.latest.items() if k in ("loss", "val_loss", "val_accuracy", "val_perplexity")}
                 self.clusters.event(live.cluster_id, "epoch_completed", f"{unit} {snap.epoch}/{snap.total_epochs}: {shown}",
                                     session_id=live.session_id, data={"epoch": snap.epoch, **snap.latest})
+        # Per-node local loss as a series too (one point per epoch/round the node finished).
+        if "local_loss" in snap.node_stats and snap.epoch > (view.snapshot.epoch if view.snapshot else 0):
+            with self.store.session() as s:
+                s.add(MetricSample(session_id=live.session_id, node_id=node.id, seq=0, time=time.time(),
+                                   epoch=snap.epoch, step=snap.step, name="local_loss",
+                                   value=snap.node_stats["local_loss"]))
         known = set(view.snapshot.checkpoints) if view.snapshot else set()
         for path in snap.checkpoints:
             if path not in known:
@@ -280,7 +327,8 @@ class TrainingService:
                                    .order_by(Checkpoint.created_at)))
         history: dict[str, list[list[float]]] = {}
         for m in samples:
-            history.setdefault(m.name, []).append([m.epoch, m.step, m.value])
+            key = f"local_loss/{m.node_id}" if m.name == "local_loss" else m.name
+            history.setdefault(key, []).append([m.epoch, m.step, m.value])
         return r.TrainingStatusReply(
             success=True, session_id=session_id, cluster_id=row.cluster_id, status=row.status, config=row.config,
             created_at=row.created_at, finished_at=row.finished_at, live=live.view() if live else None,

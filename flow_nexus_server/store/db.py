@@ -68,6 +68,19 @@ class Store:
                  .order_by(Event.id).limit(limit))
             return list(s.scalars(q))
 
+    def session_events(self, session_id: str, after_id: int = 0, limit: int = 200) -> list[Event]:
+        with self.session() as s:
+            q = (select(Event).where(Event.session_id == session_id, Event.id > after_id)
+                 .order_by(Event.id).limit(limit))
+            return list(s.scalars(q))
+
+    def new_event_sessions(self, after_id: int) -> tuple[int, set[str]]:
+        """(highest event id, sessions with events after ``after_id``): feeds resource-updated notices."""
+        with self.session() as s:
+            rows = s.execute(select(Event.id, Event.session_id).where(Event.id > after_id)).all()
+        top = max((row[0] for row in rows), default=after_id)
+        return top, {row[1] for row in rows if row[1]}
+
     def close(self) -> None:
         self.engine.dispose()
 

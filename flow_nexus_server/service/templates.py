@@ -1,0 +1,134 @@
+"""Cluster templates: data files in the package, listed, searched and deployed in one call."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from flow_nexus_server import replies as r
+from flow_nexus_server.service.clusters import ClusterService
+from flow_nexus_server.service.errors import NotFound, ServiceError
+from flow_nexus_server.service.training import TrainingService
+
+CATEGORIES = ("timeseries", "classification", "regression", "nlp", "vision", "anomaly", "generative",
+              "reinforcement", "custom")
+
+
+class NodeGroup(BaseModel):
+    role: str
+    count: int = Field(ge=1, le=16)
+    model: str = "base"
+
+
+class Template(BaseModel):
+    id: str
+    name: str
+    category: str
+    tier: str = "free"
+    description: str
+    tags: list[str] = Field(default_factory=list)
+    cluster: dict[str, Any]
+    nodes: list[NodeGroup]
+    training: dict[str, Any] | None = None
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, Template]:
+    folder = resources.files("flow_nexus_server") / "templates"
+    out = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            t = Template.model_validate(json.loads(entry.read_text(encoding="utf-8")))
+            out[t.id] = t
+    return out
+
+
+def list_templates(category: str | None, tier: str | None, search: str | None, limit: int) -> r.TemplateListReply:
+    rows = list(catalog().values())
+    if category:
+        rows = [t for t in rows if t.category == category]
+    if tier:
+        rows = [t for t in rows if t.tier == tier]
+    if search:
+        words = search.lower().split()
+        rows = [t for t in rows if all(w in " ".join([t.id, t.name, t.description, *t.tags]).lower() for w in words)]
+    return r.TemplateListReply(success=True, templates=[info(t) for t in rows[:limit]], count=min(len(rows), limit),
+                               total_matching=len(rows))
+
+
+def info(t: Template) -> r.TemplateInfo:
+    return r.TemplateInfo(id=t.id, name=t.name, category=t.category, tier=t.tier, description=t.description,
+                          tags=t.tags, cluster=t.cluster, nodes=[g.model_dump() for g in t.nodes],
+                          training=t.training)
+
+
+CUSTOM_KEYS = {"name", "topology", "architecture", "consensus", "auto_healing", "max_nodes", "workers", "train",
+               "training"}
+
+
+def deploy_template(clusters: ClusterService, training: TrainingService, template_id: str,
+                    custom: dict[str, Any] | None) -> r.TemplateDeployReply:
+    t = catalog().get(template_id)
+    if t is None:
+        raise NotFound(f"template {template_id!r} does not exist; neural_list_templates lists them "
+                       f"({', '.join(catalog())})")
+    custom = dict(custom or {})
+    unknown = set(custom) - CUSTOM_KEYS
+    if unknown:
+        raise ServiceError(f"custom_config keys {sorted(unknown)} are not understood; use {sorted(CUSTOM_KEYS)}")
+    groups = [g.model_copy() for g in t.nodes]
+    if "workers" in custom:
+        n = custom.pop("workers")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
+            raise ServiceError(f"custom_config.workers must be an integer from 1 to 16, got {n!r}")
+        for g in groups:
+            if g.role == "worker":
+                g.count = n
+    total = sum(g.count for g in groups)
+    cluster_args = {"topology": "mesh", "architecture": "transformer", "consensus": "proof-of-learning",
+                    **t.cluster}
+    for key in ("topology", "architecture", "consensus"):
+        if key in custom:
+            cluster_args[key] = custom.pop(key)
+    _check_choice("topology", cluster_args["topology"], ("mesh", "ring", "star", "hierarchical"))
+    _check_choice("architecture", cluster_args["architecture"], ("transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"))
+    _check_choice("consensus", cluster_args["consensus"], ("proof-of-learning", "byzantine", "raft", "gossip"))
+    train = custom.pop("train", False)
+    overrides = custom.pop("training", None) or {}
+    if not isinstance(overrides, dict):
+        raise ServiceError("custom_config.training must be an object of neural_train_distributed arguments")
+    init = clusters.init_cluster(
+        name=str(custom.pop("name", t.name))[:200], launcher="subprocess", backend="auto",
+        max_nodes=int(custom.pop("max_nodes", max(8, total))), auto_healing=bool(custom.pop("auto_healing", False)),
+        wasm_optimization=True, daa_enabled=True, extra={"template": t.id}, **cluster_args,
+    )
+    try:
+        deployed = [clusters.deploy_nodes(init.cluster_id, role=g.role, count=g.count, model=g.model,
+                                          capabilities=["training", "inference"], autonomy=0.8, template=t.id,
+                                          layers=None) for g in groups]
+        connect = clusters.connect(init.cluster_id)
+        started = None
+        if train:
+            if t.training is None:
+                raise ServiceError(f"template {t.id} has no training recipe; call neural_train_distributed")
+            started = training.start_from_dict(init.cluster_id, {**t.training, **overrides})
+    except ServiceError as exc:
+        clusters.terminate(init.cluster_id, reason=f"template {t.id} failed to deploy")
+        raise ServiceError(f"deploying template {t.id} failed and its cluster was terminated: {exc}") from exc
+    return r.TemplateDeployReply(
+        success=True, template_id=t.id, cluster_id=init.cluster_id, cluster=init,
+        nodes=[n for d in deployed for n in d.nodes], connection=connect, training=started,
+        suggested_training={"cluster_id": init.cluster_id, **(t.training or {})} if t.training else None,
+    )
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ServiceError(f"custom_config.{name} {value!r} is not one of {', '.join(allowed)}")
+
+
+__all__ = ["CATEGORIES", "catalog", "deploy_template", "list_templates", "ValidationError"]
