@@ -25,6 +25,11 @@ class Limits:
     max_clusters: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_CLUSTERS", 32))
     max_node_processes: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_NODE_PROCESSES", 32))
     max_sandbox_bytes: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_SANDBOX_BYTES", 256 << 20))
+    max_upload_bytes: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_UPLOAD_BYTES", 8 << 20))
+    max_inline_dataset_bytes: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_INLINE_BYTES", 4 << 20))
+    max_epochs: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_EPOCHS", 1000))
+    max_batch_size: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_MAX_BATCH_SIZE", 512))
+    node_memory_mb: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_NODE_MEMORY_MB", 400))
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,12 @@ class Settings:
     node_start_timeout_s: float = 90.0
     group_timeout_s: float = 30.0
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def allowed_roots(self) -> list[Path]:
+        """Where dataset paths may be read and exports written: the state home plus FLOW_NEXUS_DATA_ROOTS."""
+        extra = [Path(x).expanduser().resolve() for x in os.environ.get("FLOW_NEXUS_DATA_ROOTS", "").split(os.pathsep) if x]
+        return [self.home, *extra]
 
     @property
     def clusters_dir(self) -> Path:

@@ -144,6 +144,8 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
             Field(max_length=64, description="Layer specs for model 'custom', e.g. {type: embedding, embedding_dim: 64}"),
         ] = None,
         count: Annotated[int, Field(ge=1, le=16, description="How many identical nodes to deploy")] = 1,
+        memory_mb: Annotated[int | None, Field(ge=64, le=16_777_216, description=(
+            "Memory each node needs; the deploy is refused when the host lacks it (default FLOW_NEXUS_NODE_MEMORY_MB, 400)"))] = None,
     ) -> r.DeployReply:
         """Start node processes; returns once each answers its health check (or with each failure's text)."""
         if model == "custom" and not layers:
@@ -151,6 +153,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         return await call(
             svc().deploy_nodes, cluster_id, role=role or node_type, count=count, model=model,
             capabilities=list(dict.fromkeys(capabilities)), autonomy=autonomy, template=template, layers=layers,
+            memory_mb=memory_mb,
         )
 
     @mcp.tool(title="Form the process group", annotations=RECONFIGURES)
@@ -194,7 +197,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
     @mcp.tool(title="Train across the cluster", annotations=CREATES)
     async def neural_train_distributed(
         cluster_id: ClusterId,
-        dataset: Annotated[str, Field(min_length=1, max_length=1_000_000, description=(
+        dataset: Annotated[str, Field(min_length=1, max_length=16_000_000, description=(
             "A built-in dataset (digits, mnist-5k, tweet-sentiment, tweet-polarity, bbc-news, bbc-news-lm), "
             "a CSV/JSONL/TXT path or glob (relative paths are read inside each node's sandbox, see "
             "neural_node_upload), or inline JSON {\"X\"|\"data\"|\"features\": [...], \"y\"|\"labels\"|\"targets\": [...]}"))],

@@ -58,6 +58,35 @@ def safe_path(root: Path, name: str) -> Path:
     return target
 
 
+HOST_MEMORY_RESERVE_MB = 512
+
+
+def available_memory_mb() -> float | None:
+    """MemAvailable from /proc/meminfo, in MB (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(count: int, per_node_mb: int) -> None:
+    """Refuse a deploy the host cannot hold, with the numbers."""
+    available = available_memory_mb()
+    if available is None:
+        return
+    need = count * per_node_mb
+    if need > available - HOST_MEMORY_RESERVE_MB:
+        raise ServiceError(
+            f"deploying {count} node(s) needs {count} x {per_node_mb} MB = {need} MB, but the host has "
+            f"{available:.0f} MB available and keeps {HOST_MEMORY_RESERVE_MB} MB in reserve; deploy fewer nodes "
+            "or ask for less memory_mb"
+        )
+
+
 def parallel(fn: Callable[[Any], T], items: Iterable[Any]) -> list[T | BaseException]:
     """Run ``fn`` over items concurrently; each result is the value or the exception raised."""
     items = list(items)
@@ -180,9 +209,10 @@ class ClusterService:
     def deploy_nodes(self, cluster_id: str, *, role: str, count: int, model: str,
                      capabilities: list[str], autonomy: float, template: str,
                      layers: list[dict[str, Any]] | None,
-                     options: dict[str, Any] | None = None) -> r.DeployReply:
+                     options: dict[str, Any] | None = None, memory_mb: int | None = None) -> r.DeployReply:
         with self.lock(cluster_id):
             cluster = self.get_cluster(cluster_id)
+            check_memory(count, memory_mb or self.settings.limits.node_memory_mb)
             live = self.store.nodes(cluster_id)
             if len(live) + count > cluster.max_nodes:
                 raise ServiceError(
@@ -559,6 +589,9 @@ class ClusterService:
                 raise ServiceError(f"content is not valid base64 ({exc}); send text with encoding='text'") from exc
         else:
             data = content.encode("utf-8")
+        if len(data) > self.settings.limits.max_upload_bytes:
+            raise ServiceError(f"the file is {len(data)} bytes, the upload limit is {self.settings.limits.max_upload_bytes} "
+                               "bytes per file (FLOW_NEXUS_MAX_UPLOAD_BYTES)")
         sandbox = Path(node.sandbox).resolve()
         target = safe_path(sandbox, file_name)
         used = sum(f.stat().st_size for f in sandbox.rglob("*") if f.is_file())

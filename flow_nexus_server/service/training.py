@@ -22,6 +22,7 @@ from flow_nexus_server import replies as r
 from flow_nexus_server.service.clusters import ClusterService, parallel
 from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeRequestError
+from flow_nexus_server.service.paths import check_dataset_spec, under_allowed_root
 from flow_nexus_server.store import Checkpoint, Cluster, MetricSample, Node, TrainingSession
 from workers import protocol as p
 
@@ -124,6 +125,14 @@ class TrainingService:
 
     def start(self, cluster_id: str, req: TrainRequest) -> r.TrainStartReply:
         svc = self.clusters
+        limits = svc.settings.limits
+        if req.epochs > limits.max_epochs or (req.rounds or 0) > limits.max_epochs:
+            raise ServiceError(f"epochs/rounds {max(req.epochs, req.rounds or 0)} is above this server's limit of "
+                               f"{limits.max_epochs} (FLOW_NEXUS_MAX_EPOCHS)")
+        if req.batch_size > limits.max_batch_size:
+            raise ServiceError(f"batch_size {req.batch_size} is above this server's limit of {limits.max_batch_size} "
+                               "(FLOW_NEXUS_MAX_BATCH_SIZE)")
+        check_dataset_spec(req.dataset, svc.settings.allowed_roots, limits.max_inline_dataset_bytes)
         dataset, epochs, batch_size, federated = req.dataset, req.epochs, req.batch_size, req.federated
         learning_rate, optimizer, local_epochs = req.learning_rate, req.optimizer, req.local_epochs
         with svc.lock(cluster_id):
@@ -203,7 +212,8 @@ class TrainingService:
             return None
         with self.store.session() as s:
             ckpt = s.get(Checkpoint, resume)
-        path = Path(ckpt.path) if ckpt else Path(resume).expanduser()
+        path = Path(ckpt.path) if ckpt else under_allowed_root(resume, self.clusters.settings.allowed_roots,
+                                                                "resume_from")
         if not path.is_file():
             raise ServiceError(f"resume_from {resume!r} is neither a checkpoint id nor an existing checkpoint file; "
                                "neural_training_status lists a session's checkpoints")

@@ -1,0 +1,61 @@
+"""Limits and path checks: refused with the numbers or the allowed root, and nothing changes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from mcp import Client
+
+from flow_nexus_server.config import Settings
+from flow_nexus_server.server import build_server
+
+pytestmark = pytest.mark.anyio
+
+
+async def ok(client, tool, args):
+    result = await client.call_tool(tool, args)
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+async def err(client, tool, args):
+    result = await client.call_tool(tool, args)
+    assert result.is_error, f"{tool}({args}) should fail"
+    return result.content[0].text
+
+
+async def test_limits_and_paths(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOW_NEXUS_MAX_NODE_PROCESSES", "1")
+    monkeypatch.setenv("FLOW_NEXUS_MAX_INLINE_BYTES", "100000")
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "limits"}))["cluster_id"]
+        absurd = await err(client, "neural_node_deploy", {"cluster_id": cid, "memory_mb": 16_000_000})
+        assert "16000000 MB" in absurd and "available" in absurd
+        assert (await ok(client, "neural_cluster_status", {"cluster_id": cid}))["nodes"] == []
+
+        node = (await ok(client, "neural_node_deploy", {"cluster_id": cid}))["node_id"]
+        over = await err(client, "neural_node_deploy", {"cluster_id": cid})
+        assert "limit is 1" in over and "FLOW_NEXUS_MAX_NODE_PROCESSES" in over
+
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        sandbox = home / "clusters" / cid / "nodes" / node
+        (sandbox / "escape").symlink_to(outside)
+        for name in ("../../x", "/etc/passwd", str(outside / "x"), "escape/x", "agent.json"):
+            text = await err(client, "neural_node_upload", {"node_id": node, "file_name": name, "content": "x"})
+            assert "sandbox" in text or "reserved" in text, text
+        assert list(outside.iterdir()) == [] and not (home / "x").exists()
+
+        text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": str(outside / "d.csv")})
+        assert "outside the allowed roots" in text and str(home) in text
+        text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": "../secret.csv"})
+        assert "'..'" in text
+        monkeypatch.setenv("FLOW_NEXUS_DATA_ROOTS", str(outside))
+        text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": str(outside / "d.csv")})
+        assert "outside the allowed roots" not in text  # allowed now; fails later for another reason
+        big = '{"X": [' + ",".join(["[1, 2]"] * 30_000) + '], "y": [0]}'
+        text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": big})
+        assert "limit is 100000" in text and "FLOW_NEXUS_MAX_INLINE_BYTES" in text
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+    assert os.environ.get("FLOW_NEXUS_MAX_NODE_PROCESSES") == "1"
