@@ -24,6 +24,7 @@ from flow_nexus_server import replies as r
 from flow_nexus_server.config import Settings
 from flow_nexus_server.launchers import LaunchError, NodeHandle, NodeLauncher, NodeSpec, SubprocessLauncher
 from flow_nexus_server.launchers.base import log_tail
+from flow_nexus_server.launchers.docker import DockerLauncher, UnavailableLauncher
 from flow_nexus_server.launchers.local import NODE_LOG
 from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
@@ -56,6 +57,14 @@ def safe_path(root: Path, name: str) -> Path:
     if target.name in RESERVED_NAMES or target.is_dir():
         raise ServiceError(f"{name!r} is reserved or a directory in the node's sandbox; choose another file name")
     return target
+
+
+def ray_launcher() -> NodeLauncher:
+    try:
+        from flow_nexus_server.launchers.ray import RayLauncher
+    except ImportError:
+        return UnavailableLauncher("ray", "Ray is not installed; install it with pip install 'flow-nexus-server[ray]'")
+    return RayLauncher()
 
 
 HOST_MEMORY_RESERVE_MB = 512
@@ -109,7 +118,11 @@ class ClusterService:
         settings.home.mkdir(parents=True, exist_ok=True)
         settings.clusters_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store(settings.db_url)
-        self.launchers: dict[str, NodeLauncher] = {"subprocess": SubprocessLauncher()}
+        self.launchers: dict[str, NodeLauncher] = {
+            "subprocess": SubprocessLauncher(),
+            "docker": DockerLauncher(),
+            "ray": ray_launcher(),
+        }
         self.rendezvous = Rendezvous()
         self.last_seen: dict[str, float] = {}  # node_id -> time of its last health answer
         self._locks: dict[str, threading.RLock] = {}
@@ -160,11 +173,10 @@ class ClusterService:
                      launcher: str, backend: str, max_nodes: int, auto_healing: bool,
                      wasm_optimization: bool, daa_enabled: bool,
                      extra: dict[str, Any] | None = None) -> r.ClusterInitReply:
-        if launcher not in self.launchers:
-            raise ServiceError(
-                f"launcher {launcher!r} is not available in this version of flow-nexus-server; "
-                "use launcher 'subprocess' (local node processes)"
-            )
+        usable, reason = self.launchers[launcher].available()
+        if not usable:
+            raise ServiceError(f"launcher {launcher!r} cannot start nodes: {reason}. "
+                               "Use launcher 'subprocess' (local node processes) or fix the above")
         if backend == "nccl":
             raise ServiceError(
                 "backend 'nccl' needs a CUDA device on every node and none is visible here; "
