@@ -5,7 +5,8 @@ Each node answers a batch with softmax probabilities ``(n, classes)``; :func:`co
 those answers into one prediction per example with one of the Flow Nexus aggregation rules:
 
 * ``mean``: arithmetic mean of the class probabilities (weighted by ``node_weights`` if given);
-  the winner is the arg-max, its confidence the combined probability.
+  the winner is the arg-max (the lower index among classes equal up to rounding), its
+  confidence the combined probability.
 * ``majority``: each node votes for its arg-max class; most votes wins, ties between classes
   broken by the tied classes' summed probability over nodes (then by the lower index); the
   confidence is the winner's vote share.
@@ -175,13 +176,18 @@ def _weights(node_weights: Sequence[float] | None, k: int) -> np.ndarray:
     return w
 
 
+def _near_max(a: np.ndarray) -> np.ndarray:
+    """Mask of the entries equal to their row's maximum up to rounding."""
+    top = a.max(axis=1, keepdims=True)
+    return a >= top - 1e-12 * np.maximum(1.0, np.abs(top))
+
+
 def _break_ties(scores: np.ndarray, prob_sum: np.ndarray) -> np.ndarray:
-    """Arg-max of ``scores`` per row; among (numerically) tied classes the largest
-    ``prob_sum`` wins, then the lowest index."""
-    top = scores.max(axis=1, keepdims=True)
-    tied = scores >= top - 1e-12 * np.maximum(1.0, np.abs(top))
-    key = np.where(tied, prob_sum, -np.inf)
-    return key.argmax(axis=1).astype(np.int64)
+    """Arg-max of ``scores`` per row; among classes tied up to rounding the largest
+    ``prob_sum`` wins (again up to rounding), then the lowest index. Comparing up to rounding
+    keeps the answer independent of the order of the nodes."""
+    key = np.where(_near_max(scores), prob_sum, -np.inf)
+    return _near_max(key).argmax(axis=1).astype(np.int64)
 
 
 def combine(per_node: Sequence[Any], method: Method,
@@ -205,7 +211,7 @@ def combine(per_node: Sequence[Any], method: Method,
     onehot[np.arange(n)[:, None], np.arange(k)[None, :], votes] = 1.0
     if method in ("mean", "ensemble"):
         dist = prob_sum / w.sum()
-        pred = dist.argmax(axis=1).astype(np.int64)
+        pred = _break_ties(dist, dist)
     else:
         per_vote = w[None, :] * (confs if method == "weighted" else 1.0)  # (n, k)
         scores = np.einsum("nk,nkc->nc", per_vote, onehot)
