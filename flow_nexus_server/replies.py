@@ -351,3 +351,89 @@ class PlotInfo(BaseModel):
     bytes: int
     series: list[str]
     mime_type: str = "image/png"
+
+
+class ClassificationMetrics(BaseModel):
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    support: int
+    label_names: list[str]
+    confusion_matrix: list[list[int]] = Field(description="Rows: true class, columns: predicted class")
+    per_class: list[dict[str, Any]]
+
+
+class NodePrediction(BaseModel):
+    node_id: str
+    prediction: str | list[str] | None = Field(description="Label name(s) this node voted for")
+    confidence: float = Field(description="Mean of this node's top-class probability")
+    latency_ms: float = Field(description="Measured on the node")
+    round_trip_ms: float = Field(description="Measured by the server around the call")
+    model: str = Field(description="global, local or int8")
+    examples: int
+
+
+class PredictReply(BaseModel):
+    success: bool
+    cluster_id: str
+    prediction: str | list[str] = Field(description="Label name (one example) or names (a batch)")
+    confidence: float = Field(description="Consensus confidence (mean over examples)")
+    aggregation_method: str
+    mode: str = Field(description="replicate (every node answers every example) or shard")
+    model: str
+    nodes_used: int
+    examples: int
+    individual_predictions: list[NodePrediction]
+    details: list[dict[str, Any]] = Field(description="Per example: label, confidence, agreement, distribution")
+    details_truncated: bool
+    total_latency_ms: float = Field(description="Measured by the server: first request out to last answer in")
+    metrics: ClassificationMetrics | None = Field(None, description="When the input carried labels")
+
+
+class LatencyStats(BaseModel):
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    runs: int
+    nodes: int
+
+
+class BenchmarkResult(BaseModel):
+    success: bool
+    model_id: str
+    benchmark_type: str
+    results: dict[str, Any] = Field(description="latency_p50/p95/p99 (ms), samples_per_second, model_size_mb, "
+                                                "peak_memory_mb, ... all measured")
+    nodes: list[dict[str, Any]] = Field(default_factory=list, description="Each node's own measurements")
+    end_to_end: LatencyStats | None = Field(None, description="Single-example predictions through all nodes, "
+                                                              "timed by the server")
+    collectives: list[dict[str, Any]] = Field(default_factory=list, description="All-reduce time and bandwidth "
+                                                                                "per topology and size")
+    timestamp: float
+
+
+class ExportReply(BaseModel):
+    success: bool
+    model_id: str
+    format: str
+    directory: str
+    files: list[str]
+    bytes: int
+
+
+class LoadReply(BaseModel):
+    success: bool
+    cluster_id: str
+    source: str
+    nodes_loaded: int
+    model: dict[str, Any]
+
+
+class CollectiveFigure(BaseModel):
+    topology: str
+    bytes: int
+    time_ms: float = Field(description="Slowest rank's median all-reduce time")
+    algbw_mbps: float = Field(description="bytes x 8 / time, Mbit/s")
+    world_size: int

@@ -21,10 +21,13 @@ from flow_nexus_server import __version__
 from flow_nexus_server import replies as r
 from flow_nexus_server.config import Settings
 from flow_nexus_server.service.clusters import ClusterService
+from flow_nexus_server.launchers import LaunchError
 from flow_nexus_server.service.errors import ServiceError
+from flow_nexus_server.service.node_client import NodeRequestError
 from flow_nexus_server.service.monitor import NodeMonitor
 from flow_nexus_server.service import plots, templates
-from flow_nexus_server.service.training import TrainingService, TrainRequest
+from flow_nexus_server.service.inference import InferenceService
+from flow_nexus_server.service.training import Quantization, TrainingService, TrainRequest
 from mcp.server.mcpserver import Context
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking service call on a worker thread; service errors become ToolErrors."""
     try:
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-    except ServiceError as exc:
+    except (ServiceError, NodeRequestError, LaunchError) as exc:
         raise ToolError(str(exc)) from exc
 
 
@@ -63,6 +66,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
     async def lifespan(_: MCPServer) -> AsyncIterator[None]:
         clusters = service or ClusterService(settings or Settings.from_env())
         holder["svc"], holder["training"] = clusters, TrainingService(clusters)
+        holder["inference"] = InferenceService(clusters)
         await anyio.to_thread.run_sync(clusters.recover)
         await anyio.to_thread.run_sync(holder["training"].recover)
         monitor = NodeMonitor(clusters)
@@ -96,6 +100,9 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
 
     def training() -> TrainingService:
         return holder["training"]
+
+    def inference() -> InferenceService:
+        return holder["inference"]
 
     mcp = MCPServer("flow-nexus-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
                     token_verifier=token_verifier, auth=auth)
@@ -225,6 +232,8 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         max_checkpoints: Annotated[int, Field(ge=1, le=100, description="Keep the last N checkpoints")] = 3,
         resume_from: Annotated[str | None, Field(max_length=4096, description="Checkpoint id or path to continue from")] = None,
         min_nodes_per_round: Annotated[int | None, Field(ge=1, le=64, description="Accepted for compatibility; stored")] = None,
+        quantization: Annotated[Quantization | None, Field(description=(
+            "{enabled, bits: 8, method: dynamic}: after training, nodes serve an int8 dynamically quantized copy"))] = None,
         wait: Annotated[bool, Field(description="Block (with progress notifications) until done or wait_timeout_s")] = False,
         wait_timeout_s: Annotated[float, Field(gt=0, le=3600, description="Longest wait when `wait` is set")] = 600,
     ) -> r.TrainStartReply:
@@ -237,7 +246,8 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
             architecture=architecture, partition=partition, alpha=alpha, validation_split=validation_split, seed=seed,
             grad_clip=grad_clip, gradient_accumulation=gradient_accumulation, mixed_precision=mixed_precision,
             gradient_compression=gradient_compression, gradient_checkpointing=gradient_checkpointing,
-            checkpoint_every=checkpoint_every, max_checkpoints=max_checkpoints, resume_from=resume_from)
+            checkpoint_every=checkpoint_every, max_checkpoints=max_checkpoints, resume_from=resume_from,
+            quantization=quantization)
         reply = await call(training().start, cluster_id, req)
         if not wait:
             return reply
@@ -254,6 +264,59 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
                 break
         final = training().live_view(cluster_id)
         return reply.model_copy(update={"result": final, "status": final.status if final else reply.status})
+
+    @mcp.tool(title="Predict with the cluster", annotations=READ_ONLY)
+    async def neural_predict_distributed(
+        cluster_id: ClusterId,
+        input_data: Annotated[str, Field(min_length=1, max_length=4_000_000, description=(
+            "JSON: one example or a batch in the model's input form (raw text for text models, feature vectors "
+            "or images otherwise), optionally {\"inputs\": [...], \"labels\": [...]}; or a path to a "
+            ".json/.jsonl/.csv/.txt file of examples; or plain text for a text model"))],
+        aggregation: Annotated[Literal["mean", "majority", "weighted", "ensemble"] | None, Field(description=(
+            "mean of class probabilities (default), majority vote, confidence-weighted vote, or ensemble "
+            "(averaging, with each node's vote and confidence)"))] = None,
+        mode: Annotated[Literal["replicate", "shard"], Field(description=(
+            "replicate: every node answers every example; shard: the batch is split across nodes"))] = "replicate",
+        model: Annotated[Literal["global", "local"], Field(description=(
+            "global model, or each node's local pre-aggregation model (after federated training)"))] = "global",
+        quantized: Annotated[bool | None, Field(description="Serve the int8 copy (default: the training's quantization setting)")] = None,
+    ) -> r.PredictReply:
+        """Every node with the inference capability runs the model it holds; the server combines the answers."""
+        return await call(inference().predict, cluster_id, input_data, aggregation or "mean", mode, model, quantized)
+
+    @mcp.tool(title="Benchmark a model", annotations=READ_ONLY)
+    async def neural_performance_benchmark(
+        model_id: Annotated[str, Field(min_length=1, max_length=64, description="A cluster id or a checkpoint id")],
+        benchmark_type: Literal["inference", "throughput", "memory", "comprehensive"] = "comprehensive",
+        input_data: Annotated[str, Field(max_length=4_000_000, description=(
+            "Examples (with labels for accuracy) as for neural_predict_distributed; empty: the held-out split "
+            "for node measurements (end-to-end latency needs examples)"))] = "",
+        runs: Annotated[int, Field(ge=5, le=2000, description="Timed runs per latency figure")] = 50,
+        quantized: Annotated[bool | None, Field(description="Also measure the int8 copy (memory, latency, accuracy change)")] = None,
+    ) -> r.BenchmarkResult:
+        """Measured latency p50/p95/p99, throughput, model size, peak RSS per node, all-reduce figures."""
+        result = await call(inference().benchmark, model_id, benchmark_type, input_data or None, runs, quantized)
+        if benchmark_type == "comprehensive" and not model_id.startswith("ckpt_"):
+            result.collectives = [c.model_dump() for c in await call(svc().collective_benchmark, model_id)]
+        return result
+
+    @mcp.tool(title="Export a model", annotations=CREATES)
+    async def neural_model_export(
+        model_id: Annotated[str, Field(min_length=1, max_length=64, description="A cluster id or a checkpoint id")],
+        format: Literal["safetensors", "torchscript"] = "safetensors",
+        destination: Annotated[str | None, Field(max_length=4096, description=(
+            "Directory under the state home or FLOW_NEXUS_DATA_ROOTS (default: <home>/exports/<id>-<time>)"))] = None,
+    ) -> r.ExportReply:
+        """Write weights, config, tokenizer/label map and a model card with the metrics it was trained to."""
+        return await call(inference().export, model_id, format, destination)
+
+    @mcp.tool(title="Load a model into a cluster", annotations=RECONFIGURES)
+    async def neural_model_load(
+        cluster_id: ClusterId,
+        path: Annotated[str, Field(min_length=1, max_length=4096, description="An export directory, a checkpoint file, or a checkpoint id")],
+    ) -> r.LoadReply:
+        """Every inference node of the cluster loads the model; no training needed before predicting."""
+        return await call(inference().load, cluster_id, path)
 
     @mcp.tool(title="List cluster templates", annotations=READ_ONLY)
     async def neural_list_templates(

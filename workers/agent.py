@@ -70,7 +70,10 @@ class NodeAgent:
         # Training: the current/last job's progress, its stop flag, and the model it left.
         self.sink: Any = None
         self.stop_flag = threading.Event()
-        self.trained: Any = None
+        self.trained: Any = None  # TrainedModel the node serves predictions from
+        self.trained_job: dict[str, Any] = {}  # facts of the job that produced it (dataset, split, seed)
+        self.model_source: str | None = None
+        self._int8: tuple[Any, Any] | None = None  # (model it was made from, quantized copy)
 
     def health(self) -> p.HealthReply:
         import torch
@@ -144,7 +147,7 @@ class NodeAgent:
             sink.set_state("preparing")
             result = run_training(job, node_id=self.node_id, sandbox=self.sandbox, sink=sink, stop=stop)
             if result is not None:
-                self.trained = result
+                self._serve(result, job.model_dump(), f"training session {job.session_id}")
             state = sink.snapshot(1 << 62).state
             if state not in ("completed", "stopped", "failed"):
                 sink.set_state("stopped" if stop.is_set() else "completed")
@@ -160,6 +163,129 @@ class NodeAgent:
     def stop_training(self) -> p.TrainProgress:
         self.stop_flag.set()
         return self.training_status(1 << 62)
+
+    # ---------------------------------------------------------------- serving
+    def _serve(self, trained: Any, job: dict[str, Any], source: str) -> None:
+        self.trained, self.trained_job, self.model_source, self._int8 = trained, job, source, None
+
+    def _require_model(self) -> Any:
+        if self.trained is None:
+            raise RequestError(409, "this node holds no model yet; train with neural_train_distributed or load one "
+                                    "with neural_model_load")
+        return self.trained
+
+    def _int8_model(self) -> Any:
+        from workers.inference import quantize_dynamic_int8
+
+        trained = self._require_model()
+        if self._int8 is None or self._int8[0] is not trained.model:
+            self._int8 = (trained.model, quantize_dynamic_int8(trained.model))
+        return self._int8[1]
+
+    def model_info(self) -> p.ModelInfo:
+        from workers.models import describe_model
+
+        if self.trained is None:
+            return p.ModelInfo(loaded=False)
+        t = self.trained
+        info = describe_model(t.model) if isinstance(t.model, __import__("torch").nn.Module) else {}
+        return p.ModelInfo(
+            loaded=True, source=self.model_source, architecture=t.architecture, preset=t.preset, kind=t.task.kind,
+            parameters=int(info.get("parameters", 0)), size_mb=float(info.get("size_mb", 0.0)),
+            label_names=list(t.label_names), metrics={k: float(v) for k, v in t.metrics.items()
+                                                      if isinstance(v, (int, float))},
+            has_local_model=t.local_model is not None, quantized=self._int8 is not None,
+        )
+
+    def predict(self, req: p.PredictRequest) -> p.PredictReply:
+        from workers.inference import InferenceError, parse_inputs, predict_proba
+
+        trained = self._require_model()
+        start = time.perf_counter()
+        try:
+            _, labels = parse_inputs(req.inputs, trained.task, trained.label_names)
+            model = self._int8_model() if req.quantized else None
+            probs = predict_proba(trained, req.inputs, local=req.use_local, model=model)
+        except InferenceError as exc:
+            raise RequestError(400, str(exc)) from exc
+        used = "int8" if req.quantized else ("local" if req.use_local and trained.local_model is not None else "global")
+        return p.PredictReply(node_id=self.node_id, probabilities=probs.tolist(), labels=labels,
+                              label_names=list(trained.label_names),
+                              latency_ms=(time.perf_counter() - start) * 1000, model=used)
+
+    def benchmark(self, req: p.BenchmarkRequest) -> p.BenchmarkReply:
+        import resource
+
+        import numpy as np
+
+        from workers.inference import InferenceError, latency_profile, parse_inputs, predict_proba, throughput
+        from workers.models import describe_model
+        from workers.serving import held_out, size_mb
+
+        trained = self._require_model()
+        try:
+            if req.inputs is not None:
+                examples, labels = parse_inputs(req.inputs, trained.task, trained.label_names)
+            else:
+                data = held_out(self.trained_job, self.sandbox)
+                if data is None:
+                    raise RequestError(400, "no held-out data is readable on this node; pass input_data with labels")
+                examples, labels = data[0], list(map(int, data[1]))
+
+            def measure(model: Any) -> dict[str, float]:
+                lat = latency_profile(trained, examples[:1] if not isinstance(examples, list) else examples[:1],
+                                      runs=req.runs, model=model)
+                batch = examples[:256]
+                out = {"p50": lat["p50_ms"], "p95": lat["p95_ms"], "p99": lat["p99_ms"],
+                       "samples_per_second": throughput(trained, batch, seconds=0.5, model=model),
+                       "size_mb": size_mb(model if model is not None else trained.model)}
+                if labels is not None:
+                    probs = predict_proba(trained, examples, model=model)
+                    out["accuracy"] = float((np.argmax(probs, 1) == np.asarray(labels)).mean())
+                return out
+
+            base = measure(None)
+            int8 = measure(self._int8_model()) if req.quantized else None
+        except InferenceError as exc:
+            raise RequestError(400, str(exc)) from exc
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return p.BenchmarkReply(
+            node_id=self.node_id, latency_p50_ms=base["p50"], latency_p95_ms=base["p95"], latency_p99_ms=base["p99"],
+            samples_per_second=base["samples_per_second"], parameters=int(describe_model(trained.model)["parameters"]),
+            model_size_mb=base["size_mb"], rss_mb=rss_bytes() / 2**20, peak_rss_mb=peak,
+            examples=len(examples), accuracy=base.get("accuracy"),
+            int8={k: v for k, v in int8.items()} if int8 else None,
+        )
+
+    def export_model(self, req: p.ExportRequest) -> p.ExportReply:
+        from workers.serving import ServingError, export_model
+
+        trained = self._require_model()
+        try:
+            files = export_model(trained, Path(req.directory), req.format, req.card, self.trained_job)
+        except ServingError as exc:
+            raise RequestError(400, str(exc)) from exc
+        return p.ExportReply(directory=req.directory, files=[str(f) for f in files],
+                             bytes=sum(f.stat().st_size for f in files))
+
+    def load_model(self, req: p.LoadRequest) -> p.ModelInfo:
+        from workers.serving import ServingError, load_any
+        from workers.training.common import TrainingError
+
+        try:
+            trained, job = load_any(Path(req.path))
+        except (ServingError, TrainingError) as exc:
+            raise RequestError(400, str(exc)) from exc
+        self._serve(trained, job, req.path)
+        return self.model_info()
+
+    def bench_collectives(self, req: p.CollectiveBenchRequest) -> p.CollectiveBenchReply:
+        from workers.group import bench_collectives
+
+        if self.sink is not None and self.sink.snapshot(1 << 62).state in ("preparing", "running"):
+            raise RequestError(409, "a training job is running on this node; benchmark the links after it")
+        results = self._on_dist_thread(lambda: bench_collectives(self.membership.require(req.generation), req), 300)
+        return p.CollectiveBenchReply(results=results)
 
     def leave(self) -> dict[str, Any]:
         self._on_dist_thread(self.membership.leave, 30)
@@ -194,11 +320,17 @@ def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) 
         ("GET", "/health"): (None, agent.health),
         ("POST", "/join"): (p.JoinRequest, agent.join),
         ("POST", "/probe"): (p.ProbeRequest, agent.probe),
+        ("POST", "/bench/collectives"): (p.CollectiveBenchRequest, agent.bench_collectives),
         ("POST", "/leave"): (None, agent.leave),
         ("POST", "/train/validate"): (p.TrainJob, agent.validate_job),
         ("POST", "/train"): (p.TrainJob, agent.start_training),
         ("GET", "/train/status"): (None, agent.training_status),
         ("POST", "/train/stop"): (None, agent.stop_training),
+        ("GET", "/model"): (None, agent.model_info),
+        ("POST", "/predict"): (p.PredictRequest, agent.predict),
+        ("POST", "/model/benchmark"): (p.BenchmarkRequest, agent.benchmark),
+        ("POST", "/model/export"): (p.ExportRequest, agent.export_model),
+        ("POST", "/model/load"): (p.LoadRequest, agent.load_model),
         ("POST", "/shutdown"): (None, lambda: (on_shutdown(), {"stopping": True})[1]),
     }
 
@@ -322,15 +454,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Log to stderr, serve until shut down; returns the exit code.
+
+    The caller must end the process with ``os._exit(code)`` (``main`` and the warm spawner's
+    forked child both do): the dist thread may still sit in a collective with a dead peer,
+    and a normal interpreter exit would wait for it.
+    """
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,  # a forked node drops the handlers it inherited from the spawner
     )
-    code = serve(parse_args(argv))
-    # The dist thread may still sit in a collective with a dead peer: do not wait for it.
+    code = serve(args)
     logging.shutdown()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    code = run(parse_args(argv))
+    # The dist thread may still sit in a collective with a dead peer: do not wait for it.
     os._exit(code)
 
 

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from workers.protocol import EdgeMeasurement, GroupInfo, JoinRequest, ProbeRequest
+from workers.protocol import CollectiveBenchRequest, CollectiveTiming, EdgeMeasurement, GroupInfo, JoinRequest, ProbeRequest
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +113,25 @@ def _round_trip(t: torch.Tensor, peer: int, initiator: bool) -> float:
         dist.recv(t, peer)
         dist.send(t, peer)
     return time.perf_counter() - start
+
+
+def bench_collectives(me: GroupInfo, req: CollectiveBenchRequest) -> list[CollectiveTiming]:
+    """Time an averaging all-reduce per topology and size; every rank runs the same loops."""
+    from workers.comm import TopologyReducer
+
+    out = []
+    for topology in req.topologies:
+        reducer = TopologyReducer(topology)  # collective: every rank builds it in the same order
+        for size in req.sizes_bytes:
+            t = torch.ones(max(1, size // 4), dtype=torch.float32)
+            for _ in range(2):
+                reducer.allreduce_mean(t)
+            times = []
+            for _ in range(req.reps):
+                dist.barrier()
+                start = time.perf_counter()
+                reducer.allreduce_mean(t)
+                times.append((time.perf_counter() - start) * 1000)
+            out.append(CollectiveTiming(topology=topology, bytes=t.numel() * 4, median_ms=statistics.median(times),
+                                        min_ms=min(times)))
+    return out

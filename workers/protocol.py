@@ -174,3 +174,89 @@ class DatasetCheck(BaseModel):
     num_classes: int = 0
     label_names: list[str] = Field(default_factory=list)
     private: bool = Field(False, description="The data is a file in this node's own sandbox")
+
+
+class ModelInfo(BaseModel):
+    """The model a node holds for inference."""
+
+    loaded: bool
+    source: str | None = Field(None, description="training session, checkpoint or export it came from")
+    architecture: str | None = None
+    preset: str | None = None
+    kind: str | None = None
+    parameters: int = 0
+    size_mb: float = 0.0
+    label_names: list[str] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    has_local_model: bool = False
+    quantized: bool = False
+
+
+class PredictRequest(BaseModel):
+    inputs: Any = Field(description="One example or a batch in the model's input form, optionally with labels")
+    use_local: bool = Field(False, description="Use this node's local (pre-aggregation) model when it has one")
+    quantized: bool = Field(False, description="Serve the int8 dynamically quantized copy")
+
+
+class PredictReply(BaseModel):
+    node_id: str
+    probabilities: list[list[float]]
+    labels: list[int] | None = None
+    label_names: list[str]
+    latency_ms: float = Field(description="Measured on the node: parse + forward + softmax")
+    model: str = Field(description="'global', 'local' or 'int8'")
+
+
+class BenchmarkRequest(BaseModel):
+    inputs: Any = Field(None, description="Examples (with labels for accuracy); default: the held-out split")
+    runs: int = Field(50, ge=5, le=2000)
+    quantized: bool = False
+
+
+class BenchmarkReply(BaseModel):
+    node_id: str
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    samples_per_second: float
+    parameters: int
+    model_size_mb: float
+    rss_mb: float
+    peak_rss_mb: float
+    examples: int
+    accuracy: float | None = None
+    int8: dict[str, float] | None = Field(None, description="The same figures for the int8 copy")
+
+
+class ExportRequest(BaseModel):
+    directory: str
+    format: Literal["safetensors", "torchscript"] = "safetensors"
+    card: dict[str, Any] = Field(default_factory=dict, description="Facts for the model card")
+
+
+class ExportReply(BaseModel):
+    directory: str
+    files: list[str]
+    bytes: int
+
+
+class LoadRequest(BaseModel):
+    path: str = Field(description="An export directory or a checkpoint file")
+
+
+class CollectiveBenchRequest(BaseModel):
+    generation: int
+    topologies: list[Topology] = Field(default_factory=lambda: ["mesh", "ring", "star", "hierarchical"])
+    sizes_bytes: list[int] = Field(default_factory=lambda: [4 << 10, 256 << 10, 4 << 20])
+    reps: int = Field(10, ge=1, le=200)
+
+
+class CollectiveTiming(BaseModel):
+    topology: Topology
+    bytes: int
+    median_ms: float = Field(description="This rank's median all-reduce time over the timed reps")
+    min_ms: float
+
+
+class CollectiveBenchReply(BaseModel):
+    results: list[CollectiveTiming]

@@ -19,6 +19,10 @@ class NodeSpec:
     sandbox: Path
     token: str
     threads: int = 1
+    # Resources a node reserves where the launcher schedules by resources (ray: its placement
+    # group bundle and actor options). The other launchers ignore them.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
 
 @dataclass

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, log_tail
 from workers.protocol import READY_FILE, TOKEN_ENV
@@ -42,13 +43,9 @@ class SubprocessLauncher:
         ]
 
     def environment(self, spec: NodeSpec) -> dict[str, str]:
-        env = dict(os.environ)
+        env = base_environment()
         env[TOKEN_ENV] = spec.token  # environment, not argv: `ps` must not show it
         env["OMP_NUM_THREADS"] = str(spec.threads)
-        env["PYTHONUNBUFFERED"] = "1"
-        # The node must import the same `workers` package the server uses.
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         return env
 
     def launch(self, spec: NodeSpec, timeout_s: float) -> NodeHandle:
@@ -96,27 +93,14 @@ class SubprocessLauncher:
         if proc is not None:
             code = proc.poll()
             return code is None, code
-        # Not our child (the server restarted): check the pid still runs this node's agent.
-        return _runs_node(pid, handle.node_id), None
+        # Not our child (the server restarted, or a warm spawner forked it).
+        return node_process_alive(handle), None
 
     def terminate(self, handle: NodeHandle, grace_s: float = 5.0) -> bool:
         pid = handle.pid
         if pid is None:
             return True
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            if not self.is_alive(handle)[0]:
-                break
-            try:
-                os.killpg(pid, sig)  # the node leads its own process group
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                log.warning("not allowed to signal node %s (pid %d)", handle.node_id, pid)
-                return False
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline and self.is_alive(handle)[0]:
-                time.sleep(0.05)
-        gone = not self.is_alive(handle)[0]
+        gone = terminate_process_group(pid, lambda: self.is_alive(handle)[0], grace_s, handle.node_id)
         if gone:
             self._forget(pid)
         return gone
@@ -129,6 +113,77 @@ class SubprocessLauncher:
                 proc.wait(timeout=1)  # reap, so no zombie is left
             except subprocess.TimeoutExpired:
                 pass
+
+
+def base_environment() -> dict[str, str]:
+    """The environment every node process starts from: the server's, unbuffered, with the
+    directory holding the `workers` package the server uses first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
+def terminate_process_group(pid: int, alive: Callable[[], bool], grace_s: float, what: str) -> bool:
+    """SIGTERM the process group led by ``pid``, SIGKILL it after ``grace_s``; True once
+    ``alive()`` says it is gone. ``alive`` must be pid-reuse safe: it is asked before each signal."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        if not alive():
+            break
+        try:
+            os.killpg(pid, sig)  # the node leads its own process group
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            log.warning("not allowed to signal node %s (pid %d)", what, pid)
+            return False
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and alive():
+            time.sleep(0.05)
+    return not alive()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None when no
+    process, or only a zombie, has this pid. (pid, start time) names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # fields[0] is field 3, the state
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] == b"Z" or len(fields) < 20:
+        return None
+    return int(fields[19])
+
+
+def process_ref(pid: int, start_time: int) -> str:
+    """A launcher ref that survives pid reuse: ``"<pid>:<start time>"``."""
+    return f"{pid}:{start_time}"
+
+
+def parse_process_ref(ref: str) -> tuple[int, int] | None:
+    """(pid, start time) from a ``"<pid>:<start time>"`` ref; None for any other form."""
+    pid, sep, start = (ref or "").partition(":")
+    if not sep:
+        return None
+    try:
+        return int(pid), int(start)
+    except ValueError:
+        return None
+
+
+def node_process_alive(handle: NodeHandle) -> bool:
+    """Liveness of a node process that is not (or no longer) our child, from its ref.
+
+    ``"<pid>:<start time>"`` (warm-spawned nodes): the pid runs, is not a zombie and started
+    at that time. A bare pid (cold nodes): the pid runs this node's agent command line.
+    """
+    parsed = parse_process_ref(handle.ref)
+    if parsed is not None:
+        pid, start = parsed
+        return (handle.pid is None or handle.pid == pid) and process_start_time(pid) == start
+    return handle.pid is not None and _runs_node(handle.pid, handle.node_id)
 
 
 def _runs_node(pid: int, node_id: str) -> bool:

@@ -96,11 +96,12 @@ def check_memory(count: int, per_node_mb: int) -> None:
         )
 
 
+_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fan-out")
+
+
 def parallel(fn: Callable[[Any], T], items: Iterable[Any]) -> list[T | BaseException]:
     """Run ``fn`` over items concurrently; each result is the value or the exception raised."""
     items = list(items)
-    if not items:
-        return []
 
     def safe(item: Any) -> T | BaseException:
         try:
@@ -108,8 +109,9 @@ def parallel(fn: Callable[[Any], T], items: Iterable[Any]) -> list[T | BaseExcep
         except BaseException as exc:  # returned, so one failure does not hide the others
             return exc
 
-    with ThreadPoolExecutor(max_workers=min(16, len(items))) as pool:
-        return list(pool.map(safe, items))
+    if len(items) <= 1:
+        return [safe(i) for i in items]
+    return list(_POOL.map(safe, items))
 
 
 class ClusterService:
@@ -422,6 +424,27 @@ class ClusterService:
             return r.GroupChange(action="needs_connect", generation=cluster.generation,
                                  message=f"{what}; call neural_cluster_connect to form the process group")
         return r.GroupChange(action="none", generation=cluster.generation, message=what)
+
+    def collective_benchmark(self, cluster_id: str) -> list[r.CollectiveFigure]:
+        """Averaging all-reduce time and bandwidth per topology and message size, across the live group."""
+        with self.lock(cluster_id):
+            cluster = self.get_cluster(cluster_id)
+            if cluster.status != "connected":
+                raise ServiceError(f"cluster {cluster_id} is {cluster.status}; connect it (and let training finish) "
+                                   "before benchmarking its links")
+            nodes = sorted(self.store.nodes(cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
+            req = p.CollectiveBenchRequest(generation=cluster.generation)
+            replies = parallel(lambda n: self.client(cluster, n).bench_collectives(req), nodes)
+            errors = [f"{n.id}: {e}" for n, e in zip(nodes, replies) if isinstance(e, BaseException)]
+            if errors:
+                raise ServiceError("the all-reduce benchmark failed on " + "; ".join(errors))
+            figures = []
+            for i, first in enumerate(replies[0].results):  # type: ignore[union-attr]
+                slowest = max(rep.results[i].median_ms for rep in replies)  # type: ignore[union-attr]
+                figures.append(r.CollectiveFigure(topology=first.topology, bytes=first.bytes, time_ms=slowest,
+                                                  algbw_mbps=first.bytes * 8 / (slowest / 1000) / 1e6,
+                                                  world_size=len(nodes)))
+            return figures
 
     # ------------------------------------------------------------------ status
     def status(self, cluster_id: str) -> r.ClusterStatusReply:

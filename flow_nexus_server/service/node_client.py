@@ -21,6 +21,10 @@ class NodeRequestError(RuntimeError):
         self.status = status
 
 
+# One pooled client for every node: keep-alive connections, no per-request set-up cost.
+_HTTP = httpx.Client(trust_env=False, limits=httpx.Limits(max_connections=200, max_keepalive_connections=100))
+
+
 class NodeClient:
     def __init__(self, node_id: str, host: str, port: int, token: str) -> None:
         self.node_id = node_id
@@ -30,7 +34,7 @@ class NodeClient:
     def call(self, method: str, path: str, reply: type[M] | None, body: BaseModel | None = None,
              timeout: float = 10.0) -> Any:
         try:
-            r = httpx.request(
+            r = _HTTP.request(
                 method,
                 self.base + path,
                 content=body.model_dump_json() if body is not None else None,
@@ -70,6 +74,24 @@ class NodeClient:
 
     def stop_training(self) -> p.TrainProgress:
         return self.call("POST", "/train/stop", p.TrainProgress, timeout=10)
+
+    def model_info(self, timeout: float = 5.0) -> p.ModelInfo:
+        return self.call("GET", "/model", p.ModelInfo, timeout=timeout)
+
+    def predict(self, req: p.PredictRequest, timeout: float = 60.0) -> p.PredictReply:
+        return self.call("POST", "/predict", p.PredictReply, req, timeout=timeout)
+
+    def benchmark(self, req: p.BenchmarkRequest) -> p.BenchmarkReply:
+        return self.call("POST", "/model/benchmark", p.BenchmarkReply, req, timeout=300)
+
+    def export_model(self, req: p.ExportRequest) -> p.ExportReply:
+        return self.call("POST", "/model/export", p.ExportReply, req, timeout=300)
+
+    def load_model(self, req: p.LoadRequest) -> p.ModelInfo:
+        return self.call("POST", "/model/load", p.ModelInfo, req, timeout=300)
+
+    def bench_collectives(self, req: p.CollectiveBenchRequest) -> p.CollectiveBenchReply:
+        return self.call("POST", "/bench/collectives", p.CollectiveBenchReply, req, timeout=300)
 
     def leave(self) -> None:
         self.call("POST", "/leave", None, timeout=35)

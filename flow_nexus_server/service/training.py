@@ -33,6 +33,16 @@ TERMINAL = ("completed", "failed", "stopped")
 UNREACHABLE_LIMIT_S = 30.0  # a node that does not answer this long fails the session
 
 
+class Quantization(BaseModel):
+    """Serve an int8 dynamically quantized copy after training (the Flow Nexus guides' option)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    bits: Literal[8] = Field(8, description="Only 8-bit is supported (torch dynamic quantization)")
+    method: Literal["dynamic"] = "dynamic"
+
+
 class TrainRequest(BaseModel):
     """neural_train_distributed's arguments, validated once more where they arrive another way (templates)."""
 
@@ -59,6 +69,7 @@ class TrainRequest(BaseModel):
     checkpoint_every: int = Field(0, ge=0, le=1000)
     max_checkpoints: int = Field(3, ge=1, le=100)
     resume_from: str | None = None
+    quantization: Quantization | None = None
 
     JOB_OPTIONS: ClassVar[tuple[str, ...]] = (
         "partition", "alpha", "validation_split", "seed", "grad_clip", "gradient_accumulation", "mixed_precision",
@@ -83,6 +94,7 @@ class LiveSession:
     status: str = "running"
     error: str | None = None
     stop_requested: bool = False
+    last_event_epoch: int = 0
     done: threading.Event = field(default_factory=threading.Event)
 
     def reporter(self) -> NodeView | None:
@@ -184,14 +196,16 @@ class TrainingService:
                 federated=federated, mode=mode, topology=job.topology, architecture=arch, model=job.model,
                 dataset=dataset if len(dataset) <= 200 else dataset[:200] + "...", rounds=job.rounds,
                 local_epochs=local_epochs,
-                extra=job.model_dump(exclude={"session_id", "mode", "topology", "dataset", "architecture", "model",
+                extra={"quantization": req.quantization.model_dump() if req.quantization else None} | job.model_dump(exclude={"session_id", "mode", "topology", "dataset", "architecture", "model",
                                               "epochs", "batch_size", "learning_rate", "optimizer", "rounds",
                                               "local_epochs", "roles", "layers"}),
             )
             with self.store.session() as s:
                 s.add(TrainingSession(id=session_id, cluster_id=cluster_id, status="running",
                                       config=config.model_dump(), created_at=time.time()))
-                s.get(Cluster, cluster_id).status = "training"
+                c = s.get(Cluster, cluster_id)
+                c.status = "training"
+                c.options = {**c.options, "quantization": req.quantization.model_dump() if req.quantization else None}
             live = LiveSession(session_id, cluster_id, mode, time.time(), [NodeView(n) for n in nodes])
             self.live[session_id] = live
             self.by_cluster[cluster_id] = session_id
@@ -266,12 +280,21 @@ class TrainingService:
                 s.add_all(MetricSample(session_id=live.session_id, node_id=node.id, seq=m.seq, time=m.time, epoch=m.epoch,
                                        step=m.step, name=m.name, value=m.value) for m in snap.samples)
             view.cursor = snap.samples[-1].seq
-            prev_epoch = view.snapshot.epoch if view.snapshot else 0
-            if snap.epoch > prev_epoch:
-                unit = "round" if live.mode == "federated" else "epoch"
-                shown = {k: round(v, 4) for k, v in snap.latest.items() if k in ("loss", "val_loss", "val_accuracy", "val_perplexity")}
-                self.clusters.event(live.cluster_id, "epoch_completed", f"{unit} {snap.epoch}/{snap.total_epochs}: {shown}",
-                                    session_id=live.session_id, data={"epoch": snap.epoch, **snap.latest})
+            # One event per finished epoch/round, from the samples (polls may skip epochs).
+            by_epoch: dict[int, dict[str, float]] = {}
+            for m in snap.samples:
+                by_epoch.setdefault(m.epoch, {})[m.name] = m.value
+            unit = "round" if live.mode == "federated" else "epoch"
+            for epoch in sorted(e for e in by_epoch if e > live.last_event_epoch and e > 0):
+                values = by_epoch[epoch]
+                if not any(k in values for k in ("val_loss", "loss", "val_accuracy", "val_perplexity")):
+                    continue
+                shown = {k: round(v, 4) for k, v in values.items() if k in ("loss", "val_loss", "val_accuracy",
+                                                                             "val_perplexity")}
+                self.clusters.event(live.cluster_id, "epoch_completed",
+                                    f"{unit} {epoch}/{snap.total_epochs}: {shown}",
+                                    session_id=live.session_id, data={"epoch": epoch, **values})
+                live.last_event_epoch = epoch
         # Per-node local loss as a series too (one point per epoch/round the node finished).
         if "local_loss" in snap.node_stats and snap.epoch > (view.snapshot.epoch if view.snapshot else 0):
             with self.store.session() as s:

@@ -1,0 +1,353 @@
+"""Serving from the cluster: distributed prediction, benchmarks, export and load.
+
+Every figure is measured: node-side latency by the node, end-to-end latency by this server
+around the real calls, accuracy against the labels the caller sent (or the held-out split).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flow_nexus_server import replies as r
+from flow_nexus_server.launchers import NodeSpec
+from flow_nexus_server.service.clusters import ClusterService, parallel
+from flow_nexus_server.service.errors import NotFound, ServiceError
+from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
+from flow_nexus_server.service.paths import under_allowed_root
+from flow_nexus_server.service.prediction import classification_report, combine, shard_indices
+from flow_nexus_server.store import Checkpoint, Cluster, Node
+from workers import protocol as p
+
+log = logging.getLogger(__name__)
+
+MAX_EXAMPLES_SHOWN = 100
+INPUT_KEYS = ("inputs", "input", "data", "X", "x", "features", "text", "texts")
+LABEL_KEYS = ("labels", "label", "y", "targets", "target")
+
+
+def parse_input_data(input_data: str, roots: list[Path]) -> Any:
+    """JSON text -> its value; a path to a .json/.jsonl/.csv/.txt file -> examples; other text -> itself."""
+    text = input_data.strip()
+    if text[:1] in "{[\"" or text in ("null", "true", "false") or _is_number(text):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            if text[:1] in "{[":
+                raise ServiceError(f"input_data looks like JSON but does not parse: {exc}") from exc
+    if "\n" not in text and len(text) < 4096 and text.endswith((".json", ".jsonl", ".csv", ".txt")):
+        path = under_allowed_root(text, roots, "input_data file")
+        if not path.is_file():
+            raise ServiceError(f"input_data file {path} does not exist")
+        return _read_examples(path)
+    return input_data  # raw text for a text model
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_examples(path: Path) -> Any:
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json":
+        return json.loads(raw)
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        inputs = [next((row[k] for k in INPUT_KEYS if k in row), row) for row in rows]
+        labels = [next((row[k] for k in LABEL_KEYS if k in row), None) for row in rows]
+        return {"inputs": inputs, "labels": labels} if all(v is not None for v in labels) else inputs
+    if path.suffix == ".csv":
+        import csv
+
+        rows = list(csv.DictReader(raw.splitlines()))
+        if not rows:
+            raise ServiceError(f"{path} has no rows")
+        cols = list(rows[0])
+        label = next((c for c in cols if c.lower() in LABEL_KEYS + ("class",)), None)
+        text = next((c for c in cols if c.lower() == "text"), None)
+        feats = [c for c in cols if c not in (label, text)]
+        inputs = [row[text] for row in rows] if text else [[float(row[c]) for c in feats] for row in rows]
+        return {"inputs": inputs, "labels": [row[label] for row in rows]} if label else inputs
+    return [line for line in raw.splitlines() if line.strip()]
+
+
+def split_examples(payload: Any) -> tuple[list[Any], list[Any] | None, bool]:
+    """(examples, labels, was_batch) for shard mode, which must cut the batch itself."""
+    labels = None
+    if isinstance(payload, dict):
+        key = next((k for k in INPUT_KEYS if k in payload), None)
+        if key is None:
+            raise ServiceError(f"input_data object needs one of the keys {', '.join(INPUT_KEYS)}")
+        lkey = next((k for k in LABEL_KEYS if k in payload), None)
+        labels = payload[lkey] if lkey else None
+        payload = payload[key]
+    if not isinstance(payload, list):
+        return [payload], labels if labels is None else [labels], False
+    return payload, labels, True
+
+
+class InferenceService:
+    def __init__(self, clusters: ClusterService) -> None:
+        self.clusters = clusters
+
+    # ---------------------------------------------------------------- helpers
+    def serving_nodes(self, cluster_id: str) -> tuple[Cluster, list[Node], list[p.ModelInfo]]:
+        svc = self.clusters
+        cluster = svc.get_cluster(cluster_id)
+        nodes = [n for n in svc.store.nodes(cluster_id) if "inference" in n.capabilities]
+        if not nodes:
+            raise ServiceError(f"cluster {cluster_id} has no running node with the 'inference' capability; "
+                               "deploy one with neural_node_deploy")
+        infos = parallel(lambda n: svc.client(cluster, n).model_info(), nodes)
+        ready = [(n, i) for n, i in zip(nodes, infos) if isinstance(i, p.ModelInfo) and i.loaded]
+        if not ready:
+            raise ServiceError(f"no node of cluster {cluster_id} holds a model yet; train with "
+                               "neural_train_distributed or load one with neural_model_load")
+        return cluster, [n for n, _ in ready], [i for _, i in ready]
+
+    def quantized_default(self, cluster: Cluster) -> bool:
+        q = cluster.options.get("quantization") or {}
+        return bool(q.get("enabled"))
+
+    # ---------------------------------------------------------------- predict
+    def predict(self, cluster_id: str, input_data: str, aggregation: str, mode: str, model: str,
+                quantized: bool | None) -> r.PredictReply:
+        payload = parse_input_data(input_data, self.clusters.settings.allowed_roots)
+        svc = self.clusters
+        cluster = svc.get_cluster(cluster_id)
+        nodes = [n for n in svc.store.nodes(cluster_id) if "inference" in n.capabilities]
+        if not nodes:
+            raise ServiceError(f"cluster {cluster_id} has no running node with the 'inference' capability; "
+                               "deploy one with neural_node_deploy")
+        use_int8 = self.quantized_default(cluster) if quantized is None else quantized
+        use_local = model == "local"
+        start = time.perf_counter()
+        if mode == "shard":
+            # Shard mode cuts the batch, so it must know which nodes hold a model first.
+            cluster, nodes, _ = self.serving_nodes(cluster_id)
+            examples, labels, _ = split_examples(payload)
+            cuts = [s for s in shard_indices(len(examples), len(nodes)) if s.stop > s.start]
+            jobs = [(nodes[i], {"inputs": examples[c], **({"labels": labels[c]} if labels else {})})
+                    for i, c in enumerate(cuts)]
+        else:
+            jobs = [(n, payload) for n in nodes]
+
+        def ask(job: tuple[Node, Any]) -> tuple[p.PredictReply, float]:
+            node, inputs = job
+            t0 = time.perf_counter()
+            reply = svc.client(cluster, node).predict(
+                p.PredictRequest(inputs=inputs, use_local=use_local, quantized=use_int8))
+            return reply, (time.perf_counter() - t0) * 1000
+
+        answers = parallel(ask, jobs)
+        total_ms = (time.perf_counter() - start) * 1000
+        # Nodes that hold no model yet answer 409 and sit this one out.
+        empty = [a for a in answers if isinstance(a, NodeRequestError) and a.status == 409]
+        answers = [a for a in answers if not (isinstance(a, NodeRequestError) and a.status == 409)]
+        if not answers:
+            raise ServiceError(f"no node of cluster {cluster_id} holds a model yet; train with "
+                               "neural_train_distributed or load one with neural_model_load")
+        if mode == "shard" and empty:
+            raise ServiceError("a node lost its model during the prediction; try again")
+        errors = [a for a in answers if isinstance(a, BaseException)]
+        if errors:
+            bad = errors[0]
+            if isinstance(bad, NodeRequestError) and bad.status == 400:
+                raise ServiceError(f"the input does not fit the model: {str(bad).split(': ', 1)[-1]}")
+            raise ServiceError("prediction failed: " + "; ".join(map(str, errors)))
+        if model == "local" and not any(a[0].model == "local" for a in answers):  # type: ignore[index]
+            raise ServiceError("no node holds a local (pre-aggregation) model; those exist after federated "
+                               "training; use model='global'")
+        replies = [a[0] for a in answers]  # type: ignore[index]
+        names = replies[0].label_names
+        per_node = [r.NodePrediction(node_id=rep.node_id, prediction=None, confidence=0.0, latency_ms=rep.latency_ms,
+                                     round_trip_ms=a[1], model=rep.model, examples=len(rep.probabilities))  # type: ignore[index]
+                    for rep, a in zip(replies, answers)]
+        if mode == "shard":
+            probs = np.concatenate([np.asarray(rep.probabilities) for rep in replies])
+            combined = combine([probs], "mean")
+            labels_idx = sum((rep.labels or [] for rep in replies), []) if all(rep.labels for rep in replies) else None
+            method = "shard"
+        else:
+            combined = combine([np.asarray(rep.probabilities) for rep in replies], aggregation)  # type: ignore[arg-type]
+            labels_idx = replies[0].labels
+            method = aggregation
+        for node, rep in zip(per_node, replies):
+            votes = np.asarray(rep.probabilities)
+            idx = votes.argmax(1)
+            node.prediction = [names[i] for i in idx[:MAX_EXAMPLES_SHOWN]] if len(idx) > 1 else names[int(idx[0])]
+            node.confidence = float(votes.max(1).mean())
+        examples = combined.examples(names, [rep.node_id for rep in replies] if mode != "shard" else None)
+        pred_names = [names[int(i)] for i in combined.predictions]
+        report = classification_report(labels_idx, [int(i) for i in combined.predictions], names) \
+            if labels_idx is not None else None
+        return r.PredictReply(
+            success=True, cluster_id=cluster_id, prediction=pred_names[0] if len(pred_names) == 1 else pred_names,
+            confidence=float(np.mean(combined.confidence)), aggregation_method=method, mode=mode,
+            model="int8" if use_int8 else model, nodes_used=len(replies), examples=len(pred_names),
+            individual_predictions=per_node, details=examples[:MAX_EXAMPLES_SHOWN],
+            details_truncated=len(examples) > MAX_EXAMPLES_SHOWN, total_latency_ms=total_ms,
+            metrics=r.ClassificationMetrics(**report) if report else None,
+        )
+
+    # ------------------------------------------------------------- benchmark
+    def benchmark(self, model_id: str, benchmark_type: str, input_data: str | None, runs: int,
+                  quantized: bool | None) -> r.BenchmarkResult:
+        payload = parse_input_data(input_data, self.clusters.settings.allowed_roots) if input_data else None
+        if model_id.startswith("ckpt_"):
+            path = self.checkpoint_path(model_id)
+            with self.scratch_node() as client:
+                client.load_model(p.LoadRequest(path=str(path)))
+                node = client.benchmark(p.BenchmarkRequest(inputs=payload, runs=runs, quantized=bool(quantized)))
+            return r.BenchmarkResult(success=True, model_id=model_id, benchmark_type=benchmark_type,
+                                     results=self._summary([node], None), nodes=[node.model_dump()],
+                                     timestamp=time.time())
+        cluster, nodes, infos = self.serving_nodes(model_id)
+        use_int8 = self.quantized_default(cluster) if quantized is None else quantized
+        per_node: list[p.BenchmarkReply] = []
+        if benchmark_type in ("inference", "memory", "throughput", "comprehensive"):
+            for node in nodes:  # one at a time: co-located nodes would disturb each other's timings
+                per_node.append(self.clusters.client(cluster, node).benchmark(
+                    p.BenchmarkRequest(inputs=payload, runs=runs, quantized=use_int8)))
+        e2e = None
+        if benchmark_type in ("inference", "comprehensive") and payload is not None:
+            e2e = self.end_to_end_latency(model_id, payload, runs)
+        summary = self._summary(per_node, e2e)
+        if benchmark_type in ("throughput", "comprehensive"):
+            summary["training_samples_per_second"] = self.last_training_throughput(model_id)
+        return r.BenchmarkResult(success=True, model_id=model_id, benchmark_type=benchmark_type, results=summary,
+                                 nodes=[n.model_dump() for n in per_node], end_to_end=e2e, timestamp=time.time())
+
+    def end_to_end_latency(self, cluster_id: str, payload: Any, runs: int) -> r.LatencyStats:
+        """Single-example predictions through every serving node, timed around the whole call."""
+        cluster, nodes, infos = self.serving_nodes(cluster_id)
+        examples, _, _ = split_examples(payload)
+        example = examples[0]
+        times = []
+        for _ in range(3):
+            self.predict_once(cluster, nodes, example)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self.predict_once(cluster, nodes, example)
+            times.append((time.perf_counter() - t0) * 1000)
+        return latency_stats(times, len(nodes))
+
+    def predict_once(self, cluster: Cluster, nodes: list[Node], example: Any) -> None:
+        answers = parallel(lambda n: self.clusters.client(cluster, n).predict(p.PredictRequest(inputs=example)), nodes)
+        bad = [a for a in answers if isinstance(a, BaseException)]
+        if bad:
+            raise ServiceError(f"prediction failed during the benchmark: {bad[0]}")
+        combine([np.asarray(a.probabilities) for a in answers], "mean")  # type: ignore[union-attr]
+
+    @staticmethod
+    def _summary(nodes: list[p.BenchmarkReply], e2e: r.LatencyStats | None) -> dict[str, Any]:
+        if not nodes:
+            return {}
+        first = nodes[0]
+        out: dict[str, Any] = {
+            "latency_p50": e2e.p50_ms if e2e else first.latency_p50_ms,
+            "latency_p95": e2e.p95_ms if e2e else first.latency_p95_ms,
+            "latency_p99": e2e.p99_ms if e2e else first.latency_p99_ms,
+            "node_latency_p50": statistics.median(n.latency_p50_ms for n in nodes),
+            "samples_per_second": sum(n.samples_per_second for n in nodes),
+            "model_size_mb": first.model_size_mb, "parameters": first.parameters,
+            "peak_memory_mb": max(n.peak_rss_mb for n in nodes),
+        }
+        if first.accuracy is not None:
+            out["accuracy"] = first.accuracy
+        if first.int8:
+            out["int8"] = first.int8
+        return out
+
+    def last_training_throughput(self, cluster_id: str) -> float | None:
+        from sqlalchemy import select
+
+        from flow_nexus_server.store import TrainingSession
+
+        with self.clusters.store.session() as s:
+            row = s.scalars(select(TrainingSession).where(TrainingSession.cluster_id == cluster_id)
+                            .order_by(TrainingSession.created_at.desc())).first()
+        return (row.final_metrics or {}).get("samples_per_s") if row else None
+
+    # ------------------------------------------------------- export / load
+    def checkpoint_path(self, checkpoint_id: str) -> Path:
+        with self.clusters.store.session() as s:
+            ck = s.get(Checkpoint, checkpoint_id)
+        if ck is None:
+            raise NotFound(f"checkpoint {checkpoint_id!r} does not exist; neural_training_status lists checkpoints")
+        if not Path(ck.path).exists():
+            raise ServiceError(f"checkpoint {checkpoint_id} was deleted from disk ({ck.path})")
+        return Path(ck.path)
+
+    def export(self, model_id: str, fmt: str, destination: str | None) -> r.ExportReply:
+        settings = self.clusters.settings
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = under_allowed_root(destination, settings.allowed_roots, "destination") if destination else \
+            settings.home / "exports" / f"{model_id}-{fmt}-{stamp}-{secrets.token_hex(2)}"
+        if target.exists() and any(target.iterdir()):
+            raise ServiceError(f"destination {target} is not empty; choose a new directory")
+        card = {"exported_from": model_id}
+        if model_id.startswith("ckpt_"):
+            with self.scratch_node() as client:
+                client.load_model(p.LoadRequest(path=str(self.checkpoint_path(model_id))))
+                out = client.export_model(p.ExportRequest(directory=str(target), format=fmt, card=card))
+        else:
+            cluster, nodes, infos = self.serving_nodes(model_id)
+            node = next((n for n in nodes if n.role == "aggregator"), nodes[0])
+            out = self.clusters.client(cluster, node).export_model(p.ExportRequest(directory=str(target), format=fmt,
+                                                                                   card=card))
+        self.clusters.store.add_event(model_id if not model_id.startswith("ckpt_") else "-", "model_exported",
+                                      f"{fmt} export to {target}")
+        return r.ExportReply(success=True, model_id=model_id, format=fmt, directory=out.directory, files=out.files,
+                             bytes=out.bytes)
+
+    def load(self, cluster_id: str, path: str) -> r.LoadReply:
+        settings = self.clusters.settings
+        source = self.checkpoint_path(path) if path.startswith("ckpt_") else \
+            under_allowed_root(path, settings.allowed_roots, "path")
+        cluster = self.clusters.get_cluster(cluster_id)
+        nodes = [n for n in self.clusters.store.nodes(cluster_id) if "inference" in n.capabilities]
+        if not nodes:
+            raise ServiceError(f"cluster {cluster_id} has no running node with the 'inference' capability")
+        results = parallel(lambda n: self.clusters.client(cluster, n).load_model(p.LoadRequest(path=str(source))), nodes)
+        errors = [f"{n.id}: {e}" for n, e in zip(nodes, results) if isinstance(e, BaseException)]
+        if errors:
+            raise ServiceError("loading the model failed on " + "; ".join(errors))
+        info = results[0]
+        self.clusters.event(cluster_id, "model_loaded", f"{source} loaded on {len(nodes)} node(s)")
+        return r.LoadReply(success=True, cluster_id=cluster_id, source=str(source), nodes_loaded=len(nodes),
+                           model=info.model_dump())  # type: ignore[union-attr]
+
+    @contextmanager
+    def scratch_node(self) -> Iterator[NodeClient]:
+        """A temporary node outside any cluster, for work on a checkpoint alone."""
+        svc = self.clusters
+        node_id = "node_" + secrets.token_hex(4)
+        token = secrets.token_hex(32)
+        sandbox = svc.settings.home / "scratch" / node_id
+        launcher = svc.launchers["subprocess"]
+        handle = launcher.launch(NodeSpec(node_id, "scratch", "worker", sandbox, token), svc.settings.node_start_timeout_s)
+        try:
+            yield NodeClient(node_id, handle.host, handle.port, token)
+        finally:
+            launcher.terminate(handle, grace_s=2)
+
+
+def latency_stats(times_ms: list[float], nodes: int) -> r.LatencyStats:
+    arr = np.asarray(times_ms)
+    return r.LatencyStats(p50_ms=float(np.percentile(arr, 50)), p95_ms=float(np.percentile(arr, 95)),
+                          p99_ms=float(np.percentile(arr, 99)), mean_ms=float(arr.mean()), runs=len(times_ms),
+                          nodes=nodes)
