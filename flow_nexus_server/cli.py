@@ -117,10 +117,17 @@ def serve_http(settings: Settings, *, host: str, port: int, token: str | None,
     from flow_nexus_server.http_app import create_app
     from flow_nexus_server.service.clusters import ClusterService
 
+    stopping: list[int] = []
+
     def on_signal(signum: int, _frame: object) -> None:
         # uvicorn swaps in its own handlers while it serves (graceful shutdown: the app's lifespan
         # closes the ClusterService) and re-raises the signal once done; this handler then ends
         # the run. Before uvicorn starts it ends start-up, and the finally below stops the nodes.
+        # A later signal must not interrupt that: it is only logged.
+        if stopping:
+            log.warning("%s: already stopping the nodes", signal.Signals(signum).name)
+            return
+        stopping.append(signum)
         raise _Stop(signum)
 
     signal.signal(signal.SIGTERM, on_signal)

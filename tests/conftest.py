@@ -81,3 +81,88 @@ class StdioRpc:
 def start_server(home: Path) -> subprocess.Popen:
     return subprocess.Popen([server_command()], env=server_env(home), text=True, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+
+# --------------------------------------------------------------------------- HTTP transport helpers
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the server binds it a moment later)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpServer:
+    """`flow-nexus-server --transport http` as a child process, ready once /healthz answers."""
+
+    def __init__(self, home: Path, token: str | None, *extra: str, port: int | None = None) -> None:
+        import subprocess
+
+        self.home, self.token = home, token
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.base}/mcp"
+        env = server_env(home)
+        if token is not None:
+            env["FLOW_NEXUS_TOKEN"] = token
+        home.parent.mkdir(parents=True, exist_ok=True)
+        self.stdout_path = home.parent / f"http-server-{self.port}.stdout"
+        self.stderr_path = home.parent / f"http-server-{self.port}.stderr"
+        self._out = open(self.stdout_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [server_command(), "--transport", "http", "--port", str(self.port), *extra],
+            env=env, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> "HttpServer":
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.stderr()}")
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"/healthz did not answer within {timeout} s:\n{self.stderr()}")
+
+    def stop(self, sig: int | None = None, timeout: float = 60.0) -> int:
+        """Send `sig` (SIGTERM by default) and wait; kill it if it does not go."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+        self._err.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def http_server(home: Path):
+    """A running HTTP server with a random bearer token; stopped (SIGTERM) afterwards."""
+    import secrets
+
+    server = HttpServer(home, secrets.token_urlsafe(24)).wait_ready()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -232,25 +232,19 @@ class InferenceService:
                                  nodes=[n.model_dump() for n in per_node], end_to_end=e2e, timestamp=time.time())
 
     def end_to_end_latency(self, cluster_id: str, payload: Any, runs: int) -> r.LatencyStats:
-        """Single-example predictions through every serving node, timed around the whole call."""
-        cluster, nodes, infos = self.serving_nodes(cluster_id)
+        """Single-example predictions through every serving node along the full service path
+        (store look-ups, node calls, combining), timed by the server; only the MCP transport is left out."""
         examples, _, _ = split_examples(payload)
-        example = examples[0]
-        times = []
+        one = json.dumps(examples[0])
+        nodes = 0
         for _ in range(3):
-            self.predict_once(cluster, nodes, example)
+            nodes = self.predict(cluster_id, one, "mean", "replicate", "global", False).nodes_used
+        times = []
         for _ in range(runs):
             t0 = time.perf_counter()
-            self.predict_once(cluster, nodes, example)
+            self.predict(cluster_id, one, "mean", "replicate", "global", False)
             times.append((time.perf_counter() - t0) * 1000)
-        return latency_stats(times, len(nodes))
-
-    def predict_once(self, cluster: Cluster, nodes: list[Node], example: Any) -> None:
-        answers = parallel(lambda n: self.clusters.client(cluster, n).predict(p.PredictRequest(inputs=example)), nodes)
-        bad = [a for a in answers if isinstance(a, BaseException)]
-        if bad:
-            raise ServiceError(f"prediction failed during the benchmark: {bad[0]}")
-        combine([np.asarray(a.probabilities) for a in answers], "mean")  # type: ignore[union-attr]
+        return latency_stats(times, nodes)
 
     @staticmethod
     def _summary(nodes: list[p.BenchmarkReply], e2e: r.LatencyStats | None) -> dict[str, Any]:

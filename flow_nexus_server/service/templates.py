@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service.clusters import ClusterService
@@ -66,8 +66,20 @@ def info(t: Template) -> r.TemplateInfo:
                           training=t.training)
 
 
-CUSTOM_KEYS = {"name", "topology", "architecture", "consensus", "auto_healing", "max_nodes", "workers", "train",
-               "training"}
+class CustomConfig(BaseModel):
+    """What neural_deploy_template's custom_config may change; strict, so "false" is not true."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    topology: Literal["mesh", "ring", "star", "hierarchical"] | None = None
+    architecture: Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"] | None = None
+    consensus: Literal["proof-of-learning", "byzantine", "raft", "gossip"] | None = None
+    auto_healing: bool = False
+    max_nodes: int | None = Field(None, ge=1, le=64)
+    workers: int | None = Field(None, ge=1, le=16)
+    train: bool = False
+    training: dict[str, Any] | None = Field(None, description="neural_train_distributed arguments")
 
 
 def deploy_template(clusters: ClusterService, training: TrainingService, template_id: str,
@@ -76,35 +88,29 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
     if t is None:
         raise NotFound(f"template {template_id!r} does not exist; neural_list_templates lists them "
                        f"({', '.join(catalog())})")
-    custom = dict(custom or {})
-    unknown = set(custom) - CUSTOM_KEYS
-    if unknown:
-        raise ServiceError(f"custom_config keys {sorted(unknown)} are not understood; use {sorted(CUSTOM_KEYS)}")
+    try:
+        cfg = CustomConfig.model_validate(custom or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'custom_config'}: {e['msg']}" for e in exc.errors())
+        raise ServiceError(f"custom_config is invalid: {problems}. Allowed keys: "
+                           f"{', '.join(CustomConfig.model_fields)}") from exc
     groups = [g.model_copy() for g in t.nodes]
-    if "workers" in custom:
-        n = custom.pop("workers")
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
-            raise ServiceError(f"custom_config.workers must be an integer from 1 to 16, got {n!r}")
+    if cfg.workers is not None:
         for g in groups:
             if g.role == "worker":
-                g.count = n
+                g.count = cfg.workers
     total = sum(g.count for g in groups)
-    cluster_args = {"topology": "mesh", "architecture": "transformer", "consensus": "proof-of-learning",
-                    **t.cluster}
+    cluster_args = {"topology": "mesh", "architecture": "transformer", "consensus": "proof-of-learning", **t.cluster}
     for key in ("topology", "architecture", "consensus"):
-        if key in custom:
-            cluster_args[key] = custom.pop(key)
-    _check_choice("topology", cluster_args["topology"], ("mesh", "ring", "star", "hierarchical"))
-    _check_choice("architecture", cluster_args["architecture"], ("transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"))
-    _check_choice("consensus", cluster_args["consensus"], ("proof-of-learning", "byzantine", "raft", "gossip"))
-    train = custom.pop("train", False)
-    overrides = custom.pop("training", None) or {}
-    if not isinstance(overrides, dict):
-        raise ServiceError("custom_config.training must be an object of neural_train_distributed arguments")
+        if getattr(cfg, key) is not None:
+            cluster_args[key] = getattr(cfg, key)
+    max_nodes = cfg.max_nodes or max(8, total)
+    if max_nodes < total:
+        raise ServiceError(f"custom_config.max_nodes {max_nodes} is below the {total} nodes template {t.id} deploys")
     init = clusters.init_cluster(
-        name=str(custom.pop("name", t.name))[:200], launcher="subprocess", backend="auto",
-        max_nodes=int(custom.pop("max_nodes", max(8, total))), auto_healing=bool(custom.pop("auto_healing", False)),
-        wasm_optimization=True, daa_enabled=True, extra={"template": t.id}, **cluster_args,
+        name=cfg.name or t.name, launcher="subprocess", backend="auto", max_nodes=max_nodes,
+        auto_healing=cfg.auto_healing, wasm_optimization=True, daa_enabled=True, extra={"template": t.id},
+        **cluster_args,
     )
     try:
         deployed = [clusters.deploy_nodes(init.cluster_id, role=g.role, count=g.count, model=g.model,
@@ -112,10 +118,10 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
                                           layers=None) for g in groups]
         connect = clusters.connect(init.cluster_id)
         started = None
-        if train:
+        if cfg.train:
             if t.training is None:
                 raise ServiceError(f"template {t.id} has no training recipe; call neural_train_distributed")
-            started = training.start_from_dict(init.cluster_id, {**t.training, **overrides})
+            started = training.start_from_dict(init.cluster_id, {**t.training, **(cfg.training or {})})
     except ServiceError as exc:
         clusters.terminate(init.cluster_id, reason=f"template {t.id} failed to deploy")
         raise ServiceError(f"deploying template {t.id} failed and its cluster was terminated: {exc}") from exc
@@ -124,11 +130,6 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
         nodes=[n for d in deployed for n in d.nodes], connection=connect, training=started,
         suggested_training={"cluster_id": init.cluster_id, **(t.training or {})} if t.training else None,
     )
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ServiceError(f"custom_config.{name} {value!r} is not one of {', '.join(allowed)}")
 
 
 __all__ = ["CATEGORIES", "catalog", "deploy_template", "list_templates", "ValidationError"]
