@@ -1,0 +1,24 @@
+"""The training engine of a node: real distributed PyTorch training by role and mode.
+
+Entry point :func:`run_training` (called by the node agent on its torch.distributed thread
+after the default process group is initialised). Modes: ``sync`` (DDP over the workers,
+gradients combined along the topology by ``workers.comm``'s hook), ``parameter_server``
+(parameter shards owned by PS ranks: reduce gradients, broadcast weights) and ``federated``
+(FedAvg or a robust rule from ``workers.aggregation``). Progress is reported through a
+thread-safe :class:`ProgressSink`; checkpoints are read back with :func:`load_checkpoint`.
+"""
+
+from .checkpoint import checkpoint_name, load_checkpoint, session_checkpoints
+from .common import TrainedModel, TrainingError
+from .engine import run_training
+from .progress import ProgressSink
+
+__all__ = [
+    "ProgressSink",
+    "TrainedModel",
+    "TrainingError",
+    "checkpoint_name",
+    "load_checkpoint",
+    "run_training",
+    "session_checkpoints",
+]

@@ -1,0 +1,244 @@
+"""``run_training``: one node's part of a distributed training job.
+
+Called by the node agent on its single torch.distributed thread after the default process
+group is initialised; every rank of the group calls it with the same :class:`TrainJob`.
+
+Order of work, the same on every rank (so no rank waits for a collective another never
+enters):
+
+1. plan the roles (pure function of the job -- a bad job raises identically everywhere);
+2. exchange a job digest and a nonce (``all_gather_object``);
+3. phase 1: workers read their shard, every rank reads ``resume_from``; outcomes agreed
+   (any failure -> every rank raises the lowest failing rank's error);
+4. vocabulary, ``max_len``, task, model (deterministic from the gathered summaries);
+5. phase 2: workers encode their shard; sizes / LM counts agreed; batch-size check;
+6. sub-groups created on every rank in one fixed order;
+7. the mode's loop on the ranks that take part; the others wait on the store for the outcome;
+8. a final barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from workers.comm import TopologyReducer
+from workers.models import build_model
+from workers.protocol import TrainJob
+
+from .checkpoint import load_state, read_checkpoint, resolve_resume
+from .common import TrainedModel, TrainingError, rss_mb
+from .coord import Coordinator, agree, destroy_group, error_of, new_group, pg_timeout
+from .progress import ProgressSink
+from .runtime import Ctx
+from .setup import Plan, encode_local, finish_setup, global_setup, make_plan, read_local
+
+log = logging.getLogger(__name__)
+
+
+def run_training(
+    job: TrainJob,
+    *,
+    node_id: str,
+    sandbox: Path,
+    sink: ProgressSink,
+    stop: threading.Event,
+) -> TrainedModel | None:
+    """Run this rank's part of ``job``; returns the model this node holds (None for nodes
+    that hold none: parameter servers and nodes without a part in the mode).
+
+    Sets ``sink``'s state (preparing -> running -> completed | stopped | failed) and raises
+    with a clear message on failure.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise TrainingError("this node has not joined a process group; connect the cluster first")
+    sink.set_state("preparing")
+    groups: dict[str, Any] = {}
+    started = time.perf_counter()
+    try:
+        result, state = _run(job, node_id, Path(sandbox), sink, stop, groups)
+    except BaseException as exc:
+        _, msg = error_of(exc)
+        sink.set_state("failed", error=msg)
+        sink.log(f"failed: {msg}")
+        _destroy(groups)
+        raise
+    _destroy(groups)
+    sink.node_stat("rss_mb", rss_mb())
+    sink.log(f"{state} in {time.perf_counter() - started:.1f} s")
+    sink.set_state(state)  # type: ignore[arg-type]
+    return result
+
+
+def _destroy(groups: dict[str, Any]) -> None:
+    red = groups.pop("reducer", None)
+    if red is not None:
+        for g in (red.group, red._cluster_pg, red._leaders_pg):
+            destroy_group(g)
+    seen: set[int] = set()
+    for g in list(groups.values()):
+        for sub in (g.values() if isinstance(g, dict) else [g]):
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                destroy_group(sub)
+    groups.clear()
+
+
+def _run(job: TrainJob, node_id: str, sandbox: Path, sink: ProgressSink, stop: threading.Event,
+         groups: dict[str, Any]) -> tuple[TrainedModel | None, str]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    backend = dist.get_backend()
+    if backend != "gloo":
+        raise TrainingError(f"the training engine runs on CPU over gloo; this group uses {backend!r}. "
+                            "Join the cluster with backend 'gloo'")
+    plan = make_plan(job, rank, world)
+    sink.set_reporter(rank == plan.reporter)
+    sink.update(epoch=0, step=0, total_epochs=job.rounds if job.mode == "federated" else job.epochs)
+
+    # 2. same job everywhere? one nonce for the store keys of this run
+    digest = hashlib.sha256(job.model_dump_json().encode()).hexdigest()
+    items: list[Any] = [None] * world
+    dist.all_gather_object(items, (digest, uuid.uuid4().hex, node_id))
+    if any(d != digest for d, _, _ in items):
+        odd = [r for r, (d, _, _) in enumerate(items) if d != items[0][0]]
+        raise TrainingError(f"ranks {odd} received a different job than rank 0; start the job again")
+    with Coordinator(items[0][1], rank, stop) as coord:
+        return _run_job(job, plan, node_id, sandbox, sink, stop, groups, coord)
+
+
+def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: ProgressSink, stop: threading.Event,
+             groups: dict[str, Any], coord: Coordinator) -> tuple[TrainedModel | None, str]:
+    rank, world = plan.rank, plan.world
+    everyone = list(range(world))
+    sink.log(f"{plan.role} rank {rank}/{world} ({node_id}): {job.mode} training of {job.architecture}/{job.model} "
+             f"on {job.dataset[:80]}")
+
+    # 3. phase 1
+    ckpt = None
+    local = summary = err = None
+    try:
+        if job.resume_from:
+            ckpt = read_checkpoint(resolve_resume(job.resume_from, sandbox))
+        if plan.is_worker:
+            local, summary = read_local(plan, sandbox, sink.log)
+    except Exception as exc:
+        log.info("phase 1 failed on this rank", exc_info=True)
+        err = error_of(exc)
+    coord.barrier("phase1", everyone)
+    summaries = agree(err, summary)
+
+    # 4. global facts
+    setup = global_setup(plan, summaries, ckpt)
+    start = 1
+    total = job.rounds if job.mode == "federated" else job.epochs
+    if ckpt is not None:
+        start = int(ckpt.get("epoch") or 0) + 1
+        if start > total:
+            unit = "rounds" if job.mode == "federated" else "epochs"
+            raise TrainingError(
+                f"checkpoint {job.resume_from} already covers {start - 1} {unit} and the job asks for {total}; "
+                f"ask for more than {start - 1} {unit} to continue training"
+            )
+
+    # 5. phase 2
+    enc = info = err = None
+    try:
+        if plan.is_worker:
+            assert local is not None
+            enc, info = encode_local(local, setup)
+    except Exception as exc:
+        log.info("phase 2 failed on this rank", exc_info=True)
+        err = error_of(exc)
+    coord.barrier("phase2", everyone)
+    infos = agree(err, info)
+    finish_setup(plan, setup, infos)
+    del local
+
+    torch.manual_seed(job.seed)
+    model = build_model(job.architecture, job.model, setup.task,
+                        layers=job.layers or None,
+                        gradient_checkpointing=job.gradient_checkpointing)
+    if ckpt is not None:
+        load_state(model, ckpt["model_state"], str(job.resume_from))
+        sink.log(f"resumed from {job.resume_from} at {'round' if job.mode == 'federated' else 'epoch'} {start}")
+    if plan.is_worker and enc is not None:
+        tail = f", vocabulary {setup.task.vocab_size:,}, max_len {setup.max_len}" if setup.tokenizer else ""
+        sink.log(f"task {setup.kind}: {len(enc.train):,} training and {len(enc.val) if enc.val else 0:,} "
+                 f"validation {'windows' if setup.kind == 'lm' else 'examples'} here{tail}")
+
+    # 6. groups, same order on every rank
+    _make_groups(plan, groups)
+
+    # 7. the mode
+    ctx = Ctx(job=job, plan=plan, setup=setup, sink=sink, stop=stop, coord=coord, sandbox=sandbox, data=enc,
+              model=model, start=start, ckpt=ckpt, groups=groups)
+    sink.set_state("running")
+    if not plan.is_active:
+        sink.log(f"no part for role {plan.role} in {job.mode} training; waiting for the training ranks")
+        status = coord.wait_done(plan.active)
+        ctx.node_stats()
+        if status.startswith("failed"):
+            raise TrainingError(status.partition(": ")[2] or "the training ranks failed")
+        dist.barrier()
+        return None, "stopped" if status == "stopped" else "completed"
+    try:
+        if job.mode == "sync":
+            from .sync import run_sync
+
+            result: TrainedModel | None = run_sync(ctx)
+        elif job.mode == "parameter_server":
+            from .ps import run_parameter_server
+
+            result = run_parameter_server(ctx)
+        else:
+            from .federated import run_federated
+
+            result = run_federated(ctx)
+    except Exception as exc:
+        if isinstance(exc, (TrainingError, ValueError)):
+            coord.set_done(f"failed: {error_of(exc)[1]}")
+            raise
+        unit = "round" if job.mode == "federated" else "epoch"
+        where = f"{unit} {ctx.epoch}" if ctx.epoch else "the start"
+        wrapped = TrainingError(f"{job.mode} training failed on rank {rank} ({plan.role}) at {where}: "
+                                f"{type(exc).__name__}: {exc}")
+        coord.set_done(f"failed: {wrapped}")
+        raise wrapped from exc
+    except BaseException as exc:
+        coord.set_done(f"failed: {type(exc).__name__}")
+        raise
+    state = "stopped" if ctx.stopped else "completed"
+    if rank == plan.reporter:
+        coord.set_done(state)
+    dist.barrier()
+    return result, state
+
+
+def _make_groups(plan: Plan, groups: dict[str, Any]) -> None:
+    """Every rank creates the same groups in the same order (dist.new_group is collective)."""
+    job = plan.job
+    if job.mode == "sync":
+        groups["workers"] = new_group(plan.workers)
+        groups["active"] = groups["workers"]
+        groups["reducer"] = TopologyReducer(job.topology, ranks=plan.workers, hub=plan.workers[0],
+                                            timeout=pg_timeout())
+    elif job.mode == "parameter_server":
+        groups["active"] = new_group(plan.active)
+        groups["ps"] = {p: new_group([p] + plan.workers) for p in plan.ps}
+        if len(plan.ps) > 1:
+            groups["ps_all"] = new_group(plan.ps)
+    else:
+        groups["active"] = new_group(plan.active)
+        if len(plan.workers) > 1:
+            groups["workers"] = new_group(plan.workers)
+
+
+__all__ = ["run_training"]
