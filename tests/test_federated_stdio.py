@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -10,6 +11,15 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from conftest import pid_alive, server_command, server_env
+from workers.data import load_dataset, train_val_split
+
+
+def held_out_tweets(n: int) -> tuple[list[str], list[str]]:
+    """Tweets from the validation split the session held out (same seed, same split)."""
+    ds = load_dataset("tweet-polarity")
+    _, val = train_val_split(len(ds), 0.2, 0, stratify=ds.y)
+    val = val[:n]
+    return [ds.X[i] for i in val], [ds.label_names[int(ds.y[i])] for i in val]
 
 pytestmark = pytest.mark.anyio
 
@@ -59,6 +69,19 @@ async def test_federated_tweet_polarity(home):
             assert len(set(found)) == 1, f"{node} read {found}"
             shards.add(found[0])
         assert shards == {"1", "2", "3", "4"}
+        # Predictions from the nodes' models on 200 held-out tweets, with each aggregation rule.
+        texts, labels = held_out_tweets(200)
+        batch = json.dumps({"inputs": texts, "labels": labels})
+        for method in ("mean", "majority", "weighted", "ensemble"):
+            pred = await ok(client, "neural_predict_distributed",
+                            {"cluster_id": cid, "input_data": batch, "aggregation": method})
+            assert pred["metrics"]["accuracy"] >= 0.88, (method, pred["metrics"])
+            assert set(pred["prediction"]) <= {"negative", "positive"} and "positive" in pred["prediction"]
+            assert len(pred["individual_predictions"]) == 5
+            assert all(p["latency_ms"] > 0 for p in pred["individual_predictions"])
+        local = await ok(client, "neural_predict_distributed",
+                         {"cluster_id": cid, "input_data": batch, "aggregation": "ensemble", "model": "local"})
+        assert local["metrics"]["accuracy"] >= 0.85
         pids = [n["pid"] for n in status["nodes"]]
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
         assert not any(pid_alive(p) for p in pids)
