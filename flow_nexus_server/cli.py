@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sch = sub.add_parser("schemas", help="write or check the JSON Schema files under schemas/")
     sch.add_argument("--check", action="store_true", help="exit 1 when the files are stale")
     sch.add_argument("--out", default=None, help="directory (default: the repository's schemas/)")
+    from flow_nexus_server.bench import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="benchmark the real server against plain baselines (one table)"))
     return ap.parse_args(argv)
 
 
@@ -43,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from flow_nexus_server.schema_export import main as schemas_main
 
         return schemas_main(check=args.check, out=args.out)
+    if args.command == "bench":
+        from flow_nexus_server.bench import run as bench_run
+
+        return bench_run(args)
     token: str | None = None
     if args.transport == "http":
         token, problem = http_token(args)

@@ -252,6 +252,10 @@ class TrainingLive(BaseModel):
     nodes: dict[str, dict[str, float]] = Field(description="Per-node measured stats, by node id")
     checkpoints: list[str]
     error: str | None = None
+    restarts: int = Field(0, description="Times auto_healing replaced a lost node and resumed")
+    consensus: dict[str, float] = Field(default_factory=dict, description=(
+        "rejected_rounds, rejected_updates, raft_term, raft_commit_index, model_spread when the mode reports them"))
+    reputation: dict[str, float] = Field(default_factory=dict, description="node_id -> reputation in [0, 1]")
 
 
 class TrainStartReply(BaseModel):

@@ -151,6 +151,10 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
             Field(max_length=64, description="Layer specs for model 'custom', e.g. {type: embedding, embedding_dim: 64}"),
         ] = None,
         count: Annotated[int, Field(ge=1, le=16, description="How many identical nodes to deploy")] = 1,
+        behavior: Annotated[Literal["honest", "gaussian_noise", "sign_flip", "scaled", "nan"], Field(description=(
+            "ADVERSARY SIMULATION for robustness testing: a dishonest node sends corrupted updates while claiming "
+            "its normal sample count"))] = "honest",
+        behavior_scale: Annotated[float, Field(ge=0, le=1e6, description="Noise scale (gaussian_noise) or factor (scaled)")] = 1.0,
         memory_mb: Annotated[int | None, Field(ge=64, le=16_777_216, description=(
             "Memory each node needs; the deploy is refused when the host lacks it (default FLOW_NEXUS_NODE_MEMORY_MB, 400)"))] = None,
     ) -> r.DeployReply:
@@ -161,6 +165,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
             svc().deploy_nodes, cluster_id, role=role or node_type, count=count, model=model,
             capabilities=list(dict.fromkeys(capabilities)), autonomy=autonomy, template=template, layers=layers,
             memory_mb=memory_mb,
+            options={"behavior": {"kind": behavior, "scale": behavior_scale}} if behavior != "honest" else None,
         )
 
     @mcp.tool(title="Form the process group", annotations=RECONFIGURES)
@@ -232,6 +237,16 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         max_checkpoints: Annotated[int, Field(ge=1, le=100, description="Keep the last N checkpoints")] = 3,
         resume_from: Annotated[str | None, Field(max_length=4096, description="Checkpoint id or path to continue from")] = None,
         min_nodes_per_round: Annotated[int | None, Field(ge=1, le=64, description="Accepted for compatibility; stored")] = None,
+        consensus: Annotated[Literal["proof-of-learning", "byzantine", "raft", "gossip"] | None, Field(description=(
+            "Override the cluster's consensus for this session"))] = None,
+        aggregation_rule: Annotated[Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"], Field(description=(
+            "Rule the aggregator (or the hub in synchronous byzantine mode) applies"))] = "fedavg",
+        byzantine_f: Annotated[int, Field(ge=0, le=32, description="Assumed Byzantine nodes for Krum / Multi-Krum")] = 1,
+        trim_beta: Annotated[float, Field(ge=0, lt=0.5, description="Trimmed mean: fraction cut on each side")] = 0.2,
+        multi_krum_m: Annotated[int | None, Field(ge=1, le=64, description="Updates Multi-Krum averages (default n - f)")] = None,
+        pol_tolerance: Annotated[float, Field(ge=0, le=10, description=(
+            "Proof-of-learning: a round is rejected when validation loss rises by more than this fraction"))] = 0.05,
+        reputation_weighting: Annotated[bool, Field(description="Weight updates by each node's reputation")] = False,
         quantization: Annotated[Quantization | None, Field(description=(
             "{enabled, bits: 8, method: dynamic}: after training, nodes serve an int8 dynamically quantized copy"))] = None,
         wait: Annotated[bool, Field(description="Block (with progress notifications) until done or wait_timeout_s")] = False,
@@ -247,7 +262,9 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
             grad_clip=grad_clip, gradient_accumulation=gradient_accumulation, mixed_precision=mixed_precision,
             gradient_compression=gradient_compression, gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every, max_checkpoints=max_checkpoints, resume_from=resume_from,
-            quantization=quantization)
+            quantization=quantization, consensus=consensus, aggregation_rule=aggregation_rule, byzantine_f=byzantine_f,
+            trim_beta=trim_beta, multi_krum_m=multi_krum_m, pol_tolerance=pol_tolerance,
+            reputation_weighting=reputation_weighting)
         reply = await call(training().start, cluster_id, req)
         if not wait:
             return reply

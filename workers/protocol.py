@@ -19,6 +19,20 @@ ModelPreset = Literal["base", "large", "xl", "custom"]
 Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
 TrainMode = Literal["sync", "parameter_server", "federated"]
 JobState = Literal["idle", "preparing", "running", "completed", "failed", "stopped"]
+Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
+AggregationRule = Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"]
+BehaviorKind = Literal["honest", "gaussian_noise", "sign_flip", "scaled", "nan"]
+
+
+class Behavior(BaseModel):
+    """Adversary simulation for robustness testing: how a node corrupts the updates it sends.
+
+    A dishonest node still claims its normal sample count. ``scale`` is the noise standard
+    deviation (gaussian_noise) or the factor (scaled); unused otherwise.
+    """
+
+    kind: BehaviorKind = "honest"
+    scale: float = 1.0
 
 TOKEN_ENV = "FLOW_NEXUS_NODE_TOKEN"
 """Environment variable that hands a node its cluster token (never the command line)."""
@@ -126,6 +140,14 @@ class TrainJob(BaseModel):
     max_checkpoints: int = Field(3, ge=1)
     resume_from: str | None = None
     roles: list[Role] = Field(description="roles[rank] for every rank of the group")
+    consensus: Consensus = Field("proof-of-learning", description="How updates are agreed on (design.md)")
+    aggregation_rule: AggregationRule = Field("fedavg", description="Rule the aggregator (or hub) applies")
+    byzantine_f: int = Field(1, ge=0, description="Assumed number of Byzantine nodes (Krum / Multi-Krum)")
+    trim_beta: float = Field(0.2, ge=0, lt=0.5, description="Trimmed-mean fraction cut on each side")
+    multi_krum_m: int | None = Field(None, ge=1, description="Updates Multi-Krum averages (default n - f)")
+    pol_tolerance: float = Field(0.05, ge=0, description="Proof-of-learning: allowed relative rise of validation loss")
+    reputation_weighting: bool = Field(False, description="Weight updates by each node's reputation")
+    behaviors: list[Behavior] = Field(default_factory=list, description="behaviors[rank]; empty = all honest")
     checkpoint_dir: str | None = Field(None, description="Where the checkpointing rank writes")
 
 

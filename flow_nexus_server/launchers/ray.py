@@ -63,6 +63,9 @@ INSTALL_HINT = "pip install 'flow-nexus-server[ray]'"
 NODE_ID_LABEL = "ray.io/node-id"
 LOOPBACK = "127.0.0.1"
 NODE_LOG_NAME = "node.log"
+INIT_TIMEOUT_S = 90.0  # ray.init: starting a local instance takes ~10 s here
+CONNECT_TIMEOUT_S = 5.0  # the TCP check of a cluster address before ray.init
+RETRY_AFTER_S = 10.0  # a failed connection is not retried sooner
 SPREAD_WAIT_S = 5.0  # how long a SPREAD group waits for a Ray node the cluster does not use yet
 
 
@@ -252,7 +255,6 @@ class _Entry:
     pg: Any = None
     actor: Any = None
     ray_node_id: str | None = None
-    local: bool = True  # the control API is on this host (loopback)
 
 
 class RayLauncher:
@@ -279,6 +281,8 @@ class RayLauncher:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._init_lock = threading.Lock()
+        self._pending: tuple[threading.Event, dict[str, BaseException]] | None = None
+        self._failed: tuple[float, str] | None = None  # (retry after, reason)
         self._placement_locks: dict[str, threading.Lock] = {}
         self._server_ip: str | None = None
 
@@ -287,26 +291,53 @@ class RayLauncher:
         return f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
 
     def _ray(self) -> Any:
-        """The ray module, connected (once, lazily); LaunchError with the reason otherwise."""
+        """The ray module, connected (once, lazily); LaunchError with the reason otherwise.
+
+        ``ray.init`` retries an unreachable address for ever, so the address is tried with a
+        plain TCP connect first, the wait for ``ray.init`` is capped at ``INIT_TIMEOUT_S``, and
+        a failure is remembered for ``RETRY_AFTER_S`` (the monitor polls every 2 s).
+        """
         if self._config_error:
             raise LaunchError(self._config_error)
+        try:
+            import ray
+        except ImportError as exc:
+            raise LaunchError(f"Ray is not installed; install it with {INSTALL_HINT}") from exc
         with self._init_lock:
-            try:
-                import ray
-            except ImportError as exc:
-                raise LaunchError(f"Ray is not installed; install it with {INSTALL_HINT}") from exc
             if not ray.is_initialized():
+                if self._failed is not None and time.monotonic() < self._failed[0]:
+                    raise LaunchError(self._failed[1])
                 try:
-                    _init_on_keeper_thread(ray, self.address)
-                except Exception as exc:
-                    raise LaunchError(
-                        f"cannot start or join {self._where()}: {type(exc).__name__}: {exc}. Start one with "
-                        f"`ray start --head` and set {ADDRESS_ENV}, or unset it to start a local instance "
-                        f"(Ray comes with {INSTALL_HINT})") from exc
+                    self._connect(ray)
+                except LaunchError as exc:
+                    self._failed = (time.monotonic() + RETRY_AFTER_S, str(exc))
+                    raise
+                self._failed = None
                 log.info("connected to %s (Ray %s, namespace %s)", self._where(), ray.__version__, NAMESPACE)
             if self._server_ip is None:
                 self._server_ip = ray.util.get_node_ip_address()
             return ray
+
+    def _connect(self, ray: Any) -> None:
+        hint = (f"Start a cluster with `ray start --head` and set {ADDRESS_ENV} to its address, or unset it to "
+                f"start a local instance (Ray comes with {INSTALL_HINT})")
+        if self._pending is None:
+            problem = _unreachable(self.address)
+            if problem:
+                raise LaunchError(f"cannot join {self._where()}: {problem}. {hint}")
+            runtime_env = None
+            if self.ship_workers:  # Ray uploads a local directory only for the whole job
+                import workers
+
+                runtime_env = {"py_modules": [str(Path(workers.__file__).resolve().parent)]}
+            self._pending = _init_on_keeper_thread(ray, self.address, runtime_env)
+        done, outcome = self._pending
+        if not done.wait(INIT_TIMEOUT_S):  # still trying in the background; the next call waits again
+            raise LaunchError(f"{self._where()} did not answer within {INIT_TIMEOUT_S:.0f} s. {hint}")
+        self._pending = None
+        if "error" in outcome:
+            exc = outcome["error"]
+            raise LaunchError(f"cannot start or join {self._where()}: {type(exc).__name__}: {exc}. {hint}") from exc
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -379,10 +410,6 @@ class RayLauncher:
             num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
         )
-        if self.ship_workers:
-            import workers
-
-            options["runtime_env"] = {"py_modules": [str(Path(workers.__file__).resolve().parent)]}
         actor = None
         try:
             actor = _remote_actor_class().options(**options).remote(spec.node_id, spec.cluster_id)
@@ -400,10 +427,7 @@ class RayLauncher:
             tail = log_tail(spec.sandbox / NODE_LOG_NAME, 20)
             raise LaunchError(f"node {spec.node_id} (Ray actor {actor_name(spec.node_id)}) {reason}"
                               + (f"; end of its log:\n{tail}" if tail else "")) from exc
-        remote = info["host"] != LOOPBACK
-        with self._lock:
-            self._entries[spec.node_id].local = not remote
-        if remote and not os.environ.get(ADVERTISE_ENV):
+        if info["host"] != LOOPBACK and not os.environ.get(ADVERTISE_ENV):
             self._discard(ray, spec.node_id, actor)
             raise LaunchError(
                 f"node {spec.node_id} was placed on Ray node {info['node_ip']}, another host, but this server "
@@ -436,7 +460,7 @@ class RayLauncher:
         with self._lock:
             self._entries[handle.node_id] = _Entry(
                 info.get("cluster_id", ""), pg=info.get("placement_group"), actor=actor,
-                ray_node_id=info.get("ray_node_id"), local=handle.host == LOOPBACK)
+                ray_node_id=info.get("ray_node_id"))
         log.info("re-attached to Ray actor %s of node %s", actor_name(handle.node_id), handle.node_id)
         return actor
 
@@ -539,19 +563,36 @@ class RayLauncher:
         return gone
 
 
-def _init_on_keeper_thread(ray: Any, address: str | None) -> None:
+def _unreachable(address: str | None) -> str:
+    """Why a ``host:port`` address does not accept TCP connections ('' when it does, or when
+    the address is not of that form: None, "auto", "local", "ray://...")."""
+    if not address or "://" in address:
+        return ""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return ""
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            return ""
+    except OSError as exc:
+        return f"nothing answers at {address} ({exc.strerror or exc})"
+
+
+def _init_on_keeper_thread(ray: Any, address: str | None,
+                           runtime_env: dict[str, Any] | None) -> tuple[threading.Event, dict[str, BaseException]]:
     """``ray.init`` on a thread that lives as long as the server.
 
     A local instance's processes (GCS, raylet, ...) are started with ``PR_SET_PDEATHSIG``, which
     Linux fires when the *thread* that started them ends; the server calls launchers from worker
     threads that come and go, so the call is made on a thread of its own that never ends.
+    Returns an event set once ``ray.init`` has returned, and the dict its error lands in.
     """
     done = threading.Event()
     outcome: dict[str, BaseException] = {}
 
     def keep() -> None:
         try:
-            ray.init(address=address, namespace=NAMESPACE, ignore_reinit_error=True,
+            ray.init(address=address, namespace=NAMESPACE, ignore_reinit_error=True, runtime_env=runtime_env,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
         except BaseException as exc:
             outcome["error"] = exc
@@ -561,9 +602,7 @@ def _init_on_keeper_thread(ray: Any, address: str | None) -> None:
         threading.Event().wait()  # keep the thread (and so the processes ray.init started) alive
 
     threading.Thread(target=keep, name="ray-driver", daemon=True).start()
-    done.wait()
-    if "error" in outcome:
-        raise outcome["error"]
+    return done, outcome
 
 
 def _cause(exc: BaseException) -> str:

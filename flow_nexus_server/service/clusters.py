@@ -278,6 +278,34 @@ class ClusterService:
                 cluster_status=cluster.status, group=group,
             )
 
+    def replace_node(self, cluster_id: str, dead: Node) -> Node:
+        """Start a node that takes a lost node's place: same role, options and position (so same shard)."""
+        cluster = self.get_cluster(cluster_id)
+        node_id = "node_" + secrets.token_hex(4)
+        node = Node(id=node_id, cluster_id=cluster_id, seq=dead.seq, role=dead.role, status="starting",
+                    model=dead.model, capabilities=dead.capabilities, layers=dead.layers,
+                    options={**dead.options, "replaces": dead.id},
+                    sandbox=str(Path(cluster.directory) / "nodes" / node_id), created_at=time.time())
+        with self.store.session() as s:
+            s.add(node)
+        try:
+            startup = self._start_node(cluster, node)
+        except Exception as exc:
+            self._node_info(node, exc)
+            raise ServiceError(f"the replacement for {dead.id} failed to start: {exc}") from exc
+        self._node_info(node, startup)
+        self.event(cluster_id, "node_replaced", f"node {node_id} replaces {dead.id} ({dead.role})", node_id=node_id)
+        return self.get_node(node_id)
+
+    def reform(self, cluster_id: str) -> r.ConnectReply:
+        """Re-form the group over the live nodes (new generation), whatever the cluster is doing."""
+        with self.lock(cluster_id):
+            cluster = self.get_cluster(cluster_id)
+            nodes = self.store.nodes(cluster_id)
+            if not nodes:
+                raise ServiceError(f"cluster {cluster_id} has no live node left to form a group")
+            return self._form_group(cluster, nodes, cluster.connected_topology or cluster.topology)
+
     def _start_node(self, cluster: Cluster, node: Node) -> float:
         """Launch one node and wait for its health check; returns the start-up time."""
         start = time.monotonic()

@@ -58,3 +58,5 @@ class NodeMonitor:
             seen = self.clusters.last_seen.get(node.id)
             if seen is not None and time.time() - seen > self.silent_limit_s:
                 self.clusters.node_lost(cluster, node, f"no answer for {time.time() - seen:.0f} s ({exc})")
+                # A hung process is of no use and must not linger: stop it.
+                self.clusters.launcher(cluster).terminate(self.clusters.handle(node), grace_s=2)

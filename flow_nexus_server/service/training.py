@@ -29,6 +29,7 @@ from workers import protocol as p
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+MAX_RESTARTS = 3
 TERMINAL = ("completed", "failed", "stopped")
 UNREACHABLE_LIMIT_S = 30.0  # a node that does not answer this long fails the session
 
@@ -70,10 +71,18 @@ class TrainRequest(BaseModel):
     max_checkpoints: int = Field(3, ge=1, le=100)
     resume_from: str | None = None
     quantization: Quantization | None = None
+    consensus: Literal["proof-of-learning", "byzantine", "raft", "gossip"] | None = None
+    aggregation_rule: Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"] = "fedavg"
+    byzantine_f: int = Field(1, ge=0, le=32)
+    trim_beta: float = Field(0.2, ge=0, lt=0.5)
+    multi_krum_m: int | None = Field(None, ge=1, le=64)
+    pol_tolerance: float = Field(0.05, ge=0, le=10)
+    reputation_weighting: bool = False
 
     JOB_OPTIONS: ClassVar[tuple[str, ...]] = (
         "partition", "alpha", "validation_split", "seed", "grad_clip", "gradient_accumulation", "mixed_precision",
-        "gradient_compression", "gradient_checkpointing", "checkpoint_every", "max_checkpoints")
+        "gradient_compression", "gradient_checkpointing", "checkpoint_every", "max_checkpoints", "aggregation_rule",
+        "byzantine_f", "trim_beta", "multi_krum_m", "pol_tolerance", "reputation_weighting")
 
 
 @dataclass
@@ -95,6 +104,9 @@ class LiveSession:
     error: str | None = None
     stop_requested: bool = False
     last_event_epoch: int = 0
+    job: p.TrainJob | None = None
+    lost: Node | None = None  # the node whose loss ended (or interrupted) the session
+    restarts: int = 0
     done: threading.Event = field(default_factory=threading.Event)
 
     def reporter(self) -> NodeView | None:
@@ -114,8 +126,31 @@ class LiveSession:
             eta_s=round(eta, 1) if eta is not None else None,
             metrics=dict(snap.latest) if snap else {},
             nodes={v.node.id: {**v.snapshot.node_stats} for v in self.nodes if v.snapshot},
-            checkpoints=list(snap.checkpoints) if snap else [], error=self.error,
+            checkpoints=list(snap.checkpoints) if snap else [], error=self.error, restarts=self.restarts,
+            consensus=self._consensus_figures(), reputation=self._reputation(),
         )
+
+    CONSENSUS_KEYS: ClassVar[tuple[str, ...]] = ("rejected_rounds", "rejected_updates", "raft_term",
+                                                 "raft_commit_index", "model_spread")
+
+    def _consensus_figures(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for v in self.nodes:
+            if v.snapshot:
+                for source in (v.snapshot.node_stats, v.snapshot.latest if v.snapshot.reporter else {}):
+                    out.update({k: val for k, val in source.items() if k in self.CONSENSUS_KEYS})
+        return out
+
+    def _reputation(self) -> dict[str, float]:
+        by_rank = {v.node.rank: v.node.id for v in self.nodes}
+        out: dict[str, float] = {}
+        for v in self.nodes:
+            for key, val in (v.snapshot.node_stats if v.snapshot else {}).items():
+                if key.startswith("reputation_rank"):
+                    rank = int(key.removeprefix("reputation_rank"))
+                    if rank in by_rank:
+                        out[by_rank[rank]] = val
+        return out
 
 
 class TrainingService:
@@ -177,8 +212,13 @@ class TrainingService:
                 dataset=dataset, architecture=arch, model=first.model, layers=layers, epochs=epochs,
                 batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
                 rounds=req.rounds or epochs, local_epochs=local_epochs, roles=roles, resume_from=resume,
+                consensus=req.consensus or cluster.consensus,
+                behaviors=[p.Behavior(**(n.options.get("behavior") or {})) for n in nodes],
                 **req.model_dump(include=set(TrainRequest.JOB_OPTIONS)),
             )
+            if job.consensus == "gossip" and mode != "federated":
+                raise ServiceError("consensus 'gossip' averages models between neighbours after local training; "
+                                   "use it with federated=true")
             checks = parallel(lambda n: svc.client(cluster, n).validate_job(job), trainers)
             for node, check in zip(trainers, checks):
                 if isinstance(check, BaseException):
@@ -206,7 +246,7 @@ class TrainingService:
                 c = s.get(Cluster, cluster_id)
                 c.status = "training"
                 c.options = {**c.options, "quantization": req.quantization.model_dump() if req.quantization else None}
-            live = LiveSession(session_id, cluster_id, mode, time.time(), [NodeView(n) for n in nodes])
+            live = LiveSession(session_id, cluster_id, mode, time.time(), [NodeView(n) for n in nodes], job=job)
             self.live[session_id] = live
             self.by_cluster[cluster_id] = session_id
             svc.event(cluster_id, "session_started",
@@ -246,6 +286,10 @@ class TrainingService:
                 if live.error is None and failed is not None:
                     live.error = f"node {failed.node.id} ({failed.node.role}) failed: {failed.snapshot.error}"
                 if live.error is not None:
+                    if live.lost is not None and cluster.auto_healing and live.restarts < MAX_RESTARTS \
+                            and not live.stop_requested:
+                        if self._heal(live, cluster):
+                            continue
                     self._finish(live, cluster, "failed")
                     return
                 if all(s in TERMINAL for s in states):
@@ -257,13 +301,64 @@ class TrainingService:
             live.error = f"the server lost track of the session: {type(exc).__name__}: {exc}"
             self._finish(live, cluster, "failed")
 
+    def _heal(self, live: LiveSession, cluster: Cluster) -> bool:
+        """auto_healing: replace the lost node (same role and shard), re-form, resume from the last checkpoint."""
+        svc, dead = self.clusters, live.lost
+        assert dead is not None and live.job is not None
+        svc.event(live.cluster_id, "healing", f"replacing {dead.id} after: {live.error}", session_id=live.session_id)
+        survivors = [v.node for v in live.nodes if v.node.id != dead.id]
+        try:
+            self._stop_and_wait(cluster, survivors, timeout=90)
+            svc.replace_node(live.cluster_id, dead)
+            svc.reform(live.cluster_id)
+            nodes = sorted(svc.store.nodes(live.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
+            with self.store.session() as s:
+                last = s.scalars(select(Checkpoint).where(Checkpoint.session_id == live.session_id)
+                                 .order_by(Checkpoint.created_at.desc())).first()
+            resume = last.path if last is not None and Path(last.path).exists() else None
+            job = live.job.model_copy(update={
+                "resume_from": resume, "roles": [n.role for n in nodes],
+                "behaviors": [p.Behavior(**(n.options.get("behavior") or {})) for n in nodes]})
+            started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
+            bad = [f"{n.id}: {e}" for n, e in zip(nodes, started) if isinstance(e, BaseException)]
+            if bad:
+                raise ServiceError("restarting the session failed on " + "; ".join(bad))
+        except Exception as exc:
+            log.exception("healing session %s failed", live.session_id)
+            live.error = f"{live.error}; auto-healing failed: {exc}"
+            return False
+        with self.store.session() as s:
+            s.get(Cluster, live.cluster_id).status = "training"
+        live.job, live.nodes, live.restarts = job, [NodeView(n) for n in nodes], live.restarts + 1
+        live.error, live.lost, live.last_event_epoch = None, None, 0
+        svc.event(live.cluster_id, "session_healed",
+                  f"restart {live.restarts}: {dead.id} replaced, resumed from " + (resume or "the start (no checkpoint)"),
+                  session_id=live.session_id, data={"restarts": live.restarts, "resume_from": resume})
+        return True
+
+    def _stop_and_wait(self, cluster: Cluster, nodes: list[Node], timeout: float) -> None:
+        """Ask nodes to stop and wait until none is still inside the job (they may sit in a collective)."""
+        parallel(lambda n: self.clusters.client(cluster, n).stop_training(), nodes)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            snaps = parallel(lambda n: self.clusters.client(cluster, n).training_status(1 << 62), nodes)
+            if all(isinstance(x, p.TrainProgress) and x.state not in ("preparing", "running") for x in snaps):
+                return
+            time.sleep(0.5)
+        raise ServiceError(f"the surviving nodes did not leave the session within {timeout:.0f} s")
+
     def _poll(self, cluster: Cluster, live: LiveSession, view: NodeView, launcher: Any) -> None:
         node = view.node
         alive, code = launcher.is_alive(self.clusters.handle(node))
         if not alive:
             reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
-            live.error = live.error or f"node {node.id} ({node.role}, rank {node.rank}) died: {reason}"
+            self._lose(live, node, f"node {node.id} ({node.role}, rank {node.rank}) died: {reason}")
             self.clusters.node_lost(cluster, node, reason)
+            return
+        current = self.store.node(node.id)
+        if current is not None and current.status not in ("starting", "running"):
+            # The monitor found it hung (no answer for too long) or it was removed.
+            self._lose(live, node, f"node {node.id} ({node.role}, rank {node.rank}) {current.status}: {current.error}")
             return
         try:
             snap = self.clusters.client(cluster, node).training_status(view.cursor)
@@ -308,6 +403,11 @@ class TrainingService:
         # Samples were consumed: keep the snapshot without them (the cursor moved on).
         view.snapshot = snap.model_copy(update={"samples": []})
 
+    @staticmethod
+    def _lose(live: LiveSession, node: Node, message: str) -> None:
+        if live.error is None:
+            live.error, live.lost = message, node
+
     def _record_checkpoint(self, live: LiveSession, node: Node, path: str, epoch: int) -> None:
         with self.store.session() as s:
             s.add(Checkpoint(id="ckpt_" + secrets.token_hex(6), session_id=live.session_id, cluster_id=live.cluster_id,
@@ -340,6 +440,14 @@ class TrainingService:
                             f"session {live.session_id} {status}" + (f": {live.error}" if live.error else ""),
                             session_id=live.session_id)
         live.done.set()
+        if status == "failed" and live.lost is not None:
+            # Leave the survivors ready for a new session: re-form the group without the lost node.
+            survivors = [v.node for v in live.nodes if v.node.id != live.lost.id]
+            try:
+                self._stop_and_wait(cluster, survivors, timeout=90)
+                self.clusters.reform(live.cluster_id)
+            except Exception as exc:
+                log.warning("re-forming cluster %s after the failure did not work: %s", live.cluster_id, exc)
 
     # ----------------------------------------------------------------- status
     def session(self, session_id: str) -> TrainingSession:
@@ -418,6 +526,8 @@ class TrainingService:
             return reply
         for node in reply.nodes:
             node.metrics.update(live.nodes.get(node.node_id, {}))
+            if node.node_id in live.reputation:
+                node.metrics["reputation"] = live.reputation[node.node_id]
         return reply.model_copy(update={
             "training": live, "training_progress": live.progress_pct, "current_epoch": live.epoch,
             "current_loss": live.metrics.get("loss"),
