@@ -141,6 +141,10 @@ def terminate_process_group(pid: int, alive: Callable[[], bool], grace_s: float,
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and alive():
             time.sleep(0.05)
+    # A dying process loses its command line before it is gone: wait for the pid itself too.
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and pid_exists(pid):
+        time.sleep(0.02)
     return not alive()
 
 

@@ -72,6 +72,8 @@ def ray_launcher() -> NodeLauncher:
 
 
 HOST_MEMORY_RESERVE_MB = 512
+STATUS_HEALTH_TIMEOUT_S = 0.5
+STALE_HEALTH_S = 10.0
 
 
 def available_memory_mb() -> float | None:
@@ -132,6 +134,7 @@ class ClusterService:
         }
         self.rendezvous = Rendezvous()
         self.last_seen: dict[str, float] = {}  # node_id -> time of its last health answer
+        self.health_cache: dict[str, p.HealthReply] = {}  # node_id -> that answer
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._closed = False
@@ -543,10 +546,16 @@ class ClusterService:
             self.node_lost(cluster, node, reason)
             return reason
         try:
-            h = self.client(cluster, node).health(timeout=3)
+            # Short timeout: status must not wait on a slow node; the monitor's last answer stands in.
+            h = self.client(cluster, node).health(timeout=STATUS_HEALTH_TIMEOUT_S)
         except NodeRequestError as exc:
+            cached = self.health_cache.get(node.id)
+            seen = self.last_seen.get(node.id, 0)
+            if cached is not None and time.time() - seen < STALE_HEALTH_S:
+                return cached  # heartbeat_age_s in the reply shows how old it is
             return str(exc)
         self.last_seen[node.id] = time.time()
+        self.health_cache[node.id] = h
         return h
 
     def node_lost(self, cluster: Cluster, node: Node, reason: str) -> None:

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class NodeMonitor:
-    def __init__(self, clusters: ClusterService, interval_s: float = 2.0, silent_limit_s: float = 10.0) -> None:
+    # Worst case for a hung node: silent_limit + interval + the 2 s health timeout < 10 s.
+    def __init__(self, clusters: ClusterService, interval_s: float = 1.5, silent_limit_s: float = 6.0) -> None:
         self.clusters = clusters
         self.interval_s = interval_s
         self.silent_limit_s = silent_limit_s
@@ -52,8 +53,9 @@ class NodeMonitor:
             self.clusters.node_lost(cluster, node, reason)
             return
         try:
-            self.clusters.client(cluster, node).health(timeout=2)
+            health = self.clusters.client(cluster, node).health(timeout=2)
             self.clusters.last_seen[node.id] = time.time()
+            self.clusters.health_cache[node.id] = health
         except NodeRequestError as exc:
             seen = self.clusters.last_seen.get(node.id)
             if seen is not None and time.time() - seen > self.silent_limit_s:
