@@ -16,63 +16,17 @@ import argparse
 import json
 import os
 import platform
-import secrets
-import shutil
-import statistics
 import sys
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flow_nexus_server.launchers import NodeHandle, NodeSpec, SubprocessLauncher  # noqa: E402
-from flow_nexus_server.launchers.warm import WarmSubprocessLauncher  # noqa: E402
+# The measuring code is shared with `flow-nexus-server bench` (row "deploy").
+from flow_nexus_server.bench import BenchError, deploy, deploy_compare, start_node, summary  # noqa: E402,F401
 
 TARGET_WARM_S = 1.0
-
-
-def start_node(launcher: Any, spec: NodeSpec) -> tuple[NodeHandle, float, float]:
-    """What the service's ``_start_node`` does: launch, then check /health answers as this node.
-    Returns the handle, the launch time and the launch + health time."""
-    t0 = time.perf_counter()
-    handle = launcher.launch(spec, timeout_s=120)
-    launched = time.perf_counter() - t0
-    reply = httpx.get(f"http://{handle.host}:{handle.port}/health",
-                      headers={"Authorization": f"Bearer {spec.token}"}, timeout=10)
-    reply.raise_for_status()
-    if reply.json()["node_id"] != spec.node_id:
-        raise RuntimeError(f"port {handle.port} answered as {reply.json()['node_id']}")
-    return handle, launched, time.perf_counter() - t0
-
-
-def deploy(launcher: Any, root: Path, nodes: int, tag: str) -> dict[str, Any]:
-    token = secrets.token_hex(32)
-    specs = [NodeSpec(f"node_{secrets.token_hex(4)}", f"dnc_{tag}", "worker",
-                      root / tag / f"n{i}", token) for i in range(nodes)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=min(16, nodes)) as pool:
-        results = list(pool.map(lambda s: start_node(launcher, s), specs))
-    wall = time.perf_counter() - t0
-    handles = [h for h, _, _ in results]
-    warm_refs = sum(":" in h.ref for h in handles)
-    for h in handles:
-        if not launcher.terminate(h, grace_s=5):
-            raise RuntimeError(f"node {h.node_id} (pid {h.pid}) did not stop")
-    return {"wall_s": wall, "per_node_s": [t for _, _, t in results],
-            "per_node_launch_s": [t for _, t, _ in results], "forked_nodes": warm_refs}
-
-
-def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    walls = [r["wall_s"] for r in runs]
-    return {"runs_s": walls, "median_s": statistics.median(walls), "min_s": min(walls), "max_s": max(walls),
-            "per_node_median_s": statistics.median(t for r in runs for t in r["per_node_s"]),
-            "per_node_launch_median_s": statistics.median(t for r in runs for t in r["per_node_launch_s"])}
 
 
 def main() -> int:
@@ -82,29 +36,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deploy.json")
     args = ap.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
     try:
-        cold = SubprocessLauncher()
-        deploy(cold, root, 1, "prime")  # untimed: fills the page cache
-
-        cold_runs = [deploy(cold, root, args.nodes, f"cold{i}") for i in range(args.reps)]
-
-        warm = WarmSubprocessLauncher(root / "home")
-        t0 = time.perf_counter()
-        if not warm.start():
-            raise SystemExit(f"the warm spawner did not start; see {root / 'home' / 'spawner.log'}")
-        template_s = time.perf_counter() - t0
-        try:
-            warm_runs = [deploy(warm, root, args.nodes, f"warm{i}") for i in range(args.reps)]
-        finally:
-            warm.close()
-        if any(r["forked_nodes"] != args.nodes for r in warm_runs):
-            raise SystemExit("some warm launches fell back to a cold start; see the log")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-    c, w = summary(cold_runs), summary(warm_runs)
-    ratio = c["median_s"] / w["median_s"]
+        res = deploy_compare(args.nodes, args.reps)
+    except BenchError as exc:
+        raise SystemExit(str(exc)) from exc
+    c, w = res["cold"], res["warm"]
+    ratio = res["speedup_median"]
+    template_s = res["warm_template_start_s"]
     import torch
 
     result = {

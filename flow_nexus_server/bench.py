@@ -61,6 +61,12 @@ FED_LAYERS = [{"type": "dense", "units": 64}, {"type": "output"}]  # digits: 64-
 FED_JOB = {"dataset": "digits", "batch_size": 32, "optimizer": "adam", "learning_rate": 0.01, "seed": 0,
            "validation_split": 0.2, "local_epochs": 1}
 
+COUNTED = {  # how workers/comm.py counts each topology's bytes
+    "mesh": "gloo all_reduce: counted with the reducer's ring model (gloo does not expose its traffic)",
+    "ring": "send/recv: counted message by message",
+    "star": "send/recv: counted message by message",
+    "hierarchical": "gloo reduce/all_reduce/broadcast: counted with the reducer's stated model",
+}
 TARGETS = {"sync": 1.15, "allreduce": 0.9, "predict_p50_ms": 50.0, "status_p50_ms": 20.0, "deploy_warm_s": 1.0}
 
 
@@ -222,8 +228,12 @@ def run_script(cmd: list[str], timeout: float, marker: str | None = None,
     if marker:
         lines = [ln[len(marker):].strip() for ln in lines if ln.startswith(marker)]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        raise BenchError(f"{' '.join(cmd[:6])}... exited {proc.returncode}: {' | '.join(tail)}")
+        script = next((Path(c).name for c in cmd if c.endswith(".py")), cmd[0])
+        text = (proc.stderr or proc.stdout).strip().splitlines()
+        keys = ("Error", "error:", "terminate called", "Killed", "Signal")
+        why = [ln.strip() for ln in text if any(k in ln for k in keys)][:3] or [ln.strip() for ln in text[-3:]]
+        raise BenchError(f"{script} exited {proc.returncode}" + (" without a result" if not lines else "")
+                         + f": {' | '.join(why)[:400]}")
     return json.loads(lines[-1])
 
 
@@ -325,10 +335,11 @@ class Bench:
         import anyio
 
         epochs = 2 if self.quick else 5
-        reps = 1 if self.quick else 3
+        reps = 1 if self.quick else 5
         cid = await self.cluster(2)
         ours_runs: list[dict[str, Any]] = []
         theirs_runs: list[dict[str, Any]] = []
+        extras_runs: list[float] = []
         base_args = ["--dataset", SYNC_JOB["dataset"], "--architecture", SYNC_ARCH, "--preset", SYNC_PRESET,
                      "--batch-size", str(SYNC_JOB["batch_size"]), "--epochs", str(epochs),
                      "--lr", str(SYNC_JOB["learning_rate"]), "--seed", str(SYNC_JOB["seed"]),
@@ -350,26 +361,31 @@ class Bench:
             ranks = base["ranks"]
             theirs_runs.append({**base, "slowest_mean_step_ms": max(r["mean_step_ms"] for r in ranks),
                                 "slowest_median_step_ms": max(r["median_step_ms"] for r in ranks)})
-        extras = None
-        if not self.quick:
-            say("sync: theirs again with the trainer's per-step bookkeeping (diagnostic)")
-            run_x = await anyio.to_thread.run_sync(lambda: torchrun("ddp_baseline.py", [*base_args, "--trainer-extras"]))
-            extras = max(r["mean_step_ms"] for r in run_x["ranks"])
+            if not self.quick:
+                say(f"sync: theirs with the trainer's per-step bookkeeping, diagnostic (repetition {rep + 1}/{reps})")
+                run_x = await anyio.to_thread.run_sync(
+                    lambda: torchrun("ddp_baseline.py", [*base_args, "--trainer-extras"]))
+                extras_runs.append(max(r["mean_step_ms"] for r in run_x["ranks"]))
+        extras = statistics.median(extras_runs) if extras_runs else None
+        paired = [o["slowest_mean_step_ms"] / t["slowest_mean_step_ms"] for o, t in zip(ours_runs, theirs_runs)]
         ours = statistics.median(r["slowest_mean_step_ms"] for r in ours_runs)
         theirs = statistics.median(r["slowest_mean_step_ms"] for r in theirs_runs)
         self.shared["ddp_peak_rss_mb"] = max(r["peak_rss_mb"] for t in theirs_runs for r in t["ranks"])
         steps_ours = ours_runs[-1]["steps"]
         steps_theirs = theirs_runs[-1]["ranks"][0]["steps"]
         rt = ratio(ours, theirs)
-        note = (f"mean step of the slowest rank over all {steps_ours} (ours) / {steps_theirs} (theirs) steps, "
+        note = (f"median of {reps} alternating runs" + (f" (paired ratios {', '.join(f'{p:.2f}' for p in paired)})"
+                                                          if reps > 1 else "")
+                + f"; mean step of the slowest rank over all {steps_ours} (ours) / {steps_theirs} (theirs) steps, "
                 "timed zero_grad..optimizer.step in both; evaluation outside the timer in both; ours also "
                 "computes the grad norm, batch metrics and the LR schedule inside its step")
         if extras is not None:
-            note += f"; theirs with that bookkeeping too: {extras:.1f} ms"
+            note += f"; theirs with that bookkeeping too (median): {extras:.1f} ms"
         return [Row("sync", "sync step, MLP large mnist-5k, 2 workers, batch 64", "ms", ours, theirs, rt,
                     f"<= {TARGETS['sync']}", rt is not None and rt <= TARGETS["sync"], note,
                     details={"epochs": epochs, "repetitions": reps, "ours": ours_runs, "theirs": theirs_runs,
-                             "theirs_with_trainer_extras_mean_step_ms": extras,
+                             "theirs_with_trainer_extras_mean_step_ms": extras, "extras_runs": extras_runs,
+                             "paired_ratios": paired,
                              "theirs_median_step_ms": statistics.median(r["slowest_median_step_ms"]
                                                                         for r in theirs_runs)})]
 
@@ -390,12 +406,15 @@ class Bench:
                     raise BenchError("the session reported no step count")
                 sent = {nid: float(n["bytes_sent"]) / steps for nid, n in nodes.items()}
                 received = {nid: float(n["bytes_received"]) / steps for nid, n in nodes.items()}
-                mean_sent = statistics.fmean(sent.values())
-                rows.append(Row(f"bytes.{topology}", f"bytes sent / node / step, {topology}, {workers} workers",
-                                "KB", mean_sent / 1e3, grad_bytes / 1e3, ratio(mean_sent, grad_bytes), "",
-                                None, f"theirs: one fp32 gradient copy ({grad_bytes / 1e6:.2f} MB); "
-                                      f"max node {max(sent.values()) / 1e3:.0f} KB",
+                mean_sent, busiest = statistics.fmean(sent.values()), max(sent.values())
+                rows.append(Row(f"bytes.{topology}", f"bytes sent / step, busiest node, {topology}, {workers} workers",
+                                "KB", busiest / 1e3, grad_bytes / 1e3, ratio(busiest, grad_bytes), "",
+                                None, f"theirs: one fp32 gradient ({grad_bytes / 1e6:.2f} MB, what each DDP rank "
+                                      f"hands its all-reduce); per node "
+                                      f"{', '.join(f'{v / 1e3:.0f}' for v in sent.values())} KB (mean "
+                                      f"{mean_sent / 1e3:.0f}); {steps} steps; {COUNTED[topology]}",
                                 details={"steps": steps, "sent_per_step": sent, "received_per_step": received,
+                                         "mean_sent_per_step": mean_sent,
                                          "session_id": run["session_id"], "gradient_bytes": grad_bytes}))
             except BenchError as exc:
                 rows.append(Row(f"bytes.{topology}", f"bytes sent / node / step, {topology}", status="failed",
@@ -417,31 +436,42 @@ class Bench:
         import anyio
 
         cid = await self.ensure_model(2)
-        say("allreduce: neural_performance_benchmark(comprehensive) on the 2-worker cluster")
-        bench = await self.tool("neural_performance_benchmark", {"model_id": cid, "benchmark_type": "comprehensive",
-                                                                 "runs": 20 if self.quick else 50})
-        self.shared.setdefault("benchmarks", {})[2] = bench
-        mesh = {c["bytes"]: c for c in bench.get("collectives") or [] if c["topology"] == "mesh"}
         sizes = [4 << 20, 256 << 10]
-        say("allreduce: theirs, bare gloo all_reduce under torchrun")
-        base = await anyio.to_thread.run_sync(lambda: torchrun(
-            "gloo_baseline.py", ["--sizes", *map(str, sizes), "--reps", "20", "--warmup", "5"]))
-        theirs = {r["bytes"]: r for r in base["results"]}
+        reps = 1 if self.quick else 3
+        ours_runs: list[dict[int, dict[str, Any]]] = []
+        theirs_runs: list[dict[int, dict[str, Any]]] = []
+        for rep in range(reps):  # alternate, so both see the same background load
+            say(f"allreduce: neural_performance_benchmark(comprehensive) on the 2-worker cluster ({rep + 1}/{reps})")
+            bench = await self.tool("neural_performance_benchmark", {
+                "model_id": cid, "benchmark_type": "comprehensive", "runs": 20 if self.quick else 50})
+            self.shared.setdefault("benchmarks", {})[2] = bench
+            ours_runs.append({c["bytes"]: c for c in bench.get("collectives") or [] if c["topology"] == "mesh"})
+            say(f"allreduce: theirs, bare gloo all_reduce under torchrun ({rep + 1}/{reps})")
+            base = await anyio.to_thread.run_sync(lambda: torchrun(
+                "gloo_baseline.py", ["--sizes", *map(str, sizes), "--reps", "20", "--warmup", "5"]))
+            theirs_runs.append({r["bytes"]: r for r in base["results"]})
         rows = []
         for size in sizes:
-            label = f"all-reduce bandwidth {size >> 20} MB" if size >= 1 << 20 else f"all-reduce bandwidth {size >> 10} KB"
-            o, t = mesh.get(size), theirs.get(size)
-            if o is None or t is None:
-                rows.append(Row(f"allreduce.{size}", label + ", world 2", status="failed",
-                                reason=f"no {'server' if o is None else 'baseline'} figure for {size} bytes"))
+            label = (f"all-reduce bandwidth {size >> 20} MB" if size >= 1 << 20 else
+                     f"all-reduce bandwidth {size >> 10} KB") + ", world 2"
+            o = [run[size] for run in ours_runs if size in run]
+            t = [run[size] for run in theirs_runs if size in run]
+            if not o or not t:
+                rows.append(Row(f"allreduce.{size}", label, status="failed",
+                                reason=f"no {'server' if not o else 'baseline'} figure for {size} bytes"))
                 continue
-            rt = ratio(o["algbw_mbps"], t["algbw_mbps"])
+            ob = statistics.median(x["algbw_mbps"] for x in o)
+            tb = statistics.median(x["algbw_mbps"] for x in t)
+            rt = ratio(ob, tb)
             is_main = size == 4 << 20
-            rows.append(Row(f"allreduce.{size}", label + ", world 2", "Mbit/s", o["algbw_mbps"], t["algbw_mbps"], rt,
+            o_ms = ", ".join(f"{x['time_ms']:.2f}" for x in o)
+            t_ms = ", ".join(f"{x['time_ms']:.2f}" for x in t)
+            rows.append(Row(f"allreduce.{size}", label, "Mbit/s", ob, tb, rt,
                             f">= {TARGETS['allreduce']}" if is_main else "",
                             (rt is not None and rt >= TARGETS["allreduce"]) if is_main else None,
-                            f"slowest rank's median: ours {o['time_ms']:.2f} ms (mesh averaging all-reduce, 10 reps), "
-                            f"theirs {t['time_ms']:.2f} ms (20 reps)",
+                            f"median of {reps} alternating runs; slowest rank's median time: ours {o_ms} ms "
+                            f"(mesh averaging all-reduce in the nodes, 2 warm-up + 10 reps), theirs {t_ms} ms "
+                            "(5 warm-up + 20 reps)",
                             details={"ours": o, "theirs": t}))
         return rows
 
@@ -480,8 +510,13 @@ class Bench:
         if not py:
             row.note, row.reason = "theirs " + FLOWER_HINT, FLOWER_HINT
             return [row]
-        check = subprocess.run([py, "-c", "import flwr, torch; print(flwr.__version__)"], capture_output=True,
-                               text=True, timeout=120)
+        try:
+            check = await anyio.to_thread.run_sync(lambda: subprocess.run(
+                [py, "-c", "import flwr, torch; print(flwr.__version__)"], capture_output=True, text=True,
+                timeout=120))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            row.note = row.reason = FLOWER_HINT + f" ({py}: {exc})"
+            return [row]
         if check.returncode != 0:
             row.note = row.reason = FLOWER_HINT + f" ({py} cannot import flwr/torch)"
             return [row]
@@ -638,8 +673,8 @@ class Bench:
             ddp = self.shared.get("ddp_peak_rss_mb")
             rows.append(Row(f"memory.{n}", f"peak RSS per node, {n}-node cluster (max)", "MiB", max(peaks),
                             ddp, ratio(max(peaks), ddp),
-                            note=("theirs: plain DDP rank's peak (same model and shard)" if ddp else
-                                  "no DDP baseline in this run (row sync not run)")
+                            note=("theirs: plain DDP rank's peak (same model and shard, row sync)" if ddp else
+                                  "theirs: no DDP baseline figure in this run (it comes from row sync)")
                                  + f"; per node {', '.join(f'{p:.0f}' for p in peaks)} MiB",
                             details={"peak_rss_mb": peaks, "nodes": [x.get("node_id") for x in bench["nodes"]]}))
         return rows
@@ -665,8 +700,8 @@ def render(rows: list[Row], machine: dict[str, Any]) -> str:
     cols = ["row", "unit", "ours", "theirs", "ours/theirs", "target", "met", "notes"]
     lines = []
     for r in rows:
-        if r.status != "ok":
-            lines.append([r.label, r.unit, r.reason, "", "", r.target, "", ""])
+        if r.status != "ok":  # no figure: the reason goes in the notes column
+            lines.append([r.label, r.unit, r.status, "", "", r.target, "", r.reason])
             continue
         met = "" if r.met is None else ("yes" if r.met else "NO")
         theirs = fmt(r.theirs) if r.theirs is not None else ("skipped" if r.reason else "-")
@@ -743,7 +778,8 @@ async def run_rows(args: argparse.Namespace, home: Path, selected: list[str]) ->
                 say(f"{name} failed: {type(exc).__name__}: {exc}")
                 if not isinstance(exc, BenchError):
                     sys.stderr.write(traceback.format_exc())
-                got = [Row(name, name, status="failed", reason=f"failed: {type(exc).__name__}: {exc}")]
+                why = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
+                got = [Row(name, name, status="failed", reason=why)]
             for r in got:
                 r.details.setdefault("row_seconds", round(time.perf_counter() - t0, 2))
             rows.extend(got)

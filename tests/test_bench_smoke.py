@@ -1,0 +1,38 @@
+"""`flow-nexus-server bench --quick` on a small subset of rows: the console script drives the real
+server (real node processes) and writes every row with measured, positive figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import ROOT, server_command, server_env
+
+
+def test_bench_quick_subset(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = server_env(tmp_path / "unused-home")  # the bench makes its own temporary state home
+    t0 = time.monotonic()
+    proc = subprocess.run([server_command(), "bench", "--quick", "--only", "deploy", "predict", "status",
+                           "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=170)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["quick"] is True and result["machine"]["cores"] >= 1
+    rows = {r["key"]: r for r in result["rows"]}
+    expected = {"deploy", "predict.1", "predict.2", "predict.4", "status.memory", "status.stdio"}
+    assert set(rows) == expected, sorted(rows)
+    for key, row in rows.items():
+        assert row["status"] == "ok", (key, row["reason"])
+        assert row["ours"] is not None and row["ours"] > 0, (key, row)
+    # deploy compares with a cold start; latencies come from real timed calls
+    assert rows["deploy"]["theirs"] > 0 and rows["deploy"]["ratio"] > 0
+    assert rows["deploy"]["details"]["warm"]["runs_s"] and rows["deploy"]["details"]["cold"]["runs_s"]
+    assert len(rows["predict.4"]["details"]["times_ms"]) == rows["predict.4"]["details"]["runs"] > 0
+    assert all(t > 0 for t in rows["status.memory"]["details"]["times_ms"])
+    # the table went to stdout, one line per row, and the run stayed a smoke test
+    for row in rows.values():
+        assert row["label"] in proc.stdout
+    assert took < 90, f"bench --quick subset took {took:.0f} s"
