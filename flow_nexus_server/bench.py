@@ -470,7 +470,7 @@ class Bench:
                             f">= {TARGETS['allreduce']}" if is_main else "",
                             (rt is not None and rt >= TARGETS["allreduce"]) if is_main else None,
                             f"median of {reps} alternating runs; slowest rank's median time: ours {o_ms} ms "
-                            f"(mesh averaging all-reduce in the nodes, 2 warm-up + 10 reps), theirs {t_ms} ms "
+                            f"(mesh averaging all-reduce in the nodes, 5 warm-up + 20 reps), theirs {t_ms} ms "
                             "(5 warm-up + 20 reps)",
                             details={"ours": o, "theirs": t}))
         return rows

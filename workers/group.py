@@ -124,7 +124,7 @@ def bench_collectives(me: GroupInfo, req: CollectiveBenchRequest) -> list[Collec
         reducer = TopologyReducer(topology)  # collective: every rank builds it in the same order
         for size in req.sizes_bytes:
             t = torch.ones(max(1, size // 4), dtype=torch.float32)
-            for _ in range(2):
+            for _ in range(5):  # warm-up, as the bare gloo baseline does
                 reducer.allreduce_mean(t)
             times = []
             for _ in range(req.reps):

@@ -270,7 +270,7 @@ class CollectiveBenchRequest(BaseModel):
     generation: int
     topologies: list[Topology] = Field(default_factory=lambda: ["mesh", "ring", "star", "hierarchical"])
     sizes_bytes: list[int] = Field(default_factory=lambda: [4 << 10, 256 << 10, 4 << 20])
-    reps: int = Field(10, ge=1, le=200)
+    reps: int = Field(20, ge=1, le=200)
 
 
 class CollectiveTiming(BaseModel):
