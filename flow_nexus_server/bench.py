@@ -623,7 +623,7 @@ class Bench:
                     note=f"p95 {mem['p95_ms']:.1f} ms; {calls} calls, training steps "
                          f"{mem['training_steps_seen'][0]}->{mem['training_steps_seen'][1]}", details=mem)]
         try:
-            say(f"status: the same over stdio (a second server process, its own 4 nodes)")
+            say("status: the same over stdio (a second server process, its own 4 nodes)")
             std = await self.status_over_stdio(calls)
             rows.append(Row("status.stdio", "cluster status, 4 nodes training, stdio client, p50", "ms",
                             std["p50_ms"], target=target, met=std["p50_ms"] < TARGETS["status_p50_ms"],

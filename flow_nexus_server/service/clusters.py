@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.config import Settings
-from flow_nexus_server.launchers import LaunchError, NodeHandle, NodeLauncher, NodeSpec, SubprocessLauncher
+from flow_nexus_server.launchers import LaunchError, NodeHandle, NodeLauncher, NodeSpec
 from flow_nexus_server.launchers.base import log_tail
 from flow_nexus_server.launchers.docker import DockerLauncher, UnavailableLauncher
 from flow_nexus_server.launchers.warm import WarmSubprocessLauncher
