@@ -166,3 +166,19 @@ def http_server(home: Path):
         yield server
     finally:
         server.stop()
+
+
+async def ok(client, tool: str, args: dict) -> dict:
+    """Call a tool that must succeed; its structured reply."""
+    result = await client.call_tool(tool, args)
+    assert not result.is_error, f"{tool} failed: {result.content[0].text}"
+    return result.structured_content
+
+
+async def err(client, tool: str, args: dict) -> str:
+    """Call a tool that must fail with a readable message (no traceback); the message."""
+    result = await client.call_tool(tool, args)
+    assert result.is_error, f"{tool}({args}) should have failed"
+    text = result.content[0].text
+    assert "Traceback" not in text
+    return text

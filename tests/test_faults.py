@@ -10,19 +10,13 @@ import anyio
 import pytest
 from mcp import Client
 
-from conftest import pid_alive
+from conftest import ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 
 pytestmark = pytest.mark.anyio
 
 TRAIN = {"dataset": "digits", "epochs": 40, "batch_size": 32, "learning_rate": 0.01, "checkpoint_every": 3}
-
-
-async def ok(client: Client, tool: str, args: dict) -> dict:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, f"{tool} failed: {result.content[0].text}"
-    return result.structured_content
 
 
 async def three_workers(client: Client, auto_healing: bool) -> tuple[str, dict[str, int]]:

@@ -10,7 +10,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import pid_alive, server_command, server_env
+from conftest import ok, pid_alive, server_command, server_env
 from workers.data import load_dataset, train_val_split
 
 
@@ -22,12 +22,6 @@ def held_out_tweets(n: int) -> tuple[list[str], list[str]]:
     return [ds.X[i] for i in val], [ds.label_names[int(ds.y[i])] for i in val]
 
 pytestmark = pytest.mark.anyio
-
-
-async def ok(client: Client, tool: str, args: dict) -> dict:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, f"{tool} failed: {result.content[0].text}"
-    return result.structured_content
 
 
 async def test_federated_tweet_polarity(home):

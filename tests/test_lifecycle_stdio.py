@@ -5,23 +5,9 @@ from __future__ import annotations
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import pid_alive, server_command, server_env
+from conftest import err, ok, pid_alive, server_command, server_env
 
 pytestmark = pytest.mark.anyio
-
-
-async def call_ok(client: Client, tool: str, args: dict) -> dict:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, f"{tool} failed: {result.content[0].text}"
-    return result.structured_content
-
-
-async def call_err(client: Client, tool: str, args: dict) -> str:
-    result = await client.call_tool(tool, args)
-    assert result.is_error, f"{tool}({args}) should have failed"
-    text = result.content[0].text
-    assert "Traceback" not in text
-    return text
 
 
 async def test_full_lifecycle_over_stdio(home):
@@ -36,20 +22,20 @@ async def test_full_lifecycle_over_stdio(home):
         assert tools["neural_cluster_status"].annotations.read_only_hint
         assert tools["neural_cluster_terminate"].annotations.destructive_hint
 
-        init = await call_ok(client, "neural_cluster_init", {"name": "e2e", "topology": "mesh"})
+        init = await ok(client, "neural_cluster_init", {"name": "e2e", "topology": "mesh"})
         cid = init["cluster_id"]
         assert cid.startswith("dnc_") and init["status"] == "initializing"
 
-        deploy = await call_ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 3})
+        deploy = await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 3})
         assert [n["status"] for n in deploy["nodes"]] == ["deployed"] * 3
         node_ids = [n["node_id"] for n in deploy["nodes"]]
 
-        conn = await call_ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        conn = await ok(client, "neural_cluster_connect", {"cluster_id": cid})
         assert conn["nodes_connected"] == 3 and conn["generation"] == 1
         assert {(e["from"], e["to"]) for e in conn["edges"]} == {(0, 1), (0, 2), (1, 2)}
         assert all(e["latency_ms"] > 0 and e["bandwidth_mbps"] > 0 for e in conn["edges"])
 
-        status = await call_ok(client, "neural_cluster_status", {"cluster_id": cid})
+        status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
         nodes = status["nodes"]
         assert [n["alive"] for n in nodes] == [True] * 3
         pids = [n["pid"] for n in nodes]
@@ -58,50 +44,50 @@ async def test_full_lifecycle_over_stdio(home):
         assert all(n["rss_mb"] > 10 and n["heartbeat_age_s"] < 30 for n in nodes)
         assert status["group_state"] == "formed" and status["generation"] == 1
 
-        ring = await call_ok(client, "neural_cluster_connect", {"cluster_id": cid, "topology": "ring"})
+        ring = await ok(client, "neural_cluster_connect", {"cluster_id": cid, "topology": "ring"})
         assert [(e["from"], e["to"]) for e in ring["edges"]] == [(0, 1), (1, 2), (2, 0)]
         assert ring["generation"] == 2
-        tree = await call_ok(client, "neural_cluster_connect", {"cluster_id": cid, "topology": "hierarchical"})
+        tree = await ok(client, "neural_cluster_connect", {"cluster_id": cid, "topology": "hierarchical"})
         assert [(e["from"], e["to"]) for e in tree["edges"]] == [(0, 1), (0, 2)]
 
         # Bad calls: readable errors, and the server keeps serving.
-        assert "cluster_id" in await call_err(client, "neural_cluster_status", {})
-        assert "cube" in await call_err(client, "neural_cluster_init", {"name": "x", "topology": "cube"})
-        missing = await call_err(client, "neural_cluster_status", {"cluster_id": "dnc_nope"})
+        assert "cluster_id" in await err(client, "neural_cluster_status", {})
+        assert "cube" in await err(client, "neural_cluster_init", {"name": "x", "topology": "cube"})
+        missing = await err(client, "neural_cluster_status", {"cluster_id": "dnc_nope"})
         assert "dnc_nope" in missing and "does not exist" in missing
-        too_many = await call_err(client, "neural_node_deploy", {"cluster_id": cid, "count": 6})
+        too_many = await err(client, "neural_node_deploy", {"cluster_id": cid, "count": 6})
         assert "max_nodes" in too_many
 
-        logs = await call_ok(client, "neural_node_logs", {"node_id": node_ids[0], "tail": 20})
+        logs = await ok(client, "neural_node_logs", {"node_id": node_ids[0], "tail": 20})
         assert "listening" in logs["log"] and logs["lines"] <= 20
 
         # Removing a node from a connected cluster re-forms the group as a new generation.
-        removed = await call_ok(client, "neural_node_remove", {"node_id": node_ids[2]})
+        removed = await ok(client, "neural_node_remove", {"node_id": node_ids[2]})
         assert removed["process_gone"] and removed["group"]["action"] == "reformed"
         gone_pid = removed["pid"]
         assert not pid_alive(gone_pid)
-        status = await call_ok(client, "neural_cluster_status", {"cluster_id": cid})
+        status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
         live = [n for n in status["nodes"] if n["status"] == "running"]
         assert len(live) == 2 and sorted(n["rank"] for n in live) == [0, 1]
         assert status["generation"] == removed["group"]["generation"]
 
-        listed = await call_ok(client, "neural_cluster_list", {})
+        listed = await ok(client, "neural_cluster_list", {})
         assert any(c["cluster_id"] == cid and c["nodes"] == 2 for c in listed["clusters"])
 
-        term = await call_ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+        term = await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
         assert term["success"] and term["nodes_terminated"] == 2
         assert not any(pid_alive(p) for p in pids)
-        again = await call_err(client, "neural_cluster_terminate", {"cluster_id": cid})
+        again = await err(client, "neural_cluster_terminate", {"cluster_id": cid})
         assert "already terminated" in again
-        after = await call_err(client, "neural_node_deploy", {"cluster_id": cid})
+        after = await err(client, "neural_node_deploy", {"cluster_id": cid})
         assert "terminated" in after and "neural_cluster_init" in after
 
 
 async def test_closing_stdio_stops_the_nodes(home):
     params = StdioServerParameters(command=server_command(), env=server_env(home))
     async with Client(params, read_timeout_seconds=120) as client:
-        cid = (await call_ok(client, "neural_cluster_init", {"name": "orphans"}))["cluster_id"]
-        deploy = await call_ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2})
+        cid = (await ok(client, "neural_cluster_init", {"name": "orphans"}))["cluster_id"]
+        deploy = await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2})
         pids = [n["pid"] for n in deploy["nodes"]]
         assert all(pid_alive(p) for p in pids)
     assert not any(pid_alive(p) for p in pids), "nodes outlived the server"

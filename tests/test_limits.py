@@ -9,20 +9,9 @@ from mcp import Client
 
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
+from conftest import err, ok
 
 pytestmark = pytest.mark.anyio
-
-
-async def ok(client, tool, args):
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, result.content[0].text
-    return result.structured_content
-
-
-async def err(client, tool, args):
-    result = await client.call_tool(tool, args)
-    assert result.is_error, f"{tool}({args}) should fail"
-    return result.content[0].text
 
 
 async def test_limits_and_paths(home, tmp_path, monkeypatch):

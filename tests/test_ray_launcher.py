@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 
 from mcp import Client  # noqa: E402
 
-from conftest import StdioRpc, pid_alive, server_command, server_env  # noqa: E402
+from conftest import StdioRpc, ok, pid_alive, server_command, server_env  # noqa: E402
 from flow_nexus_server.config import Settings  # noqa: E402
 from flow_nexus_server.launchers import NodeSpec  # noqa: E402
 from flow_nexus_server.launchers.ray import NAMESPACE, RayLauncher, actor_name  # noqa: E402
@@ -30,12 +30,6 @@ from flow_nexus_server.server import build_server  # noqa: E402
 pytestmark = pytest.mark.ray
 
 RAY_NODE_CPUS = 4
-
-
-async def ok(client: Client, tool: str, args: dict) -> dict:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, f"{tool} failed: {result.content[0].text}"
-    return result.structured_content
 
 
 def named_actors() -> set[str]:

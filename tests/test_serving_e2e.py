@@ -14,20 +14,9 @@ from mcp import Client
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 from workers.data import load_dataset, train_val_split
+from conftest import err, ok
 
 pytestmark = pytest.mark.anyio
-
-
-async def ok(client: Client, tool: str, args: dict) -> dict:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, f"{tool} failed: {result.content[0].text}"
-    return result.structured_content
-
-
-async def err(client: Client, tool: str, args: dict) -> str:
-    result = await client.call_tool(tool, args)
-    assert result.is_error, f"{tool}({args}) should have failed"
-    return result.content[0].text
 
 
 def held_out_digits(n: int = 200) -> tuple[list[list[float]], list[int]]:

@@ -9,23 +9,11 @@ import pytest
 import torch
 from mcp import Client
 
-from conftest import pid_alive
+from conftest import err, ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 
 pytestmark = pytest.mark.anyio
-
-
-async def ok(client: Client, tool: str, args: dict) -> dict:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, f"{tool} failed: {result.content[0].text}"
-    return result.structured_content
-
-
-async def err(client: Client, tool: str, args: dict) -> str:
-    result = await client.call_tool(tool, args)
-    assert result.is_error, f"{tool}({args}) should have failed"
-    return result.content[0].text
 
 
 async def cluster(client: Client, roles: dict[str, int], topology: str = "mesh", architecture: str = "mlp") -> tuple[str, list[str]]:

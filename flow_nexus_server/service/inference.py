@@ -104,13 +104,19 @@ class InferenceService:
         self.clusters = clusters
 
     # ---------------------------------------------------------------- helpers
-    def serving_nodes(self, cluster_id: str) -> tuple[Cluster, list[Node], list[p.ModelInfo]]:
-        svc = self.clusters
-        cluster = svc.get_cluster(cluster_id)
-        nodes = [n for n in svc.store.nodes(cluster_id) if "inference" in n.capabilities]
+    def inference_nodes(self, cluster_id: str) -> tuple[Cluster, list[Node]]:
+        """The cluster and its running nodes with the 'inference' capability (at least one)."""
+        cluster = self.clusters.get_cluster(cluster_id)
+        nodes = [n for n in self.clusters.store.nodes(cluster_id) if "inference" in n.capabilities]
         if not nodes:
             raise ServiceError(f"cluster {cluster_id} has no running node with the 'inference' capability; "
                                "deploy one with neural_node_deploy")
+        return cluster, nodes
+
+    def serving_nodes(self, cluster_id: str) -> tuple[Cluster, list[Node], list[p.ModelInfo]]:
+        """The inference nodes that hold a model, with what each holds."""
+        svc = self.clusters
+        cluster, nodes = self.inference_nodes(cluster_id)
         infos = parallel(lambda n: svc.client(cluster, n).model_info(), nodes)
         ready = [(n, i) for n, i in zip(nodes, infos) if isinstance(i, p.ModelInfo) and i.loaded]
         if not ready:
@@ -127,11 +133,7 @@ class InferenceService:
                 quantized: bool | None) -> r.PredictReply:
         payload = parse_input_data(input_data, self.clusters.settings.allowed_roots)
         svc = self.clusters
-        cluster = svc.get_cluster(cluster_id)
-        nodes = [n for n in svc.store.nodes(cluster_id) if "inference" in n.capabilities]
-        if not nodes:
-            raise ServiceError(f"cluster {cluster_id} has no running node with the 'inference' capability; "
-                               "deploy one with neural_node_deploy")
+        cluster, nodes = self.inference_nodes(cluster_id)
         use_int8 = self.quantized_default(cluster) if quantized is None else quantized
         use_local = model == "local"
         start = time.perf_counter()
@@ -312,10 +314,7 @@ class InferenceService:
         settings = self.clusters.settings
         source = self.checkpoint_path(path) if path.startswith("ckpt_") else \
             under_allowed_root(path, settings.allowed_roots, "path")
-        cluster = self.clusters.get_cluster(cluster_id)
-        nodes = [n for n in self.clusters.store.nodes(cluster_id) if "inference" in n.capabilities]
-        if not nodes:
-            raise ServiceError(f"cluster {cluster_id} has no running node with the 'inference' capability")
+        cluster, nodes = self.inference_nodes(cluster_id)
         results = parallel(lambda n: self.clusters.client(cluster, n).load_model(p.LoadRequest(path=str(source))), nodes)
         errors = [f"{n.id}: {e}" for n, e in zip(nodes, results) if isinstance(e, BaseException)]
         if errors:
