@@ -4,7 +4,13 @@ Entry point :func:`run_training` (called by the node agent on its torch.distribu
 after the default process group is initialised). Modes: ``sync`` (DDP over the workers,
 gradients combined along the topology by ``workers.comm``'s hook), ``parameter_server``
 (parameter shards owned by PS ranks: reduce gradients, broadcast weights) and ``federated``
-(FedAvg or a robust rule from ``workers.aggregation``). Progress is reported through a
+(FedAvg or a robust rule from ``workers.aggregation``). ``job.consensus`` decides how updates
+are agreed on: proof-of-learning (default: a validator -- or the aggregator -- commits a
+federated round only if validation loss does not rise beyond ``pol_tolerance``), byzantine
+(robust rules, federated and sync via a gradient hub: ``robust_sync``), raft (the aggregator
+leads; versions commit on a majority of acknowledgements, replicas in ``<sandbox>/raft/``)
+and gossip (neighbour averaging without an aggregator: ``gossip``). ``adversary`` simulates
+Byzantine workers for robustness tests. Progress is reported through a
 thread-safe :class:`ProgressSink`; checkpoints are read back with :func:`load_checkpoint`.
 """
 

@@ -5,6 +5,10 @@ writer has one), ``job`` (``TrainJob.model_dump()``), ``task`` (``asdict(TaskInf
 ``tokenizer`` (``Tokenizer.to_dict()`` or None), ``label_names``, ``architecture``,
 ``preset``, ``max_len``, ``epoch`` (epoch or federated round), ``mode`` and ``metrics``
 (the latest global metrics). Files are named ``ckpt-<session>-e<NNN>.pt``.
+
+A raft replica's ``<sandbox>/raft/committed.pt`` has the same format (plus a ``raft`` entry:
+term, version, commit index), so ``resume_from`` and :func:`load_checkpoint` accept it; its
+``epoch`` is the committed round.
 """
 
 from __future__ import annotations
@@ -57,6 +61,43 @@ def session_checkpoints(directory: Path, session_id: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_payload(
+    job: TrainJob,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    task: TaskInfo,
+    tokenizer: Tokenizer | None,
+    label_names: list[str],
+    max_len: int,
+    metrics: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The dict a checkpoint file holds (``extra`` keys are added as they are)."""
+    return {
+        "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
+        "job": job.model_dump(),
+        "task": asdict(task),
+        "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+        "label_names": list(label_names),
+        "architecture": job.architecture,
+        "preset": job.model,
+        "max_len": int(max_len),
+        "epoch": int(epoch),
+        "mode": job.mode,
+        "metrics": dict(metrics),
+        **extra,
+    }
+
+
+def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary name next to ``path``, then rename over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(
     directory: Path,
     job: TrainJob,
@@ -72,23 +113,8 @@ def save_checkpoint(
     """Write the checkpoint atomically; returns (path, files deleted by the rotation)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / checkpoint_name(job.session_id, epoch)
-    payload = {
-        "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
-        "job": job.model_dump(),
-        "task": asdict(task),
-        "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
-        "label_names": list(label_names),
-        "architecture": job.architecture,
-        "preset": job.model,
-        "max_len": int(max_len),
-        "epoch": int(epoch),
-        "mode": job.mode,
-        "metrics": dict(metrics),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, checkpoint_payload(job, epoch, model, optimizer, task, tokenizer, label_names, max_len,
+                                          metrics))
     removed = []
     files = session_checkpoints(directory, job.session_id)
     for old in files[: max(0, len(files) - job.max_checkpoints)]:

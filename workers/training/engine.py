@@ -39,7 +39,8 @@ from .common import TrainedModel, TrainingError, rss_mb
 from .coord import Coordinator, agree, destroy_group, error_of, new_group, pg_timeout
 from .progress import ProgressSink
 from .runtime import Ctx
-from .setup import Plan, encode_local, finish_setup, global_setup, make_plan, read_local
+from .setup import (Plan, encode_local, encode_validation, finish_setup, global_setup, make_plan, read_local,
+                    read_validation)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,11 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
     sink.log(f"{plan.role} rank {rank}/{world} ({node_id}): {job.mode} training of {job.architecture}/{job.model} "
              f"on {job.dataset[:80]}")
 
+    if any(b.kind != "honest" for b in getattr(job, "behaviors", None) or []) and not (
+            job.mode == "federated" or plan.consensus == "byzantine"):
+        sink.log("behaviors (adversary simulation) apply to federated training and to sync training with "
+                 "consensus 'byzantine'; they are ignored in this mode")
+
     # 3. phase 1
     ckpt = None
     local = summary = err = None
@@ -129,11 +135,15 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
             ckpt = read_checkpoint(resolve_resume(job.resume_from, sandbox))
         if plan.is_worker:
             local, summary = read_local(plan, sandbox, sink.log)
+        elif plan.is_judge:
+            local, summary = read_validation(plan, sandbox, sink.log)
     except Exception as exc:
         log.info("phase 1 failed on this rank", exc_info=True)
         err = error_of(exc)
     coord.barrier("phase1", everyone)
     summaries = agree(err, summary)
+    if local is not None and any((summaries[r] or {}).get("private") for r in plan.workers):
+        local.judge_val = None  # data private to the workers: their parts are the validation split
 
     # 4. global facts
     setup = global_setup(plan, summaries, ckpt)
@@ -150,10 +160,13 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
 
     # 5. phase 2
     enc = info = err = None
+    judge_val = None
     try:
         if plan.is_worker:
             assert local is not None
             enc, info = encode_local(local, setup)
+        if plan.is_judge and local is not None:
+            judge_val = encode_validation(local, setup)
     except Exception as exc:
         log.info("phase 2 failed on this rank", exc_info=True)
         err = error_of(exc)
@@ -179,7 +192,7 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
 
     # 7. the mode
     ctx = Ctx(job=job, plan=plan, setup=setup, sink=sink, stop=stop, coord=coord, sandbox=sandbox, data=enc,
-              model=model, start=start, ckpt=ckpt, groups=groups)
+              model=model, start=start, ckpt=ckpt, groups=groups, judge_val=judge_val)
     sink.set_state("running")
     if not plan.is_active:
         sink.log(f"no part for role {plan.role} in {job.mode} training; waiting for the training ranks")
@@ -190,14 +203,22 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
         dist.barrier()
         return None, "stopped" if status == "stopped" else "completed"
     try:
-        if job.mode == "sync":
+        if job.mode == "sync" and plan.consensus == "byzantine":
+            from .robust_sync import run_sync_robust
+
+            result: TrainedModel | None = run_sync_robust(ctx)
+        elif job.mode == "sync":
             from .sync import run_sync
 
-            result: TrainedModel | None = run_sync(ctx)
+            result = run_sync(ctx)
         elif job.mode == "parameter_server":
             from .ps import run_parameter_server
 
             result = run_parameter_server(ctx)
+        elif plan.consensus == "gossip":
+            from .gossip import run_gossip
+
+            result = run_gossip(ctx)
         else:
             from .federated import run_federated
 
@@ -225,7 +246,9 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
 def _make_groups(plan: Plan, groups: dict[str, Any]) -> None:
     """Every rank creates the same groups in the same order (dist.new_group is collective)."""
     job = plan.job
-    if job.mode == "sync":
+    if job.mode == "sync" and plan.consensus == "byzantine":
+        groups["active"] = new_group(plan.active)  # workers + hub: no DDP, no topology reducer
+    elif job.mode == "sync":
         groups["workers"] = new_group(plan.workers)
         groups["active"] = groups["workers"]
         groups["reducer"] = TopologyReducer(job.topology, ranks=plan.workers, hub=plan.workers[0],

@@ -19,7 +19,7 @@ from torch import nn
 from workers.protocol import TrainJob
 
 from .checkpoint import checkpoint_dir, save_checkpoint
-from .common import Sums, TrainedModel, batch_loss, rss_mb, try_load_optimizer
+from .common import Split, Sums, TrainedModel, batch_loss, rss_mb, try_load_optimizer
 from .coord import Coordinator
 from .progress import ProgressSink
 from .setup import Encoded, Plan, Setup
@@ -44,6 +44,8 @@ class Ctx:
     start: int  # first epoch / round to run (1-based)
     ckpt: dict[str, Any] | None
     groups: dict[str, Any]
+    judge_val: Split | None = None
+    """The whole validation split on a rank that judges candidate models (proof-of-learning)."""
     # node counters
     bytes_sent: float = 0.0
     bytes_received: float = 0.0
@@ -153,14 +155,19 @@ class Ctx:
         model: nn.Module | None,
         optimizer: torch.optim.Optimizer | None,
         final: bool,
+        extra: dict[str, float] | None = None,
     ) -> dict[str, float]:
-        """Record the global metrics (reporter), refresh node stats, checkpoint when due."""
+        """Record the global metrics (reporter), refresh node stats, checkpoint when due.
+
+        ``extra``: further global figures of this epoch / round (consensus: rejected_rounds,
+        model_spread, raft_commit_index), recorded like the others."""
         metrics = glob.metrics(self.kind)
         if seconds > 0 and glob.train["samples"] > 0:
             metrics["samples_per_s"] = glob.train["samples"] / seconds
             if self.kind in ("text", "lm"):
                 metrics["tokens_per_s"] = glob.train["tokens"] / seconds
         metrics["lr"] = float(self.lr if self.lr > 0 else self.job.learning_rate)
+        metrics.update(extra or {})
         self.latest.update(metrics)
         if self.is_reporter:
             for name, value in metrics.items():
@@ -169,7 +176,7 @@ class Ctx:
             unit = "round" if self.job.mode == "federated" else "epoch"
             parts = [f"{unit} {epoch}/{self.total}"]
             for name in ("loss", "accuracy", "val_loss", "val_accuracy", "val_f1_macro", "val_perplexity",
-                         "samples_per_s"):
+                         "samples_per_s", "model_spread", "rejected_rounds", "raft_commit_index"):
                 if name in metrics:
                     parts.append(f"{name} {metrics[name]:.4g}")
             self.say(", ".join(parts))

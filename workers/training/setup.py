@@ -30,6 +30,7 @@ from workers.models import TaskInfo, check_compatible
 from workers.protocol import TrainJob
 
 from .common import Split, TrainingError
+from .consensus import resolve_rule
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,19 @@ class Plan:
     aggregator: int | None
     reporter: int
     active: list[int]
+    validators: list[int] = field(default_factory=list)
+    """Validator ranks that take part (federated proof-of-learning and raft)."""
+    judges: list[int] = field(default_factory=list)
+    """Ranks that evaluate candidate models on the validation split (proof-of-learning):
+    the validators, or the aggregator when there is none."""
+
+    @property
+    def consensus(self) -> str:
+        return getattr(self.job, "consensus", None) or "proof-of-learning"
+
+    @property
+    def is_judge(self) -> bool:
+        return self.rank in self.judges
 
     @property
     def is_worker(self) -> bool:
@@ -99,14 +113,30 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
     workers = [r for r, role in enumerate(job.roles) if role == "worker"]
     ps = [r for r, role in enumerate(job.roles) if role == "parameter_server"]
     aggs = [r for r, role in enumerate(job.roles) if role == "aggregator"]
+    vals = [r for r, role in enumerate(job.roles) if role == "validator"]
+    consensus = getattr(job, "consensus", None) or "proof-of-learning"
     aggregator = None
+    validators: list[int] = []
+    judges: list[int] = []
+    if consensus == "gossip" and job.mode != "federated":
+        raise TrainingError("consensus 'gossip' averages models between neighbours after local training; "
+                            "use it with federated training")
     if job.mode == "federated":
         if not workers:
             raise TrainingError("federated training needs at least one node with role 'worker' to hold data; "
                                 "add workers to the cluster")
-        aggregator = aggs[0] if aggs else workers[0]
-        active = sorted(set(workers) | {aggregator})
-        reporter = aggregator
+        if consensus == "gossip":  # no central aggregator: aggregators (if any) just wait
+            active = list(workers)
+            reporter = workers[0]
+        else:
+            aggregator = aggs[0] if aggs else workers[0]
+            if consensus in ("proof-of-learning", "raft"):
+                validators = list(vals)
+            if consensus == "proof-of-learning":
+                judges = list(vals) if vals else [aggregator]
+            active = sorted(set(workers) | {aggregator} | set(validators))
+            reporter = aggregator
+            resolve_rule(job, len(workers))  # a rule that cannot work fails here, on every rank
     elif job.mode == "parameter_server":
         if not ps:
             raise TrainingError("parameter-server training needs at least one node with role "
@@ -120,12 +150,16 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
             raise TrainingError("synchronous training needs at least one node with role 'worker'; add workers")
         active = list(workers)
         reporter = workers[0]
+        if consensus == "byzantine":  # robust aggregation of gradients at a hub
+            aggregator = aggs[0] if aggs else workers[0]
+            active = sorted(set(workers) | {aggregator})
+            resolve_rule(job, len(workers))
     else:
         raise TrainingError(f"unknown training mode {job.mode!r}; use sync, parameter_server or federated")
     builtin_kind = BUILTIN_KINDS.get(job.dataset.strip().lower().replace("_", "-"))
     if builtin_kind is not None:
         check_compatible(job.architecture, builtin_kind)  # before anything is loaded
-    return Plan(job, world, rank, workers, ps, aggregator, reporter, active)
+    return Plan(job, world, rank, workers, ps, aggregator, reporter, active, validators, judges)
 
 
 # --------------------------------------------------------------------------- phase 1
@@ -141,6 +175,8 @@ class LocalData:
     train: Dataset
     val: Dataset
     private: bool
+    judge_val: Dataset | None = None
+    """The whole validation split, kept by a rank that judges candidate models."""
 
 
 def _is_private(spec: str, sandbox: Path) -> bool:
@@ -183,6 +219,7 @@ def read_local(plan: Plan, sandbox: Path, say: Any) -> tuple[LocalData, dict[str
         train_idx = tr[parts[index]]
         val_idx = va[_val_part(len(va), n_workers, index, job.seed)]
     train, val = ds.subset(train_idx), ds.subset(val_idx)
+    judge_val = ds.subset(va) if (plan.is_judge and len(va)) else None
     unit = "training documents" if ds.kind == "lm" else "training examples"
     where = "private file in this node's sandbox" if private else "private to this node"
     say(f"read shard {index + 1}/{n_workers} of {ds.name}: {len(train):,} {unit} ({where}); "
@@ -195,6 +232,7 @@ def read_local(plan: Plan, sandbox: Path, say: Any) -> tuple[LocalData, dict[str
         "n_train": len(train),
         "n_val": len(val),
         "private": private,
+        "judge_n_val": len(judge_val) if judge_val is not None else 0,
     }
     if ds.kind in ("text", "lm"):
         counts: Counter[str] = Counter()
@@ -205,7 +243,31 @@ def read_local(plan: Plan, sandbox: Path, say: Any) -> tuple[LocalData, dict[str
             lengths[min(len(toks), MAX_LENGTH_BIN)] += 1
         summary["counts"] = counts
         summary["lengths"] = lengths
-    return LocalData(ds.name, ds.kind, list(ds.label_names), train, val, private), summary
+    return LocalData(ds.name, ds.kind, list(ds.label_names), train, val, private, judge_val), summary
+
+
+def read_validation(plan: Plan, sandbox: Path, say: Any) -> tuple[LocalData | None, dict[str, Any]]:
+    """Phase 1 on a judge that holds no shard (a validator, or a dedicated aggregator): the
+    dataset's validation split -- the same seeded split the workers cut theirs from. Never
+    raises: a judge that cannot read the data (a file private to the workers) simply does
+    not judge, and candidates are then judged on the workers' validation parts."""
+    job = plan.job
+    try:
+        ds = load_dataset(job.dataset, sandbox)
+        if len(ds) < 2:
+            raise DatasetError(f"{ds.name}: too few examples")
+        labelled = ds.y is not None
+        _, va = train_val_split(len(ds), job.validation_split, job.seed, stratify=ds.y if labelled else None)
+    except Exception as exc:
+        log.info("this judge cannot read the dataset", exc_info=True)
+        say(f"cannot read {job.dataset[:80]} here ({exc}); candidate models will be judged on the workers' "
+            "validation parts")
+        return None, {"judge_n_val": 0}
+    val = ds.subset(va)
+    say(f"holding the validation split of {ds.name} ({len(val):,} examples) to judge candidate models")
+    empty = ds.subset(np.zeros(0, dtype=np.int64))
+    return (LocalData(ds.name, ds.kind, list(ds.label_names), empty, empty, False, val if len(val) else None),
+            {"judge_n_val": len(val)})
 
 
 # --------------------------------------------------------------------------- between phases
@@ -371,6 +433,34 @@ def encode_local(local: LocalData, setup: Setup) -> tuple[Encoded, dict[str, Any
     assert train is not None
     val = split_of(local.val)
     return Encoded(train, val, len(local.train)), {"n_train": len(train), "n_val": len(val) if val else 0}
+
+
+def encode_validation(local: LocalData, setup: Setup) -> Split | None:
+    """Phase 2 on a judge: its copy of the validation split encoded like the workers' parts
+    (None when it holds none or it does not fit the task -- then it does not judge)."""
+    ds = local.judge_val
+    if ds is None or len(ds) == 0 or setup.kind != local.kind:
+        return None
+    try:
+        if setup.kind == "lm":
+            tok = setup.tokenizer
+            assert tok is not None
+            stream = tok.encode_stream(ds.X)
+            if stream.size <= setup.max_len:
+                return None
+            vx, vy = lm_windows(stream, setup.max_len)
+            return Split(torch.from_numpy(vx), torch.from_numpy(vy))
+        assert ds.y is not None
+        y = torch.from_numpy(_remap(np.asarray(ds.y), local.label_names, setup.label_names))
+        if setup.kind == "text":
+            assert setup.tokenizer is not None
+            X = torch.from_numpy(setup.tokenizer.encode(ds.X, setup.max_len))
+        else:
+            X = torch.from_numpy(np.ascontiguousarray(ds.X, dtype=np.float32))
+        return Split(X, y)
+    except Exception:  # labels it cannot map, shapes that differ: leave the judging to others
+        log.info("the judge's validation split does not fit the task", exc_info=True)
+        return None
 
 
 def finish_setup(plan: Plan, setup: Setup, infos: list[dict[str, Any] | None]) -> None:
