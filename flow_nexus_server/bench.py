@@ -48,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
 DEFAULT_JSON = BENCH_DIR / "results" / "bench.json"
-ROWS = ("deploy", "sync", "bytes", "allreduce", "federated", "predict", "status", "memory")
+ROWS = ("deploy", "sync", "bytes", "allreduce", "federated", "byzantine", "predict", "status", "memory")
 TOPOLOGIES = ("mesh", "ring", "star", "hierarchical")
 FLOWER_HINT = ("skipped: flwr not installed (pip install flwr[simulation]==1.41.0 in a side venv "
                "and pass --flower-python)")
@@ -543,6 +543,38 @@ class Bench:
         return [row]
 
     # ------------------------------------------------------------------ 6. predict latency
+    async def row_byzantine(self) -> list[Row]:
+        """Issue 5's attack scenario: digits, 4 workers + aggregator, one worker sends w + 50·N(0,1)."""
+        say("byzantine: 3 honest workers + 1 gaussian_noise(50) worker + aggregator, digits, 5 rounds")
+        cid = (await self.tool("neural_cluster_init", {"name": "bench-byz", "topology": "star",
+                                                       "architecture": "mlp"}))["cluster_id"]
+        results: dict[str, float] = {}
+        try:
+            await self.tool("neural_node_deploy", {"cluster_id": cid, "role": "aggregator"})
+            await self.tool("neural_node_deploy", {"cluster_id": cid, "count": 3})
+            await self.tool("neural_node_deploy", {"cluster_id": cid, "behavior": "gaussian_noise",
+                                                   "behavior_scale": 50})
+            await self.tool("neural_cluster_connect", {"cluster_id": cid})
+            job = {"cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 5, "local_epochs": 1,
+                   "batch_size": 8, "learning_rate": 0.01, "wait": True, "wait_timeout_s": 600}
+            runs = {
+                "fedavg (plain)": {"consensus": "proof-of-learning", "pol_tolerance": 1e9},
+                "krum f=1": {"consensus": "byzantine", "aggregation_rule": "krum", "byzantine_f": 1},
+                "median": {"consensus": "byzantine", "aggregation_rule": "median"},
+                "trimmed mean 0.25": {"consensus": "byzantine", "aggregation_rule": "trimmed_mean", "trim_beta": 0.25},
+            }
+            for name, extra in runs.items():
+                run = await self.tool("neural_train_distributed", {**job, **extra})
+                results[name] = float(run["result"]["metrics"]["val_accuracy"])
+        finally:
+            await self.tool("neural_cluster_terminate", {"cluster_id": cid})
+        plain = results["fedavg (plain)"]
+        return [Row("byzantine", f"val accuracy under attack, {name}", "acc", acc, theirs=plain,
+                    ratio=ratio(acc, plain), target=">= 0.90" if name != "fedavg (plain)" else "",
+                    met=(acc >= 0.90) if name != "fedavg (plain)" else None,
+                    note="theirs = plain FedAvg with the same noisy worker", details={"all": results})
+                for name, acc in results.items()]
+
     async def row_predict(self) -> list[Row]:
         from workers.data import load_dataset
 
@@ -765,10 +797,10 @@ async def run_rows(args: argparse.Namespace, home: Path, selected: list[str]) ->
         fns: dict[str, Callable[[], Awaitable[list[Row]]]] = {
             "deploy": bench.row_deploy, "sync": bench.row_sync, "allreduce": bench.row_allreduce,
             "predict": bench.row_predict, "bytes": bench.row_bytes, "status": bench.row_status,
-            "memory": bench.row_memory, "federated": bench.row_federated,
+            "memory": bench.row_memory, "federated": bench.row_federated, "byzantine": bench.row_byzantine,
         }
         # Order: the comparisons that are most sensitive to other load run while fewest nodes exist.
-        for name in ("deploy", "sync", "allreduce", "federated", "predict", "bytes", "status", "memory"):
+        for name in ("deploy", "sync", "allreduce", "federated", "byzantine", "predict", "bytes", "status", "memory"):
             if name not in selected:
                 continue
             t0 = time.perf_counter()

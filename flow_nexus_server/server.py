@@ -244,8 +244,9 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         byzantine_f: Annotated[int, Field(ge=0, le=32, description="Assumed Byzantine nodes for Krum / Multi-Krum")] = 1,
         trim_beta: Annotated[float, Field(ge=0, lt=0.5, description="Trimmed mean: fraction cut on each side")] = 0.2,
         multi_krum_m: Annotated[int | None, Field(ge=1, le=64, description="Updates Multi-Krum averages (default n - f)")] = None,
-        pol_tolerance: Annotated[float, Field(ge=0, le=10, description=(
-            "Proof-of-learning: a round is rejected when validation loss rises by more than this fraction"))] = 0.05,
+        pol_tolerance: Annotated[float, Field(ge=0, le=1e9, description=(
+            "Proof-of-learning: a round is rejected when validation loss rises by more than this fraction "
+            "(a huge value turns the check off: plain FedAvg)"))] = 0.05,
         reputation_weighting: Annotated[bool, Field(description="Weight updates by each node's reputation")] = False,
         quantization: Annotated[Quantization | None, Field(description=(
             "{enabled, bits: 8, method: dynamic}: after training, nodes serve an int8 dynamically quantized copy"))] = None,

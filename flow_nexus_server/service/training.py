@@ -76,7 +76,7 @@ class TrainRequest(BaseModel):
     byzantine_f: int = Field(1, ge=0, le=32)
     trim_beta: float = Field(0.2, ge=0, lt=0.5)
     multi_krum_m: int | None = Field(None, ge=1, le=64)
-    pol_tolerance: float = Field(0.05, ge=0, le=10)
+    pol_tolerance: float = Field(0.05, ge=0, le=1e9)
     reputation_weighting: bool = False
 
     JOB_OPTIONS: ClassVar[tuple[str, ...]] = (
