@@ -148,6 +148,7 @@ class TrainJob(BaseModel):
     pol_tolerance: float = Field(0.05, ge=0, description="Proof-of-learning: allowed relative rise of validation loss")
     reputation_weighting: bool = Field(False, description="Weight updates by each node's reputation")
     behaviors: list[Behavior] = Field(default_factory=list, description="behaviors[rank]; empty = all honest")
+    raft_term: int = Field(1, ge=1, description="Raft term: bumped each time a surviving node takes over as leader")
     checkpoint_dir: str | None = Field(None, description="Where the checkpointing rank writes")
 
 

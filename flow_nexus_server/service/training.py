@@ -286,10 +286,12 @@ class TrainingService:
                 if live.error is None and failed is not None:
                     live.error = f"node {failed.node.id} ({failed.node.role}) failed: {failed.snapshot.error}"
                 if live.error is not None:
-                    if live.lost is not None and cluster.auto_healing and live.restarts < MAX_RESTARTS \
-                            and not live.stop_requested:
-                        if self._heal(live, cluster):
-                            continue
+                    can_restart = live.lost is not None and live.restarts < MAX_RESTARTS and not live.stop_requested
+                    if can_restart and cluster.auto_healing and self._heal(live, cluster):
+                        continue
+                    if can_restart and live.job is not None and live.job.consensus == "raft" \
+                            and live.job.mode == "federated" and self._raft_takeover(live, cluster):
+                        continue
                     self._finish(live, cluster, "failed")
                     return
                 if all(s in TERMINAL for s in states):
@@ -334,6 +336,42 @@ class TrainingService:
         svc.event(live.cluster_id, "session_healed",
                   f"restart {live.restarts}: {dead.id} replaced, resumed from " + (resume or "the start (no checkpoint)"),
                   session_id=live.session_id, data={"restarts": live.restarts, "resume_from": resume})
+        return True
+
+    def _raft_takeover(self, live: LiveSession, cluster: Cluster) -> bool:
+        """raft: the survivors go on without the lost node; the first surviving aggregator (else the
+        first worker) leads a new term from the last version a majority committed."""
+        svc, dead = self.clusters, live.lost
+        assert dead is not None and live.job is not None
+        survivors = [v.node for v in live.nodes if v.node.id != dead.id]
+        if not any(n.role == "worker" for n in survivors):
+            return False
+        try:
+            self._stop_and_wait(cluster, survivors, timeout=90)
+            svc.reform(live.cluster_id)
+            nodes = sorted(svc.store.nodes(live.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
+            committed = [f for f in (Path(n.sandbox) / "raft" / "committed.pt" for n in nodes) if f.exists()]
+            resume = str(max(committed, key=lambda f: f.stat().st_mtime)) if committed else None
+            job = live.job.model_copy(update={
+                "resume_from": resume, "roles": [n.role for n in nodes], "raft_term": live.job.raft_term + 1,
+                "behaviors": [p.Behavior(**(n.options.get("behavior") or {})) for n in nodes]})
+            started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
+            bad = [f"{n.id}: {e}" for n, e in zip(nodes, started) if isinstance(e, BaseException)]
+            if bad:
+                raise ServiceError("restarting the session failed on " + "; ".join(bad))
+        except Exception as exc:
+            log.exception("raft takeover in session %s failed", live.session_id)
+            live.error = f"{live.error}; raft takeover failed: {exc}"
+            return False
+        with self.store.session() as s:
+            s.get(Cluster, live.cluster_id).status = "training"
+        leader = next((n for n in nodes if n.role == "aggregator"), next(n for n in nodes if n.role == "worker"))
+        live.job, live.nodes, live.restarts = job, [NodeView(n) for n in nodes], live.restarts + 1
+        live.error, live.lost, live.last_event_epoch = None, None, 0
+        svc.event(live.cluster_id, "raft_leader_changed",
+                  f"term {job.raft_term}: {leader.id} ({leader.role}) leads after {dead.id} was lost; resumed from "
+                  + (resume or "the start (nothing committed yet)"), session_id=live.session_id,
+                  data={"term": job.raft_term, "leader": leader.id, "resume_from": resume})
         return True
 
     def _stop_and_wait(self, cluster: Cluster, nodes: list[Node], timeout: float) -> None:

@@ -24,7 +24,7 @@ Consensus (``job.consensus``):
 * ``byzantine``: the aggregator applies the job's robust rule (``f = byzantine_f``,
   ``beta = trim_beta``, ``m = multi_krum_m``); a job left at the default ``fedavg`` gets krum
   (n >= 2f + 3) or the coordinate median (see :mod:`.consensus`).
-* ``raft``: the aggregator is the leader (term 1). Each round it sends the new version to
+* ``raft``: the aggregator is the leader (term ``job.raft_term``, 1 at the start). Each round it sends the new version to
   every worker and validator (the broadcast); each member stores it (in memory and as
   ``<sandbox>/raft/pending.pt``) and acknowledges (``all_gather`` of ack flags); with a
   majority of the group (the leader included) the version is committed everywhere
@@ -96,7 +96,6 @@ def set_weights(model: nn.Module, flat: torch.Tensor) -> None:
             off += k
 
 
-RAFT_TERM = 1
 OK, INVALID = 0.0, 1.0
 """Candidate status in the broadcast: formed, or not (aggregation failed: rejected under PoL)."""
 
@@ -160,6 +159,7 @@ def run_federated(ctx: Ctx) -> TrainedModel | None:
     replica = None
     commit_index = 0
     if raft:
+        term = job.raft_term  # the server bumps it when a surviving node takes over as leader
         raft_ck = (ctx.ckpt or {}).get("raft") or {}
         commit_index = int(raft_ck.get("commit_index") or 0)
 
@@ -167,13 +167,13 @@ def run_federated(ctx: Ctx) -> TrainedModel | None:
             write_atomic(path, checkpoint_payload(
                 job, version, model, None, ctx.setup.task, ctx.setup.tokenizer, ctx.setup.label_names,
                 ctx.setup.max_len, ctx.latest,
-                raft={"term": RAFT_TERM, "version": version, "commit_index": commit_index + 1, "leader": agg}))
+                raft={"term": term, "version": version, "commit_index": commit_index + 1, "leader": agg}))
 
         replica = RaftReplica(ctx.sandbox, write, version=int(raft_ck.get("version") or 0))
         if is_agg:
-            ctx.sink.node_stat("raft_term", RAFT_TERM)
+            ctx.sink.node_stat("raft_term", term)
             ctx.sink.node_stat("raft_commit_index", commit_index)
-            ctx.say(f"raft: leader rank {agg}, term {RAFT_TERM}; a version commits with a majority of "
+            ctx.say(f"raft: leader rank {agg}, term {term}; a version commits with a majority of "
                     f"{len(members) // 2 + 1} of {len(members)} acknowledgements")
 
     local_model: nn.Module | None = None
