@@ -18,6 +18,8 @@ from typing import Any
 
 import anyio
 
+from flow_nexus_server.launchers.local import pid_exists
+
 SENTENCES = [
     "I love this airline, the crew was wonderful and we landed early!",
     "Worst customer service ever. Two hours on hold and my bag is still lost.",
@@ -120,17 +122,9 @@ async def run_demo(console: Any, home: str) -> int:
         pids = [n["pid"] for n in (await tool("neural_cluster_status", {"cluster_id": cid}))["nodes"] if n["pid"]]
         term = await tool("neural_cluster_terminate", {"cluster_id": cid})
         console.print(f"   {term['message']}")
-    left = [pid for pid in pids if _alive(pid)]
+    left = [pid for pid in pids if pid_exists(pid)]
     if left:
         console.print(f"[red]processes still running: {left}")
         return 1
     console.rule(f"[bold green]done in {time.monotonic() - started:.0f} s; no process left behind")
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False

@@ -313,26 +313,15 @@ class TrainingService:
             self._stop_and_wait(cluster, survivors, timeout=90)
             svc.replace_node(live.cluster_id, dead)
             svc.reform(live.cluster_id)
-            nodes = sorted(svc.store.nodes(live.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
             with self.store.session() as s:
                 last = s.scalars(select(Checkpoint).where(Checkpoint.session_id == live.session_id)
                                  .order_by(Checkpoint.created_at.desc())).first()
             resume = last.path if last is not None and Path(last.path).exists() else None
-            job = live.job.model_copy(update={
-                "resume_from": resume, "roles": [n.role for n in nodes],
-                "behaviors": [p.Behavior(**(n.options.get("behavior") or {})) for n in nodes]})
-            started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
-            bad = [f"{n.id}: {e}" for n, e in zip(nodes, started) if isinstance(e, BaseException)]
-            if bad:
-                raise ServiceError("restarting the session failed on " + "; ".join(bad))
+            self._restart(live, cluster, resume)
         except Exception as exc:
             log.exception("healing session %s failed", live.session_id)
             live.error = f"{live.error}; auto-healing failed: {exc}"
             return False
-        with self.store.session() as s:
-            s.get(Cluster, live.cluster_id).status = "training"
-        live.job, live.nodes, live.restarts = job, [NodeView(n) for n in nodes], live.restarts + 1
-        live.error, live.lost, live.last_event_epoch = None, None, 0
         svc.event(live.cluster_id, "session_healed",
                   f"restart {live.restarts}: {dead.id} replaced, resumed from " + (resume or "the start (no checkpoint)"),
                   session_id=live.session_id, data={"restarts": live.restarts, "resume_from": resume})
@@ -349,30 +338,38 @@ class TrainingService:
         try:
             self._stop_and_wait(cluster, survivors, timeout=90)
             svc.reform(live.cluster_id)
-            nodes = sorted(svc.store.nodes(live.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
-            committed = [f for f in (Path(n.sandbox) / "raft" / "committed.pt" for n in nodes) if f.exists()]
+            committed = [f for f in (Path(n.sandbox) / "raft" / "committed.pt" for n in survivors) if f.exists()]
             resume = str(max(committed, key=lambda f: f.stat().st_mtime)) if committed else None
-            job = live.job.model_copy(update={
-                "resume_from": resume, "roles": [n.role for n in nodes], "raft_term": live.job.raft_term + 1,
-                "behaviors": [p.Behavior(**(n.options.get("behavior") or {})) for n in nodes]})
-            started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
-            bad = [f"{n.id}: {e}" for n, e in zip(nodes, started) if isinstance(e, BaseException)]
-            if bad:
-                raise ServiceError("restarting the session failed on " + "; ".join(bad))
+            nodes, job = self._restart(live, cluster, resume, raft_term=live.job.raft_term + 1)
         except Exception as exc:
             log.exception("raft takeover in session %s failed", live.session_id)
             live.error = f"{live.error}; raft takeover failed: {exc}"
             return False
-        with self.store.session() as s:
-            s.get(Cluster, live.cluster_id).status = "training"
         leader = next((n for n in nodes if n.role == "aggregator"), next(n for n in nodes if n.role == "worker"))
-        live.job, live.nodes, live.restarts = job, [NodeView(n) for n in nodes], live.restarts + 1
-        live.error, live.lost, live.last_event_epoch = None, None, 0
         svc.event(live.cluster_id, "raft_leader_changed",
                   f"term {job.raft_term}: {leader.id} ({leader.role}) leads after {dead.id} was lost; resumed from "
                   + (resume or "the start (nothing committed yet)"), session_id=live.session_id,
                   data={"term": job.raft_term, "leader": leader.id, "resume_from": resume})
         return True
+
+    def _restart(self, live: LiveSession, cluster: Cluster, resume: str | None,
+                 **changes: Any) -> tuple[list[Node], p.TrainJob]:
+        """Start the session again on the cluster's live nodes (already re-formed), from ``resume``."""
+        svc = self.clusters
+        assert live.job is not None
+        nodes = sorted(svc.store.nodes(live.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
+        job = live.job.model_copy(update={
+            "resume_from": resume, "roles": [n.role for n in nodes],
+            "behaviors": [p.Behavior(**(n.options.get("behavior") or {})) for n in nodes], **changes})
+        started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
+        bad = [f"{n.id}: {e}" for n, e in zip(nodes, started) if isinstance(e, BaseException)]
+        if bad:
+            raise ServiceError("restarting the session failed on " + "; ".join(bad))
+        with self.store.session() as s:
+            s.get(Cluster, live.cluster_id).status = "training"
+        live.job, live.nodes, live.restarts = job, [NodeView(n) for n in nodes], live.restarts + 1
+        live.error, live.lost, live.last_event_epoch = None, None, 0
+        return nodes, job
 
     def _stop_and_wait(self, cluster: Cluster, nodes: list[Node], timeout: float) -> None:
         """Ask nodes to stop and wait until none is still inside the job (they may sit in a collective)."""
