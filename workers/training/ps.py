@@ -24,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .common import Sums, TrainedModel, epoch_order, evaluate, lr_factor, make_optimizer, set_lr
+from .common import Sums, TrainedModel, epoch_order, lr_factor, make_optimizer, set_lr
 from .runtime import STOP_CHECK_EVERY, Ctx
 
 log = logging.getLogger(__name__)
@@ -116,17 +116,10 @@ def _worker(ctx: Ctx, params: list[torch.Tensor], shards: dict[int, list[int]], 
             syncs += 1
             local.add_gnorm(float(bufs[servers[0]][-1]))
             step += 1
-            ctx.steps += 1
-            ctx.step_seconds += time.perf_counter() - t0
-            ctx.sink.update(step=step)
-            if step % STOP_CHECK_EVERY == 0 and ctx.agree_stop(active):
-                ctx.stopped = True
+            if ctx.finish_step(step, t0, active):
                 break
         seconds = time.perf_counter() - t_epoch
-        local.set_val(evaluate(model, ctx.data.val, ctx.kind, ctx.num_classes))
-        local.flag = 1.0 if ctx.stop.is_set() else 0.0
-        glob = ctx.reduce_sums(local, active)
-        ctx.stopped = ctx.stopped or glob.flag > 0
+        glob = ctx.epoch_sums(local, active, model)
         final = ctx.stopped or epoch == job.epochs
         ctx.epoch_end(epoch, step, glob, seconds, local, model, None, final)
         ctx.node_stats(sync_latency_ms=1000.0 * latency_s / max(1, syncs))

@@ -28,11 +28,11 @@ import torch.distributed as dist
 from workers.aggregation import AggregationError, aggregate
 
 from .adversary import HONEST, behavior_of, corrupt_gradient, describe, is_honest
-from .common import Sums, TrainedModel, epoch_order, evaluate, grad_norm, lr_factor, make_optimizer, set_lr
+from .common import Sums, TrainedModel, epoch_order, grad_norm, lr_factor, make_optimizer, set_lr
 from .consensus import WEIGHTED_RULES, Reputation, resolve_rule, rule_kwargs
 from .coord import agree, error_of
 from .federated import FAILED, _failed_info, flat_weights, set_weights
-from .runtime import STOP_CHECK_EVERY, Ctx
+from .runtime import Ctx
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +150,10 @@ def run_sync_robust(ctx: Ctx) -> TrainedModel:
             local.add_gnorm(grad_norm(params, job.grad_clip))
             opt.step()
             step += 1
-            ctx.steps += 1
-            ctx.step_seconds += time.perf_counter() - t0
-            ctx.sink.update(step=step)
-            if step % STOP_CHECK_EVERY == 0 and ctx.agree_stop(group):
-                ctx.stopped = True
+            if ctx.finish_step(step, t0, group):
                 break
         seconds = time.perf_counter() - t_epoch
-        if is_worker and ctx.data is not None:
-            local.set_val(evaluate(model, ctx.data.val, ctx.kind, ctx.num_classes))
-        local.flag = 1.0 if ctx.stop.is_set() else 0.0
-        glob = ctx.reduce_sums(local, group)
-        ctx.stopped = ctx.stopped or glob.flag > 0
+        glob = ctx.epoch_sums(local, group, model if is_worker and ctx.data is not None else None)
         final = ctx.stopped or epoch == job.epochs
         if reputation is not None:
             reputation.report(ctx.sink)

@@ -19,7 +19,7 @@ from torch import nn
 from workers.protocol import TrainJob
 
 from .checkpoint import checkpoint_dir, save_checkpoint
-from .common import Split, Sums, TrainedModel, batch_loss, rss_mb, try_load_optimizer
+from .common import Split, Sums, TrainedModel, batch_loss, evaluate, rss_mb, try_load_optimizer
 from .coord import Coordinator
 from .progress import ProgressSink
 from .setup import Encoded, Plan, Setup
@@ -129,6 +129,27 @@ class Ctx:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         self.comm_s += time.perf_counter() - t0
         return bool(flag.item() > 0)
+
+    def finish_step(self, step: int, t0: float, group: Any) -> bool:
+        """Book optimizer step ``step`` (just done, started at ``t0``): counters and progress.
+        True when the ranks of ``group`` agreed to stop (asked every STOP_CHECK_EVERY steps)."""
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - t0
+        self.sink.update(step=step)
+        if step % STOP_CHECK_EVERY == 0 and self.agree_stop(group):
+            self.stopped = True
+            return True
+        return False
+
+    def epoch_sums(self, local: Sums, group: Any, model: nn.Module | None) -> Sums:
+        """End of an epoch: evaluate ``model`` on this rank's validation part (when given), then
+        sum everyone's figures and stop flags over ``group``."""
+        if model is not None:
+            local.set_val(evaluate(model, self.data.val, self.kind, self.num_classes))
+        local.flag = 1.0 if self.stop.is_set() else 0.0
+        glob = self.reduce_sums(local, group)
+        self.stopped = self.stopped or glob.flag > 0
+        return glob
 
     def reduce_sums(self, sums: Sums, group: Any) -> Sums:
         t = sums.tensor()

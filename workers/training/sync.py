@@ -12,8 +12,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from workers.comm import make_ddp_hook
 
-from .common import Sums, TrainedModel, epoch_order, evaluate, grad_norm, lr_factor, make_optimizer, set_lr
-from .runtime import STOP_CHECK_EVERY, Ctx
+from .common import Sums, TrainedModel, epoch_order, grad_norm, lr_factor, make_optimizer, set_lr
+from .runtime import Ctx
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +59,10 @@ def run_sync(ctx: Ctx) -> TrainedModel:
                 local.add_gnorm(grad_norm(params, job.grad_clip))
                 opt.step()
                 step += 1
-                ctx.steps += 1
-                ctx.step_seconds += time.perf_counter() - t0
-                ctx.sink.update(step=step)
-                if step % STOP_CHECK_EVERY == 0 and ctx.agree_stop(group):
-                    ctx.stopped = True
+                if ctx.finish_step(step, t0, group):
                     break
             seconds = time.perf_counter() - t_epoch
-            local.set_val(evaluate(model, ctx.data.val, ctx.kind, ctx.num_classes))
-            local.flag = 1.0 if ctx.stop.is_set() else 0.0
-            glob = ctx.reduce_sums(local, group)
-            ctx.stopped = ctx.stopped or glob.flag > 0
+            glob = ctx.epoch_sums(local, group, model)
             hs = state.stats()
             rc = reducer.counters()
             ctx.bytes_sent, ctx.bytes_received = rc["bytes_sent"], rc["bytes_received"]
