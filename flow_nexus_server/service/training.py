@@ -285,6 +285,11 @@ class TrainingService:
                 failed = next((v for v in live.nodes if v.snapshot and v.snapshot.state == "failed"), None)
                 if live.error is None and failed is not None:
                     live.error = f"node {failed.node.id} ({failed.node.role}) failed: {failed.snapshot.error}"
+                    # A survivor often reports "connection closed by peer" before the dead peer's exit
+                    # is seen: look for the node that really died, so healing/takeover can act on it.
+                    live.lost = self._find_dead(cluster, live, launcher)
+                    if live.lost is not None:
+                        live.error = f"node {live.lost.id} ({live.lost.role}, rank {live.lost.rank}) died; {live.error}"
                 if live.error is not None:
                     can_restart = live.lost is not None and live.restarts < MAX_RESTARTS and not live.stop_requested
                     if can_restart and cluster.auto_healing and self._heal(live, cluster):
@@ -437,6 +442,23 @@ class TrainingService:
                 self._record_checkpoint(live, node, path, snap.epoch)
         # Samples were consumed: keep the snapshot without them (the cursor moved on).
         view.snapshot = snap.model_copy(update={"samples": []})
+
+    def _find_dead(self, cluster: Cluster, live: LiveSession, launcher: Any, grace_s: float = 3.0) -> Node | None:
+        """The session's node whose process is gone (or the monitor marked lost), waiting ``grace_s``."""
+        deadline = time.time() + grace_s
+        while True:
+            for view in live.nodes:
+                node = view.node
+                alive, code = launcher.is_alive(self.clusters.handle(node))
+                current = self.store.node(node.id)
+                if not alive or (current is not None and current.status not in ("starting", "running")):
+                    if not alive:
+                        reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
+                        self.clusters.node_lost(cluster, node, reason)
+                    return node
+            if time.time() >= deadline:
+                return None
+            time.sleep(0.1)
 
     @staticmethod
     def _lose(live: LiveSession, node: Node, message: str) -> None:
