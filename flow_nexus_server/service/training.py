@@ -482,6 +482,15 @@ class TrainingService:
             # Survivors may sit in a collective waiting for the dead peer: tell them to stop.
             parallel(lambda v: self.clusters.client(cluster, v.node).stop_training(),
                      [v for v in live.nodes if v.node.status in ("starting", "running")])
+        if status == "failed" and live.lost is not None:
+            # Leave the survivors ready for a new session (re-formed without the lost node) before
+            # the session reads as failed, so a caller that reacts at once finds them connected.
+            survivors = [v.node for v in live.nodes if v.node.id != live.lost.id]
+            try:
+                self._stop_and_wait(cluster, survivors, timeout=40)
+                self.clusters.reform(live.cluster_id)
+            except Exception as exc:
+                log.warning("re-forming cluster %s after the failure did not work: %s", live.cluster_id, exc)
         live.status = status
         view = live.view()
         final = {**view.metrics, "elapsed_s": view.elapsed_s, "epochs_done": view.epoch, "nodes": view.nodes}
@@ -497,14 +506,6 @@ class TrainingService:
                             f"session {live.session_id} {status}" + (f": {live.error}" if live.error else ""),
                             session_id=live.session_id)
         live.done.set()
-        if status == "failed" and live.lost is not None:
-            # Leave the survivors ready for a new session: re-form the group without the lost node.
-            survivors = [v.node for v in live.nodes if v.node.id != live.lost.id]
-            try:
-                self._stop_and_wait(cluster, survivors, timeout=90)
-                self.clusters.reform(live.cluster_id)
-            except Exception as exc:
-                log.warning("re-forming cluster %s after the failure did not work: %s", live.cluster_id, exc)
 
     # ----------------------------------------------------------------- status
     def session(self, session_id: str) -> TrainingSession:
