@@ -39,15 +39,10 @@ class RequestError(Exception):
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process, read now."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: peak RSS is the best portable figure
-        import resource
+    """Resident set size of this process, read now (the trainer's reading, in bytes)."""
+    from workers.training.common import rss_mb
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+    return int(rss_mb() * 2**20)
 
 
 class NodeAgent:
