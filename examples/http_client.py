@@ -6,7 +6,10 @@ Start a server first, e.g.:
 
 then run:
 
-    python examples/http_client.py --url http://127.0.0.1:8765/mcp --token s3cret
+    python examples/http_client.py --url http://127.0.0.1:8765/mcp --token=s3cret
+
+(write --token=VALUE with '=': a random token may begin with '-', which argparse would
+otherwise read as an option).
 
 It runs initialize (protocol 2025-11-25) -> notifications/initialized -> tools/list ->
 tools/call neural_cluster_init (with a progress token) -> tools/call neural_cluster_list, and
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8765/mcp", help="the server's MCP endpoint")
     ap.add_argument("--token", default=os.environ.get("FLOW_NEXUS_TOKEN"),
-                    help="bearer token (default: $FLOW_NEXUS_TOKEN)")
+                    help="bearer token, written --token=VALUE (default: $FLOW_NEXUS_TOKEN)")
     ap.add_argument("--name", default="http-example", help="name of the cluster to create")
     args = ap.parse_args(argv)
 

@@ -158,10 +158,13 @@ class HttpServer:
 
 @pytest.fixture
 def http_server(home: Path):
-    """A running HTTP server with a random bearer token; stopped (SIGTERM) afterwards."""
+    """A running HTTP server with a random bearer token; stopped (SIGTERM) afterwards.
+
+    The token always begins with '-' (token_urlsafe gives one in 64 such tokens): clients and
+    command lines must cope with it every run, not only on an unlucky one."""
     import secrets
 
-    server = HttpServer(home, secrets.token_urlsafe(24)).wait_ready()
+    server = HttpServer(home, "-" + secrets.token_urlsafe(24)).wait_ready()
     try:
         yield server
     finally:

@@ -32,7 +32,7 @@ def check_flow_output(out: str, name: str) -> str:
 
 def test_http_client_example(http_server):
     env = server_env(http_server.home)
-    proc = run_example("http_client.py", "--url", http_server.url, "--token", http_server.token,
+    proc = run_example("http_client.py", "--url", http_server.url, f"--token={http_server.token}",
                        "--name", "from-http-example", env=env)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^initialized: flow-nexus-server \S+ protocol 2025-11-25 session [0-9a-f]+$",
@@ -41,14 +41,14 @@ def test_http_client_example(http_server):
     assert re.search(r"^clusters \(1\):$", proc.stdout, re.M), proc.stdout
 
     # The cluster really exists on the server, and the progress token did not upset it.
-    again = run_example("http_client.py", "--url", http_server.url, "--token", http_server.token,
+    again = run_example("http_client.py", "--url", http_server.url, f"--token={http_server.token}",
                         "--name", "second", env=env)
     assert again.returncode == 0, again.stderr
     assert cid in again.stdout and re.search(r"^clusters \(2\):$", again.stdout, re.M), again.stdout
 
 
 def test_http_client_example_with_a_wrong_token(http_server):
-    proc = run_example("http_client.py", "--url", http_server.url, "--token", "wrong",
+    proc = run_example("http_client.py", "--url", http_server.url, "--token=wrong",
                        env=server_env(http_server.home))
     assert proc.returncode == 1
     assert "401" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
