@@ -6,6 +6,14 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from conftest import err, ok, pid_alive, server_command, server_env
+from flow_nexus_server.service.backend import gpus_visible_here
+
+
+def cuda_devices() -> int:
+    """What the nodes' torch (this venv's) sees."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 pytestmark = pytest.mark.anyio
 
@@ -25,6 +33,7 @@ async def test_full_lifecycle_over_stdio(home):
         init = await ok(client, "neural_cluster_init", {"name": "e2e", "topology": "mesh"})
         cid = init["cluster_id"]
         assert cid.startswith("dnc_") and init["status"] == "initializing"
+        assert init["backend"] == "auto"  # decided at connect, from the GPUs the nodes see
 
         deploy = await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 3})
         assert [n["status"] for n in deploy["nodes"]] == ["deployed"] * 3
@@ -34,6 +43,7 @@ async def test_full_lifecycle_over_stdio(home):
         assert conn["nodes_connected"] == 3 and conn["generation"] == 1
         assert {(e["from"], e["to"]) for e in conn["edges"]} == {(0, 1), (0, 2), (1, 2)}
         assert all(e["latency_ms"] > 0 and e["bandwidth_mbps"] > 0 for e in conn["edges"])
+        assert conn["backend"] == ("nccl" if cuda_devices() else "gloo")
 
         status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
         nodes = status["nodes"]
@@ -43,6 +53,7 @@ async def test_full_lifecycle_over_stdio(home):
         assert sorted(n["rank"] for n in nodes) == [0, 1, 2]
         assert all(n["rss_mb"] > 10 and n["heartbeat_age_s"] < 30 for n in nodes)
         assert status["group_state"] == "formed" and status["generation"] == 1
+        assert status["backend"] == conn["backend"]
 
         ring = await ok(client, "neural_cluster_connect", {"cluster_id": cid, "topology": "ring"})
         assert [(e["from"], e["to"]) for e in ring["edges"]] == [(0, 1), (1, 2), (2, 0)]
@@ -57,6 +68,11 @@ async def test_full_lifecycle_over_stdio(home):
         assert "dnc_nope" in missing and "does not exist" in missing
         too_many = await err(client, "neural_node_deploy", {"cluster_id": cid, "count": 6})
         assert "max_nodes" in too_many
+        if not gpus_visible_here():  # neither nccl nor GPU nodes can be had here: say so, start nothing
+            nccl = await err(client, "neural_cluster_init", {"name": "g", "backend": "nccl"})
+            assert "backend 'nccl' needs a CUDA device" in nccl and "'auto'" in nccl
+            gpus = await err(client, "neural_node_deploy", {"cluster_id": cid, "num_gpus": 1})
+            assert "num_gpus 1" in gpus and "no GPU" in gpus
 
         logs = await ok(client, "neural_node_logs", {"node_id": node_ids[0], "tail": 20})
         assert "listening" in logs["log"] and logs["lines"] <= 20

@@ -74,6 +74,8 @@ class NodeAgent:
     def health(self) -> p.HealthReply:
         import torch
 
+        from workers.devices import cuda_device_count
+
         return p.HealthReply(
             node_id=self.node_id,
             cluster_id=self.cluster_id,
@@ -82,6 +84,7 @@ class NodeAgent:
             rss_bytes=rss_bytes(),
             uptime_s=time.time() - self.started,
             torch_threads=torch.get_num_threads(),
+            cuda_devices=cuda_device_count(),
             group=self.membership.info,
             job_state=self.sink.snapshot(1 << 62).state if self.sink else "idle",
             time=time.time(),

@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from workers.devices import group_backend, pin_device
 from workers.protocol import CollectiveBenchRequest, CollectiveTiming, EdgeMeasurement, GroupInfo, JoinRequest, ProbeRequest
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,13 @@ class Membership:
         start = time.perf_counter()
         timeout = timedelta(seconds=req.timeout_s)
         try:
+            device = pin_device(req.backend, req.local_rank)
             self._store = dist.TCPStore(
                 req.store_host, req.store_port, is_master=False, timeout=timeout
             )
             prefixed = dist.PrefixStore(req.store_prefix, self._store)
             dist.init_process_group(
-                req.backend,
+                group_backend(req.backend),
                 store=prefixed,
                 rank=req.rank,
                 world_size=req.world_size,
@@ -54,7 +56,8 @@ class Membership:
                 f"joining generation {req.generation} as rank {req.rank}/{req.world_size} failed: {exc}"
             ) from exc
         self.info = GroupInfo(
-            generation=req.generation, rank=req.rank, world_size=req.world_size, backend=req.backend
+            generation=req.generation, rank=req.rank, world_size=req.world_size, backend=req.backend,
+            device=str(device),
         )
         log.info("joined generation %d as rank %d of %d", req.generation, req.rank, req.world_size)
         return (time.perf_counter() - start) * 1000

@@ -58,6 +58,8 @@ class GroupInfo(BaseModel):
     rank: int
     world_size: int
     backend: Backend
+    device: str = Field("cpu", description="Where this node computes synchronous training: cpu, or the "
+                                           "cuda device it pinned by local rank (backend nccl)")
 
 
 class HealthReply(BaseModel):
@@ -68,6 +70,7 @@ class HealthReply(BaseModel):
     rss_bytes: int = Field(description="Resident set size of the node process, measured now")
     uptime_s: float
     torch_threads: int
+    cuda_devices: int = Field(0, description="CUDA devices the node's torch sees (0 on a CPU build)")
     group: GroupInfo | None = Field(None, description="None until the node has joined a group")
     job_state: JobState = "idle"
     time: float = Field(description="Node wall clock (time.time()) when it answered")
@@ -81,6 +84,8 @@ class JoinRequest(BaseModel):
     store_port: int = Field(ge=1, le=65535)
     store_prefix: str = Field(description="PrefixStore namespace, unique per cluster and generation")
     backend: Backend = "gloo"
+    local_rank: int = Field(0, ge=0, description="Position among the ranks on the node's host; with nccl "
+                                                 "the node pins cuda:(local_rank % devices it sees)")
     timeout_s: float = Field(30.0, gt=0, description="Process-group timeout for collectives")
 
 

@@ -27,6 +27,7 @@ from flow_nexus_server.launchers.base import log_tail
 from flow_nexus_server.launchers.docker import DockerLauncher, UnavailableLauncher
 from flow_nexus_server.launchers.warm import WarmSubprocessLauncher
 from flow_nexus_server.launchers.local import NODE_LOG
+from flow_nexus_server.service.backend import check_gpus, check_requested, choose_backend, local_ranks
 from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
 from flow_nexus_server.service.rendezvous import Rendezvous
@@ -187,11 +188,7 @@ class ClusterService:
         if not usable:
             raise ServiceError(f"launcher {launcher!r} cannot start nodes: {reason}. "
                                "Use launcher 'subprocess' (local node processes) or fix the above")
-        if backend == "nccl":
-            raise ServiceError(
-                "backend 'nccl' needs a CUDA device on every node and none is visible here; "
-                "use backend 'auto' or 'gloo'"
-            )
+        check_requested(backend, launcher)
         if max_nodes > self.settings.limits.max_nodes_per_cluster:
             raise ServiceError(
                 f"max_nodes {max_nodes} is above this server's limit of "
@@ -208,11 +205,12 @@ class ClusterService:
         cluster_id = "dnc_" + secrets.token_hex(6)
         directory = self.settings.clusters_dir / cluster_id
         (directory / "nodes").mkdir(parents=True)
-        options = {"wasmOptimization": wasm_optimization, "daaEnabled": daa_enabled, **(extra or {})}
+        options = {"wasmOptimization": wasm_optimization, "daaEnabled": daa_enabled, **(extra or {}),
+                   "backend_requested": backend}
         cluster = Cluster(
             id=cluster_id, name=name, status="initializing", topology=topology,
             architecture=architecture, consensus=consensus, launcher=launcher,
-            backend="gloo", max_nodes=max_nodes, auto_healing=auto_healing,
+            backend=backend, max_nodes=max_nodes, auto_healing=auto_healing,
             token=secrets.token_hex(32), directory=str(directory), options=options,
             created_at=time.time(),
         )
@@ -231,9 +229,11 @@ class ClusterService:
     def deploy_nodes(self, cluster_id: str, *, role: str, count: int, model: str,
                      capabilities: list[str], autonomy: float, template: str,
                      layers: list[dict[str, Any]] | None,
-                     options: dict[str, Any] | None = None, memory_mb: int | None = None) -> r.DeployReply:
+                     options: dict[str, Any] | None = None, memory_mb: int | None = None,
+                     num_cpus: float = 1.0, num_gpus: float = 0.0) -> r.DeployReply:
         with self.lock(cluster_id):
             cluster = self.get_cluster(cluster_id)
+            check_gpus(num_gpus, cluster.launcher)
             check_memory(count, memory_mb or self.settings.limits.node_memory_mb)
             live = self.store.nodes(cluster_id)
             if len(live) + count > cluster.max_nodes:
@@ -258,7 +258,8 @@ class ClusterService:
                 nodes.append(Node(
                     id=node_id, cluster_id=cluster_id, seq=seq0 + i, role=role, status="starting",
                     model=model, capabilities=capabilities, layers=layers,
-                    options={"autonomy": autonomy, "template": template, **(options or {})},
+                    options={"autonomy": autonomy, "template": template, "num_cpus": num_cpus,
+                             "num_gpus": num_gpus, **(options or {})},
                     sandbox=str(sandbox), created_at=time.time(),
                 ))
             with self.store.session() as s:
@@ -312,7 +313,8 @@ class ClusterService:
     def _start_node(self, cluster: Cluster, node: Node) -> float:
         """Launch one node and wait for its health check; returns the start-up time."""
         start = time.monotonic()
-        spec = NodeSpec(node.id, cluster.id, node.role, Path(node.sandbox), cluster.token)
+        spec = NodeSpec(node.id, cluster.id, node.role, Path(node.sandbox), cluster.token,
+                        num_cpus=node.options.get("num_cpus", 1.0), num_gpus=node.options.get("num_gpus", 0.0))
         handle = self.launcher(cluster).launch(spec, self.settings.node_start_timeout_s)
         self.store.update(Node, node.id, host=handle.host, port=handle.port, pid=handle.pid,
                           launcher_ref=handle.ref)
@@ -370,12 +372,14 @@ class ClusterService:
         generation = cluster.generation + 1
         host, port = self.rendezvous.address(cluster.id, cluster.store_port)
         world = len(ordered)
+        backend, why = self._choose_backend(cluster, ordered)
+        local = local_ranks([n.host for n in ordered])
 
         def join(item: tuple[int, Node]) -> p.JoinReply:
             rank, node = item
             req = p.JoinRequest(
                 generation=generation, rank=rank, world_size=world, store_host=host, store_port=port,
-                store_prefix=f"{cluster.id}/g{generation}", backend="gloo",
+                store_prefix=f"{cluster.id}/g{generation}", backend=backend, local_rank=local[rank],
                 timeout_s=self.settings.group_timeout_s,
             )
             return self.client(cluster, node).join(req)
@@ -417,18 +421,35 @@ class ClusterService:
             c = s.get(Cluster, cluster.id)
             c.generation, c.connected_topology, c.status = generation, topology, "connected"
             c.needs_connect_reason, c.store_host, c.store_port = None, host, port
+            c.backend = backend
             c.options = {**c.options, "network": {**health.model_dump(), "edges": len(out_edges)}}
-        cluster.generation = generation
+        cluster.generation, cluster.backend = generation, backend
         self.event(cluster.id, "group_formed",
-                   f"generation {generation}: {world} node(s) joined, {topology} with {len(out_edges)} edge(s)",
-                   data={"generation": generation, "topology": topology})
+                   f"generation {generation}: {world} node(s) joined over {backend} ({why}), "
+                   f"{topology} with {len(out_edges)} edge(s)",
+                   data={"generation": generation, "topology": topology, "backend": backend})
         return r.ConnectReply(
-            success=True, cluster_id=cluster.id, topology=topology, backend="gloo", generation=generation,
+            success=True, cluster_id=cluster.id, topology=topology, backend=backend, generation=generation,
             connections=len(out_edges), nodes_connected=world,
             ranks=[r.RankInfo(node_id=n.id, rank=i, role=n.role) for i, n in enumerate(ordered)],
             edges=out_edges, network_health=health,
             join_ms_max=max(j.join_ms for j in joined),  # type: ignore[union-attr]
         )
+
+    def _choose_backend(self, cluster: Cluster, ordered: list[Node]) -> tuple[str, str]:
+        """(backend, why) for this group: gloo when asked for; otherwise from the CUDA devices
+        each node reports (one health round trip, only when nccl is possible)."""
+        requested = cluster.options.get("backend_requested", "auto")
+        if requested == "gloo":
+            return choose_backend("gloo", {})
+        replies = parallel(lambda n: self.client(cluster, n).health(), ordered)
+        errors = [f"{n.id}: {res}" for n, res in zip(ordered, replies) if isinstance(res, BaseException)]
+        if errors and requested == "nccl":
+            raise ServiceError(f"cannot ask the nodes of cluster {cluster.id} which GPUs they see: "
+                               f"{'; '.join(errors)}. Check them with neural_node_logs, then reconnect")
+        if errors:  # auto: gloo, and the join below fails on those nodes with the usual report
+            return "gloo", f"{len(errors)} node(s) did not answer"
+        return choose_backend(requested, {n.id: h.cuda_devices for n, h in zip(ordered, replies)})  # type: ignore[union-attr]
 
     def _mark_needs_connect(self, cluster: Cluster, generation: int, reason: str) -> None:
         with self.store.session() as s:
