@@ -185,3 +185,13 @@ async def err(client, tool: str, args: dict) -> str:
     text = result.content[0].text
     assert "Traceback" not in text
     return text
+
+
+def held_out_digits(n: int = 200) -> tuple[list[list[float]], list[int]]:
+    """``n`` digits examples from the validation split training leaves out (seed 0)."""
+    from workers.data import load_dataset, train_val_split
+
+    ds = load_dataset("digits")
+    _, val = train_val_split(len(ds), 0.2, 0, stratify=ds.y)
+    val = val[:n]
+    return ds.X[val].tolist(), ds.y[val].tolist()

@@ -13,17 +13,9 @@ from mcp import Client
 
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
-from workers.data import load_dataset, train_val_split
-from conftest import err, ok
+from conftest import err, held_out_digits, ok
 
 pytestmark = pytest.mark.anyio
-
-
-def held_out_digits(n: int = 200) -> tuple[list[list[float]], list[int]]:
-    ds = load_dataset("digits")
-    _, val = train_val_split(len(ds), 0.2, 0, stratify=ds.y)
-    val = val[:n]
-    return ds.X[val].tolist(), ds.y[val].tolist()
 
 
 def png_size(data: bytes) -> tuple[int, int]:

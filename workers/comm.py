@@ -813,9 +813,43 @@ def make_ddp_hook(
         return st.submit(job)
 
     if compression is not None:
-        hook = topk_hook
+        hook = _staged_on_cpu(topk_hook)
     elif reducer.topology == "mesh":
-        hook = dense_mesh_hook
+        hook = dense_mesh_hook  # a GPU bucket goes straight to NCCL
     else:
-        hook = dense_thread_hook
+        hook = _staged_on_cpu(dense_thread_hook)
     return state, hook
+
+
+class _CpuBucket:
+    """A GPU gradient bucket seen through a CPU copy of its buffer."""
+
+    def __init__(self, bucket: Any, buffer: torch.Tensor) -> None:
+        self._bucket, self._buffer = bucket, buffer
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def parameters(self) -> Any:
+        return self._bucket.parameters()
+
+    def index(self) -> int:
+        return int(self._bucket.index())
+
+
+def _staged_on_cpu(hook: Callable[[CommHookState, Any], torch.futures.Future]) -> Callable[[CommHookState, Any], torch.futures.Future]:
+    """The point-to-point schedules (ring, star, hierarchical) and the top-k exchange are
+    written for CPU tensors over gloo: a GPU bucket is copied to CPU, exchanged there, and the
+    result copied back into the bucket. CPU buckets pass straight through."""
+
+    def staged(st, bucket):  # type: ignore[no-untyped-def]
+        buf = bucket.buffer()
+        if not buf.is_cuda:
+            return hook(st, bucket)
+
+        def back(fut: torch.futures.Future) -> torch.Tensor:
+            return buf.copy_(fut.value())
+
+        return hook(st, _CpuBucket(bucket, buf.cpu())).then(back)
+
+    return staged

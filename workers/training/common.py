@@ -3,7 +3,6 @@ and the layout of the metric sums that ranks all-reduce."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.data import Tokenizer
+from workers.devices import autocast
 from workers.models import PAD_ID, TaskInfo
 
 log = logging.getLogger(__name__)
@@ -149,12 +149,6 @@ def epoch_order(n: int, seed: int, epoch: int, salt: int) -> np.ndarray:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(salt)]).permutation(n)
 
 
-def autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    if enabled:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def batch_loss(
     model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, kind: str, amp: bool
 ) -> tuple[torch.Tensor, int, int, int]:
@@ -162,7 +156,7 @@ def batch_loss(
 
     Classification counts examples; language modelling counts predicted tokens.
     """
-    with autocast(amp):
+    with autocast(amp, xb.device):
         out = model(xb)
     out = out.float()
     if kind == "lm":
@@ -280,6 +274,7 @@ def evaluate(model: nn.Module, split: Split | None, kind: str, num_classes: int)
     if split is None or len(split) == 0:
         return out
     was_training = model.training
+    device = next(model.parameters(), torch.empty(0)).device  # cuda in synchronous training on nccl
     model.eval()
     size = LM_EVAL_BATCH if kind == "lm" else EVAL_BATCH
     if kind == "text":  # long texts: keep attention / activation memory of a batch bounded
@@ -287,7 +282,7 @@ def evaluate(model: nn.Module, split: Split | None, kind: str, num_classes: int)
     try:
         for sl in iter_batches(len(split), size):
             xb, yb = split.X[sl], split.y[sl]
-            logits = model(xb).float()
+            logits = model(xb.to(device)).float().cpu()
             if kind == "lm":
                 flat = logits.reshape(-1, logits.shape[-1])
                 target = yb.reshape(-1)

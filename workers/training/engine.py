@@ -97,9 +97,9 @@ def _run(job: TrainJob, node_id: str, sandbox: Path, sink: ProgressSink, stop: t
          groups: dict[str, Any]) -> tuple[TrainedModel | None, str]:
     rank, world = dist.get_rank(), dist.get_world_size()
     backend = dist.get_backend()
-    if backend != "gloo":
-        raise TrainingError(f"the training engine runs on CPU over gloo; this group uses {backend!r}. "
-                            "Join the cluster with backend 'gloo'")
+    if "gloo" not in backend:
+        raise TrainingError(f"the training engine needs gloo for its CPU collectives; this group uses "
+                            f"{backend!r}. Reconnect the cluster (backend auto, gloo or nccl)")
     plan = make_plan(job, rank, world)
     sink.set_reporter(rank == plan.reporter)
     sink.update(epoch=0, step=0, total_epochs=job.rounds if job.mode == "federated" else job.epochs)
@@ -192,7 +192,8 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
 
     # 7. the mode
     ctx = Ctx(job=job, plan=plan, setup=setup, sink=sink, stop=stop, coord=coord, sandbox=sandbox, data=enc,
-              model=model, start=start, ckpt=ckpt, groups=groups, judge_val=judge_val)
+              model=model, start=start, ckpt=ckpt, groups=groups, judge_val=judge_val,
+              device=_compute_device(job, plan, sink))
     sink.set_state("running")
     if not plan.is_active:
         sink.log(f"no part for role {plan.role} in {job.mode} training; waiting for the training ranks")
@@ -241,6 +242,22 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
         coord.set_done(state)
     dist.barrier()
     return result, state
+
+
+def _compute_device(job: TrainJob, plan: Plan, sink: ProgressSink) -> torch.device:
+    """The GPU pinned at join (nccl groups) for plain synchronous data parallel, else CPU. The
+    other modes exchange whole models through CPU code paths, so they compute on CPU."""
+    if "nccl" not in dist.get_backend():
+        return torch.device("cpu")
+    if job.mode == "sync" and plan.consensus != "byzantine":
+        device = torch.device("cuda", torch.cuda.current_device())
+        if plan.is_worker:
+            sink.log(f"computing on {device} ({torch.cuda.get_device_name(device)}); gradients over NCCL")
+        return device
+    if plan.rank == plan.reporter:
+        sink.log(f"{job.mode} training{' with byzantine consensus' if job.mode == 'sync' else ''} computes "
+                 "on CPU over gloo; the GPUs serve plain synchronous data parallel")
+    return torch.device("cpu")
 
 
 def _make_groups(plan: Plan, groups: dict[str, Any]) -> None:

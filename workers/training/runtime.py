@@ -46,6 +46,8 @@ class Ctx:
     groups: dict[str, Any]
     judge_val: Split | None = None
     """The whole validation split on a rank that judges candidate models (proof-of-learning)."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where synchronous data parallel computes: the pinned GPU on an nccl group, else CPU."""
     # node counters
     bytes_sent: float = 0.0
     bytes_received: float = 0.0
@@ -100,7 +102,7 @@ class Ctx:
         B = self.job.batch_size
         for k in range(accum):
             idx = torch.from_numpy(order[(first + k) * B : (first + k + 1) * B])
-            xb, yb = X[idx], y[idx]
+            xb, yb = X[idx].to(self.device), y[idx].to(self.device)
             cm = no_sync() if (no_sync is not None and k < accum - 1) else contextlib.nullcontext()
             with cm:
                 loss, correct, count, tokens = batch_loss(model, xb, yb, self.kind, self.job.mixed_precision)
@@ -243,6 +245,7 @@ class Ctx:
         self.say(f"checkpoint written: {path}")
 
     def trained(self, model: nn.Module, local_model: nn.Module | None = None) -> TrainedModel:
+        model = model.cpu()  # the node serves, exports and checkpoints from CPU
         model.eval()
         if local_model is not None:
             local_model.eval()

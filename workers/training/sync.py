@@ -23,9 +23,10 @@ def run_sync(ctx: Ctx) -> TrainedModel:
     assert ctx.data is not None
     group = ctx.groups["workers"]
     reducer = ctx.groups["reducer"]
-    model = ctx.model
+    model = ctx.model.to(ctx.device)
     model.train()
-    ddp = DDP(model, process_group=group)
+    on_gpu = ctx.device.type == "cuda"
+    ddp = DDP(model, process_group=group, device_ids=[ctx.device.index] if on_gpu else None)
     state, hook = make_ddp_hook(reducer, compression=job.gradient_compression)
     ddp.register_comm_hook(state, hook)
     opt = make_optimizer(job.optimizer, model.parameters(), job.learning_rate)
