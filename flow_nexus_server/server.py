@@ -132,7 +132,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
             svc().init_cluster, name=name, topology=topology, architecture=architecture, consensus=consensus,
             launcher=launcher, backend=backend, max_nodes=max_nodes, auto_healing=auto_healing,
             wasm_optimization=wasmOptimization, daa_enabled=daaEnabled,
-            extra={"replication_factor": replication_factor, "backend_requested": backend},
+            extra={"replication_factor": replication_factor},
         )
 
     @mcp.tool(title="Deploy nodes", annotations=CREATES)
@@ -157,6 +157,11 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         behavior_scale: Annotated[float, Field(ge=0, le=1e6, description="Noise scale (gaussian_noise) or factor (scaled)")] = 1.0,
         memory_mb: Annotated[int | None, Field(ge=64, le=16_777_216, description=(
             "Memory each node needs; the deploy is refused when the host lacks it (default FLOW_NEXUS_NODE_MEMORY_MB, 400)"))] = None,
+        num_cpus: Annotated[float, Field(gt=0, le=256, description=(
+            "CPUs each node reserves: its Ray placement-group bundle (launcher ray), docker run --cpus (launcher docker)"))] = 1.0,
+        num_gpus: Annotated[float, Field(ge=0, le=16, description=(
+            "GPUs each node reserves (launcher ray: Ray sets CUDA_VISIBLE_DEVICES; launcher docker: docker run --gpus); "
+            "launcher subprocess refuses it on a machine without GPUs"))] = 0.0,
     ) -> r.DeployReply:
         """Start node processes; returns once each answers its health check (or with each failure's text)."""
         if model == "custom" and not layers:
@@ -164,7 +169,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         return await call(
             svc().deploy_nodes, cluster_id, role=role or node_type, count=count, model=model,
             capabilities=list(dict.fromkeys(capabilities)), autonomy=autonomy, template=template, layers=layers,
-            memory_mb=memory_mb,
+            memory_mb=memory_mb, num_cpus=num_cpus, num_gpus=num_gpus,
             options={"behavior": {"kind": behavior, "scale": behavior_scale}} if behavior != "honest" else None,
         )
 
@@ -230,7 +235,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0,
         grad_clip: Annotated[float | None, Field(gt=0, le=1e6, description="Clip the global gradient norm")] = None,
         gradient_accumulation: Annotated[int, Field(ge=1, le=64, description="Micro-batches per optimizer step")] = 1,
-        mixed_precision: Annotated[bool, Field(description="bf16 autocast on CPU")] = False,
+        mixed_precision: Annotated[bool, Field(description="bf16 autocast (CPU, and the GPU of synchronous training on nccl where it supports bf16)")] = False,
         gradient_compression: Annotated[float | None, Field(gt=0, le=1, description="Top-k ratio of gradient entries sent (error feedback keeps the rest)")] = None,
         gradient_checkpointing: Annotated[bool, Field(description="Recompute activations in backward to save memory")] = False,
         checkpoint_every: Annotated[int, Field(ge=0, le=1000, description="Epochs/rounds between checkpoints (0: only at the end)")] = 0,

@@ -37,6 +37,17 @@ def test_container_spec(tmp_path):
     assert "--label" in argv and "flow-nexus.cluster=dnc_0123456789ab" in argv
 
 
+def test_container_reserves_the_cpus_and_whole_gpus_of_the_deploy_call(tmp_path):
+    plain = DockerLauncher().run_command(spec(tmp_path))
+    assert plain[plain.index("--cpus") + 1] == "1" and "--gpus" not in plain
+    gpu = NodeSpec("node_abcd1234", "dnc_0123456789ab", "worker", tmp_path / "sandbox", TOKEN,
+                   num_cpus=2.5, num_gpus=0.5)
+    argv = DockerLauncher(image="img").run_command(gpu)
+    assert argv[argv.index("--cpus") + 1] == "2.5"
+    assert argv[argv.index("--gpus") + 1] == "1"  # docker hands out whole devices
+    assert argv.index("--gpus") < argv.index("img"), "docker options go before the image"
+
+
 def test_bridge_network_binds_all_interfaces_inside_the_container(tmp_path):
     argv = DockerLauncher(network="bridge").run_command(spec(tmp_path))
     assert argv[argv.index("--host") + 1] == "0.0.0.0"

@@ -36,6 +36,15 @@ def named_actors() -> set[str]:
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
 
 
+def placement_bundles(node_id: str) -> list[dict[str, float]]:
+    from ray.util.placement_group import placement_group_table
+
+    for pg in placement_group_table().values():
+        if pg["name"] == actor_name(node_id) and pg["state"] != "REMOVED":
+            return list(pg["bundles"].values())
+    raise AssertionError(f"no placement group for {node_id}")
+
+
 def live_placement_groups() -> set[str]:
     from ray.util.placement_group import placement_group_table
 
@@ -175,9 +184,11 @@ async def test_lifecycle_train_predict_terminate(home, ray_cluster):
 async def test_killed_actor_is_seen_as_failed(home, ray_cluster):
     async with Client(build_server(Settings.from_env(home))) as client:
         cid = (await ok(client, "neural_cluster_init", {"name": "kill", "launcher": "ray"}))["cluster_id"]
-        nodes = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2}))["nodes"]
+        nodes = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2, "num_cpus": 0.5}))["nodes"]
         await ok(client, "neural_cluster_connect", {"cluster_id": cid})
         victim, survivor = nodes[0]["node_id"], nodes[1]["node_id"]
+        # The deploy call's resources are what Ray reserved for each node.
+        assert placement_bundles(victim) == [{"CPU": 0.5}]
 
         ray.kill(ray.get_actor(actor_name(victim), namespace=NAMESPACE), no_restart=True)
         killed = time.monotonic()

@@ -19,8 +19,8 @@ class NodeSpec:
     sandbox: Path
     token: str
     threads: int = 1
-    # Resources a node reserves where the launcher schedules by resources (ray: its placement
-    # group bundle and actor options). The other launchers ignore them.
+    # Resources a node reserves from the deploy call: ray puts them in its placement-group bundle
+    # and actor options, docker passes --cpus / --gpus; local processes share the host.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 

@@ -9,6 +9,7 @@ environment of the `docker run` process, so `ps` never shows it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -44,7 +45,8 @@ class DockerLauncher:
         return f"flow-nexus-{spec.cluster_id}-{spec.node_id}"
 
     def run_command(self, spec: NodeSpec) -> list[str]:
-        """The `docker run` argv: image, env names (values come from the environment), volume, network."""
+        """The `docker run` argv: image, env names (values come from the environment), volume, network,
+        CPUs and GPUs (whole devices: docker cannot share one)."""
         return [
             self.docker, "run", "--detach", "--init",
             "--name", self.container_name(spec),
@@ -54,6 +56,8 @@ class DockerLauncher:
             "--env", TOKEN_ENV,  # name only: the value is taken from this process's environment
             "--env", f"OMP_NUM_THREADS={spec.threads}",
             "--volume", f"{spec.sandbox}:{SANDBOX_IN_CONTAINER}",
+            "--cpus", f"{spec.num_cpus:g}",
+            *(["--gpus", str(math.ceil(spec.num_gpus))] if spec.num_gpus > 0 else []),
             self.image,
             "--node-id", spec.node_id, "--cluster-id", spec.cluster_id, "--role", spec.role,
             "--sandbox", SANDBOX_IN_CONTAINER, "--threads", str(spec.threads),
