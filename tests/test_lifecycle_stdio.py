@@ -54,6 +54,9 @@ async def test_full_lifecycle_over_stdio(home):
         assert all(n["rss_mb"] > 10 and n["heartbeat_age_s"] < 30 for n in nodes)
         assert status["group_state"] == "formed" and status["generation"] == 1
         assert status["backend"] == conn["backend"]
+        if conn["backend"] == "gloo":  # each node says where it computes and what it sees
+            assert all(n["metrics"]["device"] == "cpu" for n in nodes)
+            assert all(n["metrics"]["cuda_devices"] == cuda_devices() for n in nodes)
 
         ring = await ok(client, "neural_cluster_connect", {"cluster_id": cid, "topology": "ring"})
         assert [(e["from"], e["to"]) for e in ring["edges"]] == [(0, 1), (1, 2), (2, 0)]

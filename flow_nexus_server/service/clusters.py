@@ -529,7 +529,8 @@ class ClusterService:
                 connections=sum(1 for a, b in edge_list if node.rank in (a, b)) if formed else 0,
                 capabilities=node.capabilities, error=node.error,
                 metrics={"uptime_s": round(h.uptime_s, 1), "torch_threads": h.torch_threads,
-                         "job_state": h.job_state} if healthy else {},
+                         "job_state": h.job_state, "cuda_devices": h.cuda_devices,
+                         "device": h.group.device if h.group else None} if healthy else {},
             ))
         net = cluster.options.get("network", {})
         with self.store.session() as s:
