@@ -74,7 +74,7 @@ class NodeAgent:
     def health(self) -> p.HealthReply:
         import torch
 
-        from workers.devices import cuda_device_count
+        from workers.devices import cuda_device_count, cuda_visible
 
         return p.HealthReply(
             node_id=self.node_id,
@@ -85,6 +85,7 @@ class NodeAgent:
             uptime_s=time.time() - self.started,
             torch_threads=torch.get_num_threads(),
             cuda_devices=cuda_device_count(),
+            cuda_visible=cuda_visible(),
             group=self.membership.info,
             job_state=self.sink.snapshot(1 << 62).state if self.sink else "idle",
             time=time.time(),

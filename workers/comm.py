@@ -547,6 +547,8 @@ class CommHookState:
         self.received_bytes = 0
         self.comm_seconds = 0.0
         self.buckets = 0
+        # GPU buckets on the mesh path: (start, end) CUDA events, read when stats() is asked.
+        self._gpu_spans: list[tuple[Any, Any]] = []
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[Callable[[], torch.Tensor], torch.futures.Future] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -572,9 +574,15 @@ class CommHookState:
         ``comm_seconds``: summed over buckets; on the mesh path from launching a bucket's async
         collective to its averaged gradient (overlapping backward computation and, possibly,
         other buckets), on the thread path the time the thread spent on the bucket (plus the
-        top-k selection when compressing).
+        top-k selection when compressing). A GPU bucket on the mesh path is timed on its CUDA
+        stream, from the gradient being ready to the averaged result (its future completes at
+        launch, so host time would read near zero).
         """
         with self._lock:
+            for began, ended in self._gpu_spans:
+                ended.synchronize()
+                self.comm_seconds += began.elapsed_time(ended) / 1000.0
+            self._gpu_spans.clear()
             return {
                 "dense_bytes": self.dense_bytes,
                 "sent_bytes": self.sent_bytes,
@@ -639,6 +647,15 @@ class CommHookState:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cuda_event(t: torch.Tensor) -> Any:
+    """A timing event recorded now on ``t``'s current CUDA stream; None for a CPU tensor."""
+    if not t.is_cuda:
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(t.device))
+    return event
 
 
 def _done_future(value: torch.Tensor) -> torch.futures.Future:
@@ -749,10 +766,18 @@ def make_ddp_hook(
             return _done_future(buf)
         sent, received = red.dense_bytes_for(buf.numel(), buf.element_size())
         start = time.perf_counter()
+        began = _cuda_event(buf)
         work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=red.group, async_op=True)
 
         def finish(fut: torch.futures.Future) -> torch.Tensor:
             out = fut.value()[0].div_(red.size)
+            if began is not None:  # NCCL: time it on the stream, read in stats()
+                ended = _cuda_event(out)
+                red._account(sent, received, 0.0)
+                st._record(sent, sent, received, 0.0)
+                with st._lock:
+                    st._gpu_spans.append((began, ended))
+                return out
             seconds = time.perf_counter() - start
             red._account(sent, received, seconds)
             st._record(sent, sent, received, seconds)

@@ -71,6 +71,7 @@ class HealthReply(BaseModel):
     uptime_s: float
     torch_threads: int
     cuda_devices: int = Field(0, description="CUDA devices the node's torch sees (0 on a CPU build)")
+    cuda_visible: str | None = Field(None, description="The node's CUDA_VISIBLE_DEVICES, None when unset")
     group: GroupInfo | None = Field(None, description="None until the node has joined a group")
     job_state: JobState = "idle"
     time: float = Field(description="Node wall clock (time.time()) when it answered")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ServiceError
@@ -46,24 +47,67 @@ def check_gpus(num_gpus: float, launcher: str) -> None:
         )
 
 
-def choose_backend(requested: str, cuda_devices: dict[str, int]) -> tuple[str, str]:
-    """(backend, why) for a group of nodes; ``cuda_devices`` maps node id -> CUDA devices its
-    torch sees. ``auto`` picks nccl only when every node sees one; ``nccl`` without that is a
-    ServiceError naming the nodes that see none."""
-    blind = sorted(node for node, n in cuda_devices.items() if n < 1)
+@dataclass(frozen=True)
+class NodeGpus:
+    """What one node reported about its GPUs (health reply), with the host it runs on."""
+
+    node_id: str
+    host: str | None
+    devices: int
+    visible: str | None = None  # its CUDA_VISIBLE_DEVICES
+
+
+def choose_backend(requested: str, nodes: list[NodeGpus]) -> tuple[str, str]:
+    """(backend, why) for a group of ``nodes`` in rank order. ``auto`` picks nccl only when
+    every node sees a GPU and no two nodes would pin the same one (NCCL takes one GPU per
+    rank); ``nccl`` without that is a ServiceError that names the nodes."""
     if requested == "gloo":
         return "gloo", "backend 'gloo' was asked for"
-    if requested == "nccl":
-        if blind:
+    blind = sorted(n.node_id for n in nodes if n.devices < 1)
+    if blind:
+        if requested == "nccl":
             raise ServiceError(
                 f"backend 'nccl' needs a CUDA device on every node, and {', '.join(blind)} "
                 f"{'sees' if len(blind) == 1 else 'see'} none; reconnect with backend 'auto' or 'gloo' "
                 "(neural_cluster_init), or replace those nodes with GPU nodes"
             )
-        return "nccl", "backend 'nccl' was asked for and every node sees a CUDA device"
-    if cuda_devices and not blind:
-        return "nccl", "every node sees a CUDA device"
-    return "gloo", f"{len(blind)} of {len(cuda_devices)} node(s) see no CUDA device"
+        return "gloo", f"{len(blind)} of {len(nodes)} node(s) see no CUDA device"
+    if not nodes:
+        return "gloo", "no nodes"
+    clash = shared_gpu(nodes)
+    if clash is not None:
+        first, second, gpu, host = clash
+        problem = (f"{first} and {second} would both pin GPU {gpu} of {host or 'the same host'}, and NCCL "
+                   "takes one GPU per rank")
+        if requested == "nccl":
+            raise ServiceError(
+                f"backend 'nccl': {problem}; deploy at most as many nodes on a machine as it has GPUs, "
+                "give each node a GPU of its own (num_gpus 1 with launcher ray), or use backend 'auto' or 'gloo'"
+            )
+        return "gloo", problem
+    if requested == "nccl":
+        return "nccl", "backend 'nccl' was asked for and every node has a GPU of its own"
+    return "nccl", "every node has a GPU of its own"
+
+
+def pinned_gpu(local_rank: int, devices: int, visible: str | None) -> str:
+    """The host GPU a node pins: its ``local_rank % devices`` visible device, named by the
+    CUDA_VISIBLE_DEVICES entry it maps to when that variable lists them."""
+    index = local_rank % devices
+    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
+    return entries[index] if len(entries) >= devices else str(index)
+
+
+def shared_gpu(nodes: list[NodeGpus]) -> tuple[str, str, str, str | None] | None:
+    """(first node, second node, gpu, host) for the first two nodes that would pin the same
+    GPU of the same host, or None."""
+    owner: dict[tuple[str | None, str], str] = {}
+    for node, local in zip(nodes, local_ranks([n.host for n in nodes])):
+        key = (node.host, pinned_gpu(local, node.devices, node.visible))
+        if key in owner:
+            return owner[key], node.node_id, key[1], node.host
+        owner[key] = node.node_id
+    return None
 
 
 def local_ranks(hosts: list[str | None]) -> list[int]:

@@ -27,7 +27,7 @@ from flow_nexus_server.launchers.base import log_tail
 from flow_nexus_server.launchers.docker import DockerLauncher, UnavailableLauncher
 from flow_nexus_server.launchers.warm import WarmSubprocessLauncher
 from flow_nexus_server.launchers.local import NODE_LOG
-from flow_nexus_server.service.backend import check_gpus, check_requested, choose_backend, local_ranks
+from flow_nexus_server.service.backend import NodeGpus, check_gpus, check_requested, choose_backend, local_ranks
 from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
 from flow_nexus_server.service.rendezvous import Rendezvous
@@ -449,7 +449,8 @@ class ClusterService:
                                f"{'; '.join(errors)}. Check them with neural_node_logs, then reconnect")
         if errors:  # auto: gloo, and the join below fails on those nodes with the usual report
             return "gloo", f"{len(errors)} node(s) did not answer"
-        return choose_backend(requested, {n.id: h.cuda_devices for n, h in zip(ordered, replies)})  # type: ignore[union-attr]
+        return choose_backend(requested, [NodeGpus(n.id, n.host, h.cuda_devices, h.cuda_visible)  # type: ignore[union-attr]
+                                          for n, h in zip(ordered, replies)])
 
     def _mark_needs_connect(self, cluster: Cluster, generation: int, reason: str) -> None:
         with self.store.session() as s:

@@ -73,6 +73,8 @@ def run_training(
         _destroy(groups)
         raise
     _destroy(groups)
+    if torch.cuda.is_initialized():  # the served model lives on CPU: give the GPU memory back
+        torch.cuda.empty_cache()
     sink.node_stat("rss_mb", rss_mb())
     sink.log(f"{state} in {time.perf_counter() - started:.1f} s")
     sink.set_state(state)  # type: ignore[arg-type]

@@ -79,6 +79,7 @@ def run_sync(ctx: Ctx) -> TrainedModel:
                 break
     finally:
         state.close()
-    # DDP left autograd hooks on the parameters; hand back a clean copy of the model.
+    # DDP left autograd hooks on the parameters; hand back a clean copy of the model, made on
+    # CPU so a GPU never holds two copies.
     del ddp
-    return ctx.trained(copy.deepcopy(model))
+    return ctx.trained(copy.deepcopy(model.cpu()))
