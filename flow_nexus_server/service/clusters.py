@@ -328,7 +328,9 @@ class ClusterService:
             self.launcher(cluster).terminate(handle, grace_s=1)
             raise LaunchError(f"the process on port {handle.port} answered as {health.node_id}")
         self.last_seen[node.id] = time.time()
-        self.store.update(Node, node.id, status="running")
+        # What GPUs a process sees is fixed for its life: kept for the backend choice at connect.
+        node.options = {**node.options, "cuda_devices": health.cuda_devices, "cuda_visible": health.cuda_visible}
+        self.store.update(Node, node.id, status="running", options=node.options)
         return time.monotonic() - start
 
     def _node_info(self, node: Node, result: float | BaseException) -> r.NodeInfo:
@@ -372,7 +374,8 @@ class ClusterService:
         generation = cluster.generation + 1
         host, port = self.rendezvous.address(cluster.id, cluster.store_port)
         world = len(ordered)
-        backend, why = self._choose_backend(cluster, ordered)
+        backend, why = choose_backend(cluster.options.get("backend_requested", "auto"), [
+            NodeGpus(n.id, n.host, n.options.get("cuda_devices", 0), n.options.get("cuda_visible")) for n in ordered])
         local = local_ranks([n.host for n in ordered])
 
         def join(item: tuple[int, Node]) -> p.JoinReply:
@@ -435,22 +438,6 @@ class ClusterService:
             edges=out_edges, network_health=health,
             join_ms_max=max(j.join_ms for j in joined),  # type: ignore[union-attr]
         )
-
-    def _choose_backend(self, cluster: Cluster, ordered: list[Node]) -> tuple[str, str]:
-        """(backend, why) for this group: gloo when asked for; otherwise from the CUDA devices
-        each node reports (one health round trip, only when nccl is possible)."""
-        requested = cluster.options.get("backend_requested", "auto")
-        if requested == "gloo":
-            return choose_backend("gloo", {})
-        replies = parallel(lambda n: self.client(cluster, n).health(), ordered)
-        errors = [f"{n.id}: {res}" for n, res in zip(ordered, replies) if isinstance(res, BaseException)]
-        if errors and requested == "nccl":
-            raise ServiceError(f"cannot ask the nodes of cluster {cluster.id} which GPUs they see: "
-                               f"{'; '.join(errors)}. Check them with neural_node_logs, then reconnect")
-        if errors:  # auto: gloo, and the join below fails on those nodes with the usual report
-            return "gloo", f"{len(errors)} node(s) did not answer"
-        return choose_backend(requested, [NodeGpus(n.id, n.host, h.cuda_devices, h.cuda_visible)  # type: ignore[union-attr]
-                                          for n, h in zip(ordered, replies)])
 
     def _mark_needs_connect(self, cluster: Cluster, generation: int, reason: str) -> None:
         with self.store.session() as s:
