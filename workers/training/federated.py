@@ -63,7 +63,7 @@ from workers.aggregation import AggregationError, aggregate
 
 from .adversary import HONEST, behavior_of, corrupt_weights, describe, is_honest
 from .checkpoint import checkpoint_payload, write_atomic
-from .common import Sums, TrainedModel, epoch_order, evaluate, grad_norm, lr_factor, make_optimizer, set_lr
+from .common import Sums, TrainedModel, epoch_order, evaluate, grad_norm, make_optimizer
 from .consensus import WEIGHTED_RULES, RaftReplica, Reputation, majority, pol_accepts, resolve_rule, rule_kwargs
 from .coord import agree, error_of
 from .runtime import Ctx
@@ -404,8 +404,7 @@ def _local_training(ctx: Ctx, model: nn.Module, opt: torch.optim.Optimizer | Non
         for s in range(spe):
             t0 = time.perf_counter()
             k = ((rnd - 1) * job.local_epochs + le) * spe + s
-            ctx.lr = job.learning_rate * lr_factor(k, job.rounds * job.local_epochs * spe)
-            set_lr(opt, ctx.lr)
+            ctx.schedule_lr(opt, k, job.rounds * job.local_epochs * spe)
             opt.zero_grad(set_to_none=True)
             ctx.forward_backward(model, order, s * accum, accum, local)
             local.add_gnorm(grad_norm(params, job.grad_clip))

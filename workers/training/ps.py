@@ -24,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .common import Sums, TrainedModel, epoch_order, lr_factor, make_optimizer, set_lr
+from .common import Sums, TrainedModel, epoch_order, make_optimizer
 from .runtime import STOP_CHECK_EVERY, Ctx
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def _worker(ctx: Ctx, params: list[torch.Tensor], shards: dict[int, list[int]], 
         t_epoch = time.perf_counter()
         for s in range(spe):
             t0 = time.perf_counter()
-            ctx.lr = job.learning_rate * lr_factor(step, spe * job.epochs)
+            ctx.schedule_lr(None, step, spe * job.epochs)
             model.zero_grad(set_to_none=True)
             ctx.forward_backward(model, order, s * accum, accum, local)
             t_sync = time.perf_counter()
@@ -163,8 +163,7 @@ def _server(ctx: Ctx, params: list[torch.Tensor], mine: list[int], group: object
                     p.grad = grads[off : off + k].view_as(p).clone()
                     off += k
             if opt is not None:
-                ctx.lr = job.learning_rate * lr_factor(step, spe * job.epochs)
-                set_lr(opt, ctx.lr)
+                ctx.schedule_lr(opt, step, spe * job.epochs)
                 opt.step()
                 updates += 1
             with torch.no_grad():

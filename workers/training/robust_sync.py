@@ -28,7 +28,7 @@ import torch.distributed as dist
 from workers.aggregation import AggregationError, aggregate
 
 from .adversary import HONEST, behavior_of, corrupt_gradient, describe, is_honest
-from .common import Sums, TrainedModel, epoch_order, grad_norm, lr_factor, make_optimizer, set_lr
+from .common import Sums, TrainedModel, epoch_order, grad_norm, make_optimizer
 from .consensus import WEIGHTED_RULES, Reputation, resolve_rule, rule_kwargs
 from .coord import agree, error_of
 from .federated import FAILED, _failed_info, flat_weights, set_weights
@@ -100,8 +100,7 @@ def run_sync_robust(ctx: Ctx) -> TrainedModel:
         t_epoch = time.perf_counter()
         for s in range(spe):
             t0 = time.perf_counter()
-            ctx.lr = job.learning_rate * lr_factor(step, spe * job.epochs)
-            set_lr(opt, ctx.lr)
+            ctx.schedule_lr(opt, step, spe * job.epochs)
             opt.zero_grad(set_to_none=True)
             if is_worker:
                 ctx.forward_backward(model, order, s * accum, accum, local)

@@ -19,7 +19,8 @@ from torch import nn
 from workers.protocol import TrainJob
 
 from .checkpoint import checkpoint_dir, save_checkpoint
-from .common import Split, Sums, TrainedModel, batch_loss, evaluate, rss_mb, try_load_optimizer
+from .common import (Split, Sums, TrainedModel, batch_loss, evaluate, lr_factor, rss_mb, set_lr,
+                     try_load_optimizer)
 from .coord import Coordinator
 from .progress import ProgressSink
 from .setup import Encoded, Plan, Setup
@@ -109,6 +110,12 @@ class Ctx:
                 (loss / accum).backward()
             sums.add_train(float(loss.detach()), correct, count, int(idx.numel()), tokens)
             self.samples_processed += int(idx.numel())
+
+    def schedule_lr(self, opt: torch.optim.Optimizer | None, step: int, total: int) -> None:
+        """Optimizer step ``step`` of ``total`` (0-based): its learning rate from the schedule every
+        mode shares (common.lr_factor) into ``self.lr``, and into ``opt`` when there is one."""
+        self.lr = self.job.learning_rate * lr_factor(step, total)
+        set_lr(opt, self.lr)
 
     def restore_optimizer(self, opt: torch.optim.Optimizer) -> None:
         """Resume: load the checkpoint's optimizer state when it was made by the same

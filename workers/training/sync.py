@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from workers.comm import make_ddp_hook
 
-from .common import Sums, TrainedModel, epoch_order, grad_norm, lr_factor, make_optimizer, set_lr
+from .common import Sums, TrainedModel, epoch_order, grad_norm, make_optimizer
 from .runtime import Ctx
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,7 @@ def run_sync(ctx: Ctx) -> TrainedModel:
     reducer = ctx.groups["reducer"]
     model = ctx.model.to(ctx.device)
     model.train()
-    on_gpu = ctx.device.type == "cuda"
-    ddp = DDP(model, process_group=group, device_ids=[ctx.device.index] if on_gpu else None)
+    ddp = DDP(model, process_group=group, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     state, hook = make_ddp_hook(reducer, compression=job.gradient_compression)
     ddp.register_comm_hook(state, hook)
     opt = make_optimizer(job.optimizer, model.parameters(), job.learning_rate)
@@ -53,8 +52,7 @@ def run_sync(ctx: Ctx) -> TrainedModel:
             t_epoch = time.perf_counter()
             for s in range(spe):
                 t0 = time.perf_counter()
-                ctx.lr = job.learning_rate * lr_factor(step, spe * job.epochs)
-                set_lr(opt, ctx.lr)
+                ctx.schedule_lr(opt, step, spe * job.epochs)
                 opt.zero_grad(set_to_none=True)
                 ctx.forward_backward(ddp, order, s * accum, accum, local, no_sync=ddp.no_sync)
                 local.add_gnorm(grad_norm(params, job.grad_clip))
