@@ -1,7 +1,7 @@
 """Coordination between the ranks of one training job.
 
 * :func:`agree` -- every rank reports its local outcome (an error or a payload) with one
-  ``all_gather_object``; when any rank failed, every rank raises the same error (the one of
+  :func:`all_gather_json`; when any rank failed, every rank raises the same error (the one of
   the lowest failing rank), so nobody is left waiting in a collective.
 * :class:`Coordinator` -- waits that may last longer than the process group's timeout
   (a federated aggregator waiting while workers train a round, ranks without a part in the
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -83,13 +84,37 @@ def raise_error(name: str, message: str) -> None:
     raise _ERRORS.get(name, TrainingError)(message)
 
 
+def _to_json(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, tensors
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} cannot be sent between ranks as JSON")
+
+
+def all_gather_json(obj: Any, group: Any = None) -> list[Any]:
+    """``all_gather_object`` without pickle: every rank's ``obj`` as JSON, in group-rank order.
+
+    What arrives from a peer is parsed, never unpickled: torch's object collectives unpickle
+    whatever a peer sends, and the rendezvous store that introduces peers has no
+    authentication. Tuples arrive as lists; dict keys as strings.
+    """
+    data = torch.frombuffer(bytearray(json.dumps(obj, default=_to_json).encode()), dtype=torch.uint8)
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64), group=group)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: data.numel()] = data
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return [json.loads(part[: int(size)].numpy().tobytes()) for part, size in zip(parts, sizes)]
+
+
 def agree(error: tuple[str, str] | None, payload: Any, group: Any = None) -> list[Any]:
     """All-gather ``(error, payload)``; raise the lowest failing rank's error on every rank.
 
-    Returns the payloads in group-rank order.
+    Returns the payloads in group-rank order (JSON values: see :func:`all_gather_json`).
     """
-    items: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(items, (error, payload), group=group)
+    items = all_gather_json([error, payload], group)
     for rank, (err, _) in enumerate(items):
         if err is not None:
             if error is None:

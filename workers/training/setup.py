@@ -368,7 +368,7 @@ def global_setup(plan: Plan, summaries: list[dict[str, Any] | None], ckpt: dict[
     elif kind == "text" and not max_len:
         lengths: Counter[int] = Counter()
         for s in mine:
-            lengths.update(s["lengths"])
+            lengths.update({int(k): v for k, v in s["lengths"].items()})  # JSON made the keys strings
         max_len = choose_max_len(lengths)
     vocab = tokenizer.vocab_size if tokenizer is not None else 0
     num_classes = vocab if kind == "lm" else len(label_names)
