@@ -3,7 +3,11 @@
 Started by a launcher as ``python -m workers.agent --node-id ... --sandbox DIR``, with the
 cluster token in the environment (``FLOW_NEXUS_NODE_TOKEN``), never on the command line.
 Once listening it writes ``agent.json`` (port, pid) into its sandbox so the launcher can
-find it. Every request must carry ``Authorization: Bearer <token>``.
+find it. Every request must carry ``Authorization: Bearer <token>``; it is checked from the
+headers before any body is read (``workers.http_server`` bounds sizes, time and threads).
+
+Paths a client names are served and loaded only inside the sandbox and the ``--allowed-root``
+directories (``workers.paths``, set up once in ``serve``).
 """
 
 from __future__ import annotations
@@ -14,28 +18,28 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
+from workers import paths
 from workers import protocol as p
+from workers.http_server import BoundedHTTPServer, JSONRequestHandler, RequestError
 
 log = logging.getLogger("workers.agent")
 
 
-class RequestError(Exception):
-    """An error reply: HTTP status plus a sentence for the caller."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+def confined(path: str, sandbox: Path, what: str) -> Path:
+    """``path`` resolved, when it lies in ``sandbox`` or the node's allowed roots; a 403 otherwise."""
+    try:
+        return paths.confine(path, sandbox, what=what)
+    except paths.PathRefused as exc:
+        raise RequestError(403, str(exc)) from exc
 
 
 def rss_bytes() -> int:
@@ -59,6 +63,7 @@ class NodeAgent:
         self.role = role
         self.sandbox = sandbox
         self.started = time.time()
+        self.runtime_mb = rss_bytes() / 2**20  # this process before any job: what memory_mb does not count
         self.membership = Membership()
         # One thread runs every torch.distributed call, so collectives never interleave.
         self.dist_thread = ThreadPoolExecutor(1, thread_name_prefix="dist")
@@ -109,6 +114,7 @@ class NodeAgent:
         from workers.data import DatasetError, load_dataset
         from workers.models import ModelError, check_compatible
 
+        self._confine_job(job)
         try:
             ds = load_dataset(job.dataset, self.sandbox)
             check_compatible(job.architecture, ds.kind)
@@ -117,7 +123,31 @@ class NodeAgent:
         return p.DatasetCheck(
             ok=True, dataset=ds.name, kind=ds.kind, examples=len(ds), num_classes=ds.num_classes,
             label_names=list(ds.label_names)[:50], private=self._is_private(job.dataset),
+            **self._memory_estimate(job, ds),
         )
+
+    def _memory_estimate(self, job: p.TrainJob, ds: Any) -> dict[str, Any]:
+        """The DatasetCheck fields of the model's size and training memory (workers.budget); none when
+        the estimate cannot be made (training then reports the model's own error)."""
+        from workers.budget import estimate_training_memory
+
+        try:
+            est = estimate_training_memory(job, ds)
+        except Exception:
+            log.info("no memory estimate for session %s", job.session_id, exc_info=True)
+            return {}
+        return {"parameters": est.parameters, "estimated_train_mb": round(est.train_mb, 1),
+                "memory_breakdown_mb": {"model_state_mb": round(est.model_state_mb, 1),
+                                        "activations_mb": round(est.activations_mb, 1),
+                                        "runtime_mb": round(self.runtime_mb, 1)}}
+
+    def _confine_job(self, job: p.TrainJob) -> p.TrainJob:
+        """The job with ``resume_from`` and ``checkpoint_dir`` resolved; a 403 when either leaves the
+        sandbox and allowed roots (the dataset is checked where it is loaded, in workers.data)."""
+        update = {name: str(confined(value, self.sandbox, name))
+                  for name, value in (("resume_from", job.resume_from), ("checkpoint_dir", job.checkpoint_dir))
+                  if value}
+        return job.model_copy(update=update) if update else job
 
     def _is_private(self, spec: str) -> bool:
         """A relative path that exists in this node's sandbox is data only this node holds."""
@@ -135,6 +165,7 @@ class NodeAgent:
             raise RequestError(409, "this node has not joined a process group; connect the cluster first")
         if self.sink is not None and self.sink.snapshot(1 << 62).state in ("preparing", "running"):
             raise RequestError(409, "a training job is already running on this node; stop it first")
+        job = self._confine_job(job)
         self.sink = ProgressSink(job.session_id, job.roles[self.membership.info.rank])
         self.stop_flag = threading.Event()
         self.dist_thread.submit(self._train, job, self.sink, self.stop_flag)
@@ -262,7 +293,8 @@ class NodeAgent:
 
         trained = self._require_model()
         try:
-            files = export_model(trained, Path(req.directory), req.format, req.card, self.trained_job)
+            files = export_model(trained, confined(req.directory, self.sandbox, "export destination"), req.format,
+                                 req.card, self.trained_job)
         except ServingError as exc:
             raise RequestError(400, str(exc)) from exc
         return p.ExportReply(directory=req.directory, files=[str(f) for f in files],
@@ -273,7 +305,7 @@ class NodeAgent:
         from workers.training.common import TrainingError
 
         try:
-            trained, job = load_any(Path(req.path))
+            trained, job = load_any(confined(req.path, self.sandbox, "model path"))
         except (ServingError, TrainingError) as exc:
             raise RequestError(400, str(exc)) from exc
         self._serve(trained, job, req.path)
@@ -334,68 +366,33 @@ def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) 
         ("POST", "/shutdown"): (None, lambda: (on_shutdown(), {"stopping": True})[1]),
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(JSONRequestHandler):
+        node_id = agent.node_id
 
-        def do_GET(self) -> None:
-            self._dispatch("GET")
-
-        def do_POST(self) -> None:
-            self._dispatch("POST")
-
-        def _dispatch(self, method: str) -> None:
+        def respond(self, method: str) -> None:
+            self._check_token()  # from the headers alone: an unauthenticated body is never read
+            path, _, query = self.path.partition("?")
+            route = routes.get((method, path))
+            if route is None:
+                raise RequestError(404, f"no endpoint {method} {path}")
+            model, fn = route
+            body = self.read_body(required=model is not None)
             try:
-                body = self._read_body()
-                self._check_token()
-                path, _, query = self.path.partition("?")
-                route = routes.get((method, path))
-                if route is None:
-                    raise RequestError(404, f"no endpoint {method} {path}")
-                model, fn = route
                 if model is not None:
                     result = fn(model.model_validate_json(body or b"{}"))
                 elif path == "/train/status":
                     result = fn(_int_param(query, "cursor"))
                 else:
                     result = fn()
-                payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
-                self._reply(200, payload)
-            except RequestError as exc:
-                self._reply(exc.status, {"error": str(exc)})
             except ValidationError as exc:
-                self._reply(400, {"error": f"invalid request: {exc.errors(include_url=False)}"})
-            except Exception as exc:
-                log.exception("request %s %s failed", method, self.path)
-                self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
-
-        def _read_body(self) -> bytes:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 64 << 20:
-                raise RequestError(413, "request body over 64 MiB")
-            return self.rfile.read(length) if length else b""
+                raise RequestError(400, f"invalid request: {exc.errors(include_url=False)}") from exc
+            payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+            self.reply_json(200, payload)
 
         def _check_token(self) -> None:
             given = self.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 raise RequestError(401, "missing or wrong cluster token")
-
-        def setup(self) -> None:
-            super().setup()
-            # Small request/reply pairs: without this, Nagle + delayed ACK add ~40 ms per call.
-            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def _reply(self, status: int, payload: Any) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            # Headers and body in one write (end_headers would flush the headers alone).
-            self._headers_buffer.append(b"\r\n")
-            self.wfile.write(b"".join(self._headers_buffer) + data)
-            self._headers_buffer = []
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("http: " + format, *args)
 
     return Handler
 
@@ -425,20 +422,21 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.pop(p.TOKEN_ENV, None)  # child processes need not inherit it
     sandbox = Path(args.sandbox).resolve()
     sandbox.mkdir(parents=True, exist_ok=True)
+    roots = paths.configure(sandbox, args.allowed_root)  # every client-named path stays inside these
     agent = NodeAgent(args.node_id, args.cluster_id, args.role, sandbox, args.threads)
-    httpd: ThreadingHTTPServer | None = None
+    httpd: BoundedHTTPServer | None = None
 
     def shutdown() -> None:
         # Answer the current request first, then stop serving from another thread.
         threading.Thread(target=lambda: httpd and httpd.shutdown(), daemon=True).start()
 
-    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(agent, token, shutdown))
-    httpd.daemon_threads = True
+    httpd = BoundedHTTPServer((args.host, args.port), make_handler(agent, token, shutdown))
     signal.signal(signal.SIGTERM, lambda *_: shutdown())
     write_ready_file(sandbox, httpd.server_address[1])
     log.info(
-        "node %s (%s) of cluster %s listening on %s:%d, pid %d",
+        "node %s (%s) of cluster %s listening on %s:%d, pid %d; paths allowed: the sandbox%s",
         args.node_id, args.role, args.cluster_id, args.host, httpd.server_address[1], os.getpid(),
+        "".join(f", {r}" for r in roots.extra),
     )
     try:
         httpd.serve_forever(poll_interval=0.2)
@@ -458,6 +456,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--host", default="127.0.0.1", help="address of the control API (loopback by default)")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (one per co-located node)")
+    ap.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
+                    help="a directory outside the sandbox whose files clients may name (datasets, models, "
+                         "exports, checkpoints); repeatable. Without one, only the sandbox")
     return ap.parse_args(argv)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import difflib
 import functools
-import glob as _glob
 import gzip
 import io
 import json
@@ -47,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .protocol import BUILTIN_DATASETS
+from .paths import PathRefused, confine, expand_glob
 
 log = logging.getLogger(__name__)
 
@@ -590,21 +590,26 @@ def _has_glob(s: str) -> bool:
 
 
 def _resolve_paths(spec: str, sandbox: Path | None) -> list[Path]:
-    """Files named by ``spec`` (path, directory or glob); [] when nothing matches."""
+    """Files named by ``spec`` (path, directory or glob), fully resolved; [] when nothing matches.
+
+    Each file is checked after ``..``, symbolic links and glob expansion against the node's
+    sandbox and allowed roots (``workers.paths``); one outside refuses the whole spec.
+    """
     raw = os.path.expanduser(spec.strip())
-    base = Path(sandbox) if sandbox is not None else Path.cwd()
-    full = raw if os.path.isabs(raw) else str(base / raw)
-    if _has_glob(raw):
-        matches = sorted(Path(p) for p in _glob.glob(full, recursive=True))
-        return [p for p in matches if p.is_file()]
-    p = Path(full)
-    if p.is_dir():
-        found = sorted(q for q in p.iterdir() if q.is_file() and _file_format(q) is not None)
-        if not found:
-            raise DatasetError(
-                f"directory {p} holds no .csv, .tsv, .jsonl, .json or .txt files to load"
-            )
-        return found
+    try:
+        if _has_glob(raw):
+            return [p for p in expand_glob(raw, sandbox, what="dataset path") if p.is_file()]
+        p = confine(raw, sandbox, what="dataset path")
+        if p.is_dir():
+            found = sorted(confine(os.path.join(raw, q.name), sandbox, what="dataset path")
+                           for q in p.iterdir() if q.is_file() and _file_format(q) is not None)
+            if not found:
+                raise DatasetError(
+                    f"directory {p} holds no .csv, .tsv, .jsonl, .json or .txt files to load"
+                )
+            return found
+    except PathRefused as exc:
+        raise DatasetError(str(exc)) from None
     return [p] if p.is_file() else []
 
 

@@ -285,12 +285,15 @@ class Spawner:
         threads = int(req.get("threads") or 1)
         token = req.get("token")
         env = req.get("env")
+        roots = req.get("allowed_roots") or []
         if role not in ROLES:
             raise SpawnError(f"unknown role {role!r}")
         if not sandbox.is_absolute():
             raise SpawnError("sandbox must be an absolute path")
         if threads < 1:
             raise SpawnError("threads must be >= 1")
+        if not (isinstance(roots, list) and all(isinstance(r, str) and os.path.isabs(r) for r in roots)):
+            raise SpawnError("allowed_roots must be a list of absolute paths")
         if not isinstance(token, str) or not token:
             raise SpawnError("no token")
         if env is not None and not (isinstance(env, dict) and
@@ -300,7 +303,8 @@ class Spawner:
         if n != 1:  # forking a multi-threaded process can leave locks held in the child
             raise SpawnError(f"the spawner runs {n} threads; refusing to fork")
         argv = ["--node-id", node_id, "--cluster-id", cluster_id, "--role", role,
-                "--sandbox", str(sandbox), "--threads", str(threads)]
+                "--sandbox", str(sandbox), "--threads", str(threads),
+                *[arg for root in roots for arg in ("--allowed-root", root)]]
 
         sys.stdout.flush()
         sys.stderr.flush()

@@ -23,6 +23,14 @@ class NodeSpec:
     # and actor options, docker passes --cpus / --gpus; local processes share the host.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Directories outside its sandbox whose files clients may name to the node (the server's allowed
+    # roots); the node refuses every other path (workers/paths.py). Empty: the sandbox only.
+    allowed_roots: tuple[Path, ...] = ()
+
+
+def allowed_root_args(spec: NodeSpec) -> list[str]:
+    """``--allowed-root DIR`` for each of the spec's roots, for the agent's command line."""
+    return [arg for root in spec.allowed_roots for arg in ("--allowed-root", str(root))]
 
 
 @dataclass

@@ -60,6 +60,7 @@ class DockerLauncher:
             *(["--gpus", str(math.ceil(spec.num_gpus))] if spec.num_gpus > 0 else []),
             self.image,
             "--node-id", spec.node_id, "--cluster-id", spec.cluster_id, "--role", spec.role,
+            # No --allowed-root: inside the container a node sees its sandbox alone.
             "--sandbox", SANDBOX_IN_CONTAINER, "--threads", str(spec.threads),
             "--host", "127.0.0.1" if self.network == "host" else "0.0.0.0",
         ]
@@ -71,7 +72,7 @@ class DockerLauncher:
         ok, reason = self.available()
         if not ok:
             raise LaunchError(reason)
-        spec.sandbox.mkdir(parents=True, exist_ok=True)
+        spec.sandbox.mkdir(parents=True, exist_ok=True, mode=0o700)
         (spec.sandbox / READY_FILE).unlink(missing_ok=True)
         proc = subprocess.run(self.run_command(spec), env=self.run_environment(spec), capture_output=True,
                               text=True, timeout=120)

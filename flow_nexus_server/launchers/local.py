@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, log_tail
+from flow_nexus_server.home import PRIVATE_UMASK, open_private
+from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, allowed_root_args, log_tail
 from workers.protocol import READY_FILE, TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class SubprocessLauncher:
             "--role", spec.role,
             "--sandbox", str(spec.sandbox),
             "--threads", str(spec.threads),
+            *allowed_root_args(spec),
         ]
 
     def environment(self, spec: NodeSpec) -> dict[str, str]:
@@ -49,11 +51,11 @@ class SubprocessLauncher:
         return env
 
     def launch(self, spec: NodeSpec, timeout_s: float) -> NodeHandle:
-        spec.sandbox.mkdir(parents=True, exist_ok=True)
+        spec.sandbox.mkdir(parents=True, exist_ok=True, mode=0o700)
         ready = spec.sandbox / READY_FILE
         ready.unlink(missing_ok=True)
         log_path = spec.sandbox / NODE_LOG
-        with log_path.open("ab") as out:
+        with open(log_path, "ab", opener=open_private) as out:
             proc = subprocess.Popen(
                 self.command(spec),
                 cwd=spec.sandbox,
@@ -62,6 +64,7 @@ class SubprocessLauncher:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: terminate reaches its children too
+                umask=PRIVATE_UMASK,  # what the node writes is its owner's only
             )
         with self._lock:
             self._procs[proc.pid] = proc

@@ -160,8 +160,9 @@ class NodeActor:
                 "agent_running": self._thread is not None and self._thread.is_alive(), **(self._started or {})}
 
     def start(self, role: str, sandbox: str, threads: int, token: str, server_ip: str | None,
-              ports: list[int], timeout_s: float) -> dict[str, Any]:
-        """Start the agent; returns once it listens: host, port, pid and where it runs."""
+              ports: list[int], timeout_s: float, allowed_roots: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Start the agent; returns once it listens: host, port, pid and where it runs.
+        ``allowed_roots``: directories outside the sandbox whose files clients may name."""
         import json
 
         import ray
@@ -189,7 +190,8 @@ class NodeActor:
             ready.unlink(missing_ok=True)
             args = agent.parse_args([
                 "--node-id", self.node_id, "--cluster-id", self.cluster_id, "--role", role,
-                "--sandbox", str(box), "--threads", str(threads), "--host", host, "--port", str(port)])
+                "--sandbox", str(box), "--threads", str(threads), "--host", host, "--port", str(port),
+                *[arg for root in allowed_roots for arg in ("--allowed-root", root)]])
             outcome: dict[str, Any] = {}
             os.environ[TOKEN_ENV] = token  # this actor's process only; serve() reads and removes it
             thread = threading.Thread(target=_serve, args=(agent, args, outcome), name="node-agent", daemon=True)
@@ -416,7 +418,8 @@ class RayLauncher:
             with self._lock:
                 self._entries[spec.node_id].actor = actor
             ref = actor.start.remote(spec.role, str(spec.sandbox), spec.threads, spec.token, self._server_ip,
-                                     self.node_ports, max(1.0, deadline - time.monotonic()))
+                                     self.node_ports, max(1.0, deadline - time.monotonic()),
+                                     tuple(str(r) for r in spec.allowed_roots))
             info = ray.get(ref, timeout=max(1.0, deadline - time.monotonic() + 5))
         except Exception as exc:
             self._discard(ray, spec.node_id, actor)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flow_nexus_server.home import PRIVATE_UMASK, open_private
 from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, log_tail
 from flow_nexus_server.launchers.local import (
     NODE_LOG,
@@ -47,6 +48,7 @@ SPAWNER_LOG = "spawner.log"
 REQUEST_TIMEOUT_S = 15.0  # one request/reply on the spawner socket
 RETRY_AFTER_S = 60.0  # after a failed spawner start, nodes start cold this long before a retry
 ADOPT_WAIT_S = 5.0  # the spawner vanished after a spawn request: how long to look for the node
+REAP_WAIT_S = 2.0  # a node that looks gone: how long the spawner may take to reap it (exit code)
 _SUN_PATH_MAX = 100  # bytes; the kernel's limit is 108 with the terminating NUL
 
 
@@ -135,7 +137,7 @@ class WarmSubprocessLauncher:
 
     def _start_spawner(self) -> None:
         started = time.monotonic()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.state_dir.resolve() / f"spawner-{os.getpid()}.sock"
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
             self._tmpdir = tempfile.mkdtemp(prefix="flow-nexus-")  # 0700
@@ -146,11 +148,12 @@ class WarmSubprocessLauncher:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = "1"  # no runtime may start a thread pool in the template
         log_path = self.state_dir / SPAWNER_LOG
-        with log_path.open("ab") as out:
+        with open(log_path, "ab", opener=open_private) as out:
             self._proc = subprocess.Popen(
                 [self.python, "-m", "workers.spawner", "--socket", str(path), "--parent-pid", str(os.getpid())],
                 cwd=self.state_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C meant for the server is the server's to handle
+                umask=PRIVATE_UMASK,  # the nodes it forks inherit it: what they write is private
             )
         deadline = started + self.start_timeout_s
         while True:
@@ -231,15 +234,22 @@ class WarmSubprocessLauncher:
         """The exit code of a node the running spawner forked and reaped, when it knows it."""
         if pid is None or self.spawner_pid is None:
             return None
-        try:
-            return self._request({"op": "status", "pid": pid}).get("exit_code")
-        except (_SpawnerGone, ValueError):
-            return None
+        deadline = time.monotonic() + REAP_WAIT_S
+        while True:
+            try:
+                reply = self._request({"op": "status", "pid": pid})
+            except (_SpawnerGone, ValueError):
+                return None
+            # Asked once the node looks gone: a multi-threaded process shows as a zombie while its
+            # other threads still exit, and only then can the spawner reap it.
+            if not reply.get("alive") or time.monotonic() > deadline:
+                return reply.get("exit_code")
+            time.sleep(0.02)
 
     # ------------------------------------------------------------------ nodes
 
     def launch(self, spec: NodeSpec, timeout_s: float) -> NodeHandle:
-        spec.sandbox.mkdir(parents=True, exist_ok=True)
+        spec.sandbox.mkdir(parents=True, exist_ok=True, mode=0o700)
         ready = spec.sandbox / READY_FILE
         ready.unlink(missing_ok=True)
         with self._lock:
@@ -253,6 +263,7 @@ class WarmSubprocessLauncher:
         request = {
             "op": "spawn", "node_id": spec.node_id, "cluster_id": spec.cluster_id, "role": spec.role,
             "sandbox": str(spec.sandbox.resolve()), "threads": spec.threads, "token": spec.token, "env": env,
+            "allowed_roots": [str(r) for r in spec.allowed_roots],
         }
         try:
             reply = self._request(request)
