@@ -12,6 +12,7 @@ from mcp import Client
 from conftest import err, ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
+from workers.training.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.anyio
 
@@ -28,7 +29,7 @@ async def cluster(client: Client, roles: dict[str, int], topology: str = "mesh",
 
 
 def weights(path: str) -> torch.Tensor:
-    state = torch.load(path, map_location="cpu", weights_only=False)["model_state"]
+    state = read_checkpoint(Path(path))["model_state"]
     return torch.cat([v.flatten().double() for v in state.values() if v.is_floating_point()])
 
 

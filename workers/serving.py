@@ -2,8 +2,12 @@
 
 Export layout (a directory): ``config.json`` (architecture, preset, task, labels, training
 facts), ``tokenizer.json`` for text models, ``labels.json``, the weights as
-``model.safetensors`` or ``model.torchscript.pt``, and ``README.md`` (a model card with the
-metrics the model was trained to).
+``model.safetensors`` (always; a TorchScript export adds ``model.torchscript.pt`` for other
+programs), and ``README.md`` (a model card with the metrics the model was trained to).
+
+Loading never runs code from the files: the model is rebuilt from ``config.json`` and its
+weights read from safetensors; ``config["weights"]`` must name a file inside the export
+directory. TorchScript is never loaded (``torch.jit.load`` unpickles).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import torch
 from workers.data import Tokenizer, load_dataset, train_val_split
 from workers.inference import InferenceError, model_size_bytes
 from workers.models import TaskInfo, build_model, describe_model
-from workers.training.checkpoint import load_checkpoint
+from workers.training.checkpoint import model_from_checkpoint, read_checkpoint
 from workers.training.common import TrainedModel
 
 log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
-WEIGHTS = {"safetensors": "model.safetensors", "torchscript": "model.torchscript.pt"}
+WEIGHTS = "model.safetensors"
+TORCHSCRIPT = "model.torchscript.pt"
 
 
 class ServingError(ValueError):
@@ -44,29 +49,29 @@ def example_batch(trained: TrainedModel, n: int = 1) -> torch.Tensor:
 
 def export_model(trained: TrainedModel, directory: Path, fmt: str, card: dict[str, Any],
                  job: dict[str, Any] | None) -> list[Path]:
+    if fmt not in ("safetensors", "torchscript"):
+        raise ServingError(f"unknown export format {fmt!r}; use safetensors or torchscript")
+    from safetensors.torch import save_model
+
     directory.mkdir(parents=True, exist_ok=True)
     model = trained.model.eval()
-    files: list[Path] = []
-    if fmt == "safetensors":
-        from safetensors.torch import save_model
-
-        path = directory / WEIGHTS[fmt]
-        save_model(model, str(path))  # handles tied weights (LM heads)
-    elif fmt == "torchscript":
-        path = directory / WEIGHTS[fmt]
+    path = directory / WEIGHTS
+    save_model(model, str(path))  # handles tied weights (LM heads); what load_export reads
+    files: list[Path] = [path]
+    if fmt == "torchscript":
+        traced = directory / TORCHSCRIPT
         try:
             with torch.no_grad():
                 scripted = torch.jit.trace(model, example_batch(trained, 2), check_trace=False)
-            scripted.save(str(path))
+            scripted.save(str(traced))
         except Exception as exc:
             raise ServingError(f"TorchScript tracing failed for {trained.architecture}: {exc}; "
                                "export as safetensors instead") from exc
-    else:
-        raise ServingError(f"unknown export format {fmt!r}; use safetensors or torchscript")
-    files.append(path)
+        files.append(traced)
     info = describe_model(model)
     config = {
-        "format": fmt, "weights": path.name, "architecture": trained.architecture, "preset": trained.preset,
+        "format": fmt, "weights": path.name, **({"torchscript": TORCHSCRIPT} if fmt == "torchscript" else {}),
+        "architecture": trained.architecture, "preset": trained.preset,
         "task": asdict(trained.task), "max_len": trained.max_len, "label_names": trained.label_names,
         "layers": (job or {}).get("layers"), "parameters": info["parameters"],
         "training": {k: (job or {}).get(k) for k in ("session_id", "dataset", "mode", "topology", "epochs", "rounds",
@@ -88,7 +93,7 @@ def model_card(config: dict[str, Any], card: dict[str, Any]) -> str:
     facts = "\n".join(f"- {k}: {v}" for k, v in {**training, **card}.items() if v is not None)
     return f"""# {config['architecture']} ({config['preset']}) exported by flow-nexus-server
 
-- format: {config['format']} (`{config['weights']}`), {config['parameters']:,} parameters
+- format: {config['format']} (`{config.get('torchscript') or config['weights']}`), {config['parameters']:,} parameters
 - input: {config['task']['kind']} {tuple(config['task']['input_shape'])}, max_len {config['max_len']}
 - labels: {', '.join(config['label_names']) or '(language model)'}
 
@@ -107,28 +112,58 @@ def model_card(config: dict[str, Any], card: dict[str, Any]) -> str:
 
 def load_export(directory: Path) -> tuple[TrainedModel, dict[str, Any]]:
     cfg_path = directory / CONFIG
-    if not cfg_path.exists():
+    if not cfg_path.is_file():
         raise ServingError(f"{directory} is not an export of this server (no {CONFIG})")
-    config = json.loads(cfg_path.read_text())
-    t = dict(config["task"])
-    t["input_shape"] = tuple(t.get("input_shape") or ())
-    task = TaskInfo(**t)
-    weights = directory / config["weights"]
-    if config["format"] == "torchscript":
-        model = torch.jit.load(str(weights), map_location="cpu")
-    else:
-        from safetensors.torch import load_model
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        t = dict(config["task"])
+        t["input_shape"] = tuple(t.get("input_shape") or ())
+        task = TaskInfo(**t)
+        arch, preset = config["architecture"], config["preset"]
+        label_names, max_len = list(config["label_names"]), int(config["max_len"])
+        training = dict(config.get("training") or {})
+        tok_path = directory / "tokenizer.json"
+        tokenizer = Tokenizer.from_dict(json.loads(tok_path.read_text(encoding="utf-8"))) \
+            if tok_path.is_file() else None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as exc:
+        log.info("reading export %s failed", directory, exc_info=True)
+        raise ServingError(f"{directory} is not an export this server wrote (its config.json or tokenizer.json "
+                           "cannot be read); export the model again") from exc
+    weights = export_weights(directory, config)
+    from safetensors.torch import load_model
 
-        model = build_model(config["architecture"], config["preset"], task, layers=config.get("layers"))
+    try:
+        model = build_model(arch, preset, task, layers=config.get("layers"))
         load_model(model, str(weights))
+    except Exception as exc:  # a foreign or damaged file: no Python text in the reply
+        log.info("loading export %s failed", directory, exc_info=True)
+        raise ServingError(f"the weights in {weights} do not fit the {arch} ({preset}) model its config.json "
+                           "describes; export the model again") from exc
     model.eval()
-    tok_path = directory / "tokenizer.json"
-    tokenizer = Tokenizer.from_dict(json.loads(tok_path.read_text())) if tok_path.exists() else None
-    trained = TrainedModel(model=model, task=task, tokenizer=tokenizer, label_names=list(config["label_names"]),
-                           architecture=config["architecture"], preset=config["preset"],
-                           max_len=int(config["max_len"]), session_id=(config.get("training") or {}).get("session_id"),
+    trained = TrainedModel(model=model, task=task, tokenizer=tokenizer, label_names=label_names,
+                           architecture=arch, preset=preset, max_len=max_len,
+                           session_id=training.get("session_id"),
                            metrics=dict(config.get("metrics") or {}), checkpoint=str(directory))
-    return trained, {**(config.get("training") or {}), "layers": config.get("layers")}
+    return trained, {**training, "layers": config.get("layers")}
+
+
+def export_weights(directory: Path, config: dict[str, Any]) -> Path:
+    """The safetensors file ``config["weights"]`` names: a plain file name inside ``directory``."""
+    name = config.get("weights")
+    if config.get("format") == "torchscript" and name != WEIGHTS:
+        raise ServingError(f"{directory} holds only TorchScript weights; they are not loaded because "
+                           "torch.jit.load can run code. Export the model again (safetensors, or torchscript "
+                           f"from this version, which adds {WEIGHTS})")
+    if not isinstance(name, str) or not name.endswith(".safetensors") or name != Path(name).name \
+            or "/" in name or "\\" in name or name.startswith("."):
+        raise ServingError(f"config.json of {directory} names weights {name!r}; they must be a .safetensors "
+                           "file name inside the export directory (no path)")
+    root = directory.resolve()
+    path = (root / name).resolve()
+    if path.parent != root or not path.is_file():
+        raise ServingError(f"config.json of {directory} names weights {name!r}, which is not a file inside the "
+                           "export directory")
+    return path
 
 
 def load_any(path: Path) -> tuple[TrainedModel, dict[str, Any]]:
@@ -136,9 +171,8 @@ def load_any(path: Path) -> tuple[TrainedModel, dict[str, Any]]:
     if path.is_dir():
         return load_export(path)
     if path.is_file():
-        trained = load_checkpoint(path)
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        return trained, dict(ck.get("job") or {})
+        ck = read_checkpoint(path)  # read once: no second load of the file
+        return model_from_checkpoint(ck, path), dict(ck.get("job") or {})
     raise ServingError(f"{path} is neither an export directory nor a checkpoint file on this node")
 
 

@@ -326,9 +326,9 @@ def _spawn(world: int, outdir: Path) -> dict[str, Any]:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-    ranks = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    ranks = [torch.load(outdir / f"rank{r}.pt", weights_only=True) for r in range(world)]
     failure = outdir / "failure.pt"
-    return {"ranks": ranks, "failure": torch.load(failure) if failure.exists() else None}
+    return {"ranks": ranks, "failure": torch.load(failure, weights_only=True) if failure.exists() else None}
 
 
 def _run(world: int, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def _jobs() -> list[dict[str, Any]]:
         {"name": "pol-honest", "job": _fed("polh", VAL3)},
         {"name": "raft", "job": _fed("raft", RAFT, consensus="raft", rounds=3)},
         {"name": "raft-resume", "job": _fed("raft2", RAFT, consensus="raft", rounds=5,
-                                            resume_from="raft/committed.pt")},
+                                            resume_from="raft/committed.safetensors")},
         {"name": "sync-byz", "job": _fed("sbyz", mode="sync", epochs=3, consensus="byzantine",
                                          aggregation_rule="median", behaviors=NOISY)},
     ]
@@ -277,10 +277,10 @@ def test_raft_commits_every_round_and_resumes(run: dict[str, Any]) -> None:
     leader = res[0]["snapshot"]["node_stats"]
     assert leader["raft_term"] == 1 and leader["raft_commit_index"] == 3
     for r in range(WORLD):  # leader, workers and the validator all hold the replica
-        assert (run["root"] / f"node{r}" / "raft" / "committed.pt").exists()
-        assert not (run["root"] / f"node{r}" / "raft" / "pending.pt").exists()
+        assert (run["root"] / f"node{r}" / "raft" / "committed.safetensors").exists()
+        assert not (run["root"] / f"node{r}" / "raft" / "pending.safetensors").exists()
     # the committed file on a worker is a checkpoint: load it and compare with the final model
-    raft_file = run["root"] / "node1" / "raft" / "committed.pt"
+    raft_file = run["root"] / "node1" / "raft" / "committed.safetensors"
     loaded = load_checkpoint(raft_file)
     # (the resume job overwrote it with version 5; its weights are that job's final model)
     flat = torch.cat([p.detach().reshape(-1) for p in loaded.model.parameters()])
@@ -290,7 +290,7 @@ def test_raft_commits_every_round_and_resumes(run: dict[str, Any]) -> None:
     leader2 = res2[0]["snapshot"]
     assert leader2["node_stats"]["raft_commit_index"] == 5
     assert [e for e, _ in _series(leader2, "val_accuracy")] == [4, 5]
-    assert any("resumed from raft/committed.pt" in line for line in leader2["log_lines"])
+    assert any("resumed from raft/committed.safetensors" in line for line in leader2["log_lines"])
     assert leader2["latest"]["val_accuracy"] >= res[0]["snapshot"]["latest"]["val_accuracy"] - 0.02
 
 
@@ -303,8 +303,8 @@ def test_raft_without_quorum_commits_nothing(run3: dict[str, Any]) -> None:
     assert leader["node_stats"]["raft_commit_index"] == 0
     assert [v for _, v in _series(leader, "raft_commit_index")] == [0.0, 0.0]
     assert sum("not committed (1 of 3 acknowledged)" in line for line in leader["log_lines"]) == 2
-    assert not (run3["root"] / "node0" / "raft" / "committed.pt").exists()
-    assert not (run3["root"] / "node0" / "raft" / "pending.pt").exists()
+    assert not (run3["root"] / "node0" / "raft" / "committed.safetensors").exists()
+    assert not (run3["root"] / "node0" / "raft" / "pending.safetensors").exists()
     assert leader["latest"]["val_accuracy"] < 0.3  # still the initial model
     assert torch.equal(res[0]["weights"], res[1]["weights"]) and torch.equal(res[0]["weights"], res[2]["weights"])
 
@@ -390,9 +390,9 @@ def test_raft_replica(tmp_path: Path) -> None:
     rep = RaftReplica(tmp_path, write)
     assert rep.store(1, torch.ones(3)) and rep.commit(1, torch.ones(3))
     assert rep.committed_path.read_text() == "1" and rep.version == 1
-    assert rep.store(2, torch.ones(3)) and (tmp_path / "raft" / "pending.pt").exists()
+    assert rep.store(2, torch.ones(3)) and (tmp_path / "raft" / "pending.safetensors").exists()
     rep.discard()
-    assert not (tmp_path / "raft" / "pending.pt").exists() and rep.committed_path.read_text() == "1"
+    assert not (tmp_path / "raft" / "pending.safetensors").exists() and rep.committed_path.read_text() == "1"
     assert not rep.store(3, torch.full((3,), float("nan")))  # never acknowledges a non-finite version
     blocked = RaftReplica(tmp_path / "f", write)
     (tmp_path / "f").mkdir()

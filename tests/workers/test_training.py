@@ -160,7 +160,7 @@ def _jobs(ckdir: str) -> list[dict[str, Any]]:
         {"name": "ckpt", "job": sync(session_id="ck", epochs=3, checkpoint_every=1, max_checkpoints=2,
                                      checkpoint_dir=ckdir, optimizer="adam", learning_rate=0.01)},
         {"name": "resume", "job": sync(session_id="ck2", epochs=5, checkpoint_dir=ckdir, optimizer="adam",
-                                       learning_rate=0.01, resume_from=f"{ckdir}/ckpt-ck-e003.pt")},
+                                       learning_rate=0.01, resume_from=f"{ckdir}/ckpt-ck-e003.safetensors")},
         {"name": "features", "job": sync(session_id="feat", epochs=2, topology="ring", gradient_accumulation=2,
                                          grad_clip=1.0, mixed_precision=True, gradient_checkpointing=True,
                                          gradient_compression=0.1, batch_size=16,
@@ -278,7 +278,7 @@ def test_features_train(run: dict[str, Any]) -> None:
 def test_checkpoints_rotate_and_resume_continues(run: dict[str, Any]) -> None:
     ck = _ok(run, "ckpt")
     files = session_checkpoints(Path(run["ckdir"]), "ck")
-    assert [f.name for f in files] == ["ckpt-ck-e002.pt", "ckpt-ck-e003.pt"]
+    assert [f.name for f in files] == ["ckpt-ck-e002.safetensors", "ckpt-ck-e003.safetensors"]
     assert ck[0]["snapshot"]["checkpoints"] == [str(f) for f in files]
     assert ck[0]["snapshot"]["node_stats"]["checkpoints_created"] == 3
     assert ck[1]["snapshot"]["checkpoints"] == []
@@ -296,7 +296,7 @@ def test_checkpoints_rotate_and_resume_continues(run: dict[str, Any]) -> None:
     assert rep["snapshot"]["epoch"] == 5 and rep["snapshot"]["step"] == rep["snapshot"]["total_steps"]
     assert any("resumed from" in line for line in rep["snapshot"]["log_lines"])
     assert any("optimizer state restored" in line for line in rep["snapshot"]["log_lines"])
-    assert [f.name for f in session_checkpoints(Path(run["ckdir"]), "ck2")] == ["ckpt-ck2-e005.pt"]
+    assert [f.name for f in session_checkpoints(Path(run["ckdir"]), "ck2")] == ["ckpt-ck2-e005.safetensors"]
 
 
 def test_stop_is_agreed(run: dict[str, Any]) -> None:

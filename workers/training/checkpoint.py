@@ -1,22 +1,37 @@
 """Checkpoint files: written by the reporting rank, read on resume and for inference.
 
-A checkpoint is ``torch.save`` of a dict: ``model_state``, ``optimizer_state`` (when the
-writer has one), ``job`` (``TrainJob.model_dump()``), ``task`` (``asdict(TaskInfo)``),
-``tokenizer`` (``Tokenizer.to_dict()`` or None), ``label_names``, ``architecture``,
-``preset``, ``max_len``, ``epoch`` (epoch or federated round), ``mode`` and ``metrics``
-(the latest global metrics). Files are named ``ckpt-<session>-e<NNN>.pt``.
+A checkpoint is ONE safetensors file, ``ckpt-<session>-e<NNN>.safetensors``: the model's
+tensors under ``model.<name>``, the optimizer state's tensors under ``optim.<path>``, and
+every other field as JSON in the file's metadata (key ``flow_nexus``): ``job``
+(``TrainJob.model_dump()``), ``task`` (``asdict(TaskInfo)``), ``tokenizer``
+(``Tokenizer.to_dict()`` or None), ``label_names``, ``architecture``, ``preset``,
+``max_len``, ``epoch`` (epoch or federated round), ``mode``, ``metrics`` (the latest global
+metrics) and the optimizer state's non-tensor structure. Nothing in it is pickled: a file a
+client placed can at worst fail to load, never run code.
 
-A raft replica's ``<sandbox>/raft/committed.pt`` has the same format (plus a ``raft`` entry:
-term, version, commit index), so ``resume_from`` and :func:`load_checkpoint` accept it; its
-``epoch`` is the committed round.
+:func:`read_checkpoint` returns the dict the rest of the code uses (``model_state``,
+``optimizer_state`` and the fields above). A ``.pt`` file is read only with
+``torch.load(weights_only=True)`` (plain tensors and containers); one that needs more is
+refused with how to convert it (:func:`convert_legacy`, ``flow-nexus-server
+convert-checkpoint``).
+
+A raft replica's ``<sandbox>/raft/committed.safetensors`` has the same format (plus a
+``raft`` entry: term, version, commit index), so ``resume_from`` and
+:func:`load_checkpoint` accept it; its ``epoch`` is the committed round.
+
+Checkpoints written inside a node's sandbox count toward its quota
+(``TrainJob.sandbox_quota_bytes``): one that would pass it fails the session with a sentence
+instead of filling the disk.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +40,15 @@ from torch import nn
 
 from workers.data import Tokenizer
 from workers.models import ModelError, TaskInfo, build_model
-from workers.protocol import TrainJob
+from workers.protocol import CHECKPOINT_NAME_RE, CHECKPOINT_SUFFIX, TrainJob
 
 from .common import TrainedModel, TrainingError
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^ckpt-(?P<session>.+)-e(?P<epoch>\d+)\.pt$")
+METADATA_KEY = "flow_nexus"
+"""The safetensors metadata entry that holds a checkpoint's JSON fields."""
+FORMAT_VERSION = 1
 
 
 def safe_session(session_id: str) -> str:
@@ -46,7 +63,7 @@ def checkpoint_dir(job: TrainJob, sandbox: Path) -> Path:
 
 
 def checkpoint_name(session_id: str, epoch: int) -> str:
-    return f"ckpt-{safe_session(session_id)}-e{int(epoch):03d}.pt"
+    return f"ckpt-{safe_session(session_id)}-e{int(epoch):03d}{CHECKPOINT_SUFFIX}"
 
 
 def session_checkpoints(directory: Path, session_id: str) -> list[Path]:
@@ -55,7 +72,7 @@ def session_checkpoints(directory: Path, session_id: str) -> list[Path]:
     found = []
     if directory.is_dir():
         for p in directory.iterdir():
-            m = _NAME_RE.match(p.name)
+            m = CHECKPOINT_NAME_RE.match(p.name)
             if m and m.group("session") == safe:
                 found.append((int(m.group("epoch")), p))
     return [p for _, p in sorted(found)]
@@ -91,10 +108,130 @@ def checkpoint_payload(
     }
 
 
-def write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary name next to ``path``, then rename over it."""
+# --------------------------------------------------------------------------- the file format
+# Non-tensor values become JSON; tuples and dicts with non-string keys (an optimizer's state is
+# keyed by parameter index) are tagged so that they come back exactly as they were.
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+
+
+def _to_json(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON, its tensors moved into ``tensors`` under names starting with ``path``."""
+    if isinstance(value, torch.Tensor):
+        name = path
+        while name in tensors:  # keys with dots could collide: keep both
+            name += "_"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {_TENSOR: name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {_TUPLE: [_to_json(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _to_json(v, f"{path}.{k}", tensors) for k, v in value.items()}
+        return {_ITEMS: [[_to_json(k, path, {}), _to_json(v, f"{path}.{k}", tensors)] for k, v in value.items()]}
+    raise TrainingError(f"a checkpoint cannot hold a {type(value).__name__} (at {path})")
+
+
+def _from_json(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_from_json(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {_TENSOR}:
+        return tensors[value[_TENSOR]]
+    if set(value) == {_TUPLE}:
+        return tuple(_from_json(v, tensors) for v in value[_TUPLE])
+    if set(value) == {_ITEMS}:
+        return {_hashable(_from_json(k, tensors)): _from_json(v, tensors) for k, v in value[_ITEMS]}
+    return {k: _from_json(v, tensors) for k, v in value.items()}
+
+
+def _hashable(key: Any) -> Any:
+    if isinstance(key, (list, dict, torch.Tensor)):
+        raise ValueError("a dict key in the metadata is not a plain value")
+    return key
+
+
+def encode_checkpoint(payload: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of a checkpoint dict."""
+    model_state = payload["model_state"]
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    fields = {k: v for k, v in payload.items() if k != "model_state"}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_keys": list(model_state),
+        "fields": {k: _to_json(v, "optim" if k == "optimizer_state" else f"extra.{k}", tensors)
+                   for k, v in fields.items()},
+    }
+    return tensors, {METADATA_KEY: json.dumps(meta)}
+
+
+def decode_checkpoint(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, Any]:
+    """The checkpoint dict back from a file's tensors and metadata; ValueError/KeyError when
+    the file is not a checkpoint of this server."""
+    meta = json.loads((metadata or {})[METADATA_KEY])
+    ck = _from_json(meta["fields"], tensors)
+    ck["model_state"] = {k: tensors[f"model.{k}"] for k in meta["model_keys"]}
+    return ck
+
+
+def encoded_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """What the file will take on disk, give or take its small per-tensor header entries."""
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(map(len, metadata.values())) \
+        + 100 * len(tensors)
+
+
+@dataclass(frozen=True)
+class SandboxQuota:
+    """A node's disk allowance: checkpoints written under ``sandbox`` may not bring it past ``limit``."""
+
+    node_id: str
+    sandbox: Path
+    limit: int | None
+
+    def check(self, path: Path, size: int) -> None:
+        """Raise TrainingError when writing ``size`` bytes to ``path`` would pass the limit."""
+        if self.limit is None:
+            return
+        sandbox = Path(os.path.realpath(self.sandbox))
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(sandbox):
+            return  # written outside the sandbox (an absolute checkpoint_dir): not this quota's business
+        replaced = target.stat().st_size if target.is_file() else 0
+        total = sandbox_bytes(sandbox) - replaced + size
+        if total > self.limit:
+            raise TrainingError(
+                f"checkpoint of {size} bytes would bring node {self.node_id}'s sandbox to {total} bytes, over its "
+                f"limit of {self.limit} (FLOW_NEXUS_MAX_SANDBOX_BYTES); lower checkpoint_every/max_checkpoints "
+                "or raise the limit")
+
+
+def sandbox_bytes(sandbox: Path) -> int:
+    """Bytes of the files under ``sandbox`` (symbolic links are not followed)."""
+    total = 0
+    for root, _, files in os.walk(sandbox):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # removed while we looked
+    return total
+
+
+def write_atomic(path: Path, payload: dict[str, Any], quota: SandboxQuota | None = None) -> None:
+    """Write the checkpoint to a temporary name next to ``path``, then rename it over ``path``.
+
+    With ``quota``, refuse first (TrainingError) when the file would pass the sandbox's limit."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = encode_checkpoint(payload)
+    if quota is not None:
+        quota.check(path, encoded_bytes(tensors, metadata))
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -109,12 +246,13 @@ def save_checkpoint(
     label_names: list[str],
     max_len: int,
     metrics: dict[str, float],
+    quota: SandboxQuota | None = None,
 ) -> tuple[Path, list[Path]]:
     """Write the checkpoint atomically; returns (path, files deleted by the rotation)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / checkpoint_name(job.session_id, epoch)
     write_atomic(path, checkpoint_payload(job, epoch, model, optimizer, task, tokenizer, label_names, max_len,
-                                          metrics))
+                                          metrics), quota)
     removed = []
     files = session_checkpoints(directory, job.session_id)
     for old in files[: max(0, len(files) - job.max_checkpoints)]:
@@ -131,23 +269,86 @@ def resolve_resume(spec: str, sandbox: Path) -> Path:
     return p if p.is_absolute() else Path(sandbox) / p
 
 
+# --------------------------------------------------------------------------- reading
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint dict (CPU); raises TrainingError with a clear message."""
-    if not path.exists():
+    """Load a checkpoint dict (CPU) without unpickling anything; raises TrainingError with a clear message."""
+    if not path.is_file():
         raise TrainingError(f"checkpoint {path} does not exist on this node")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise TrainingError(f"checkpoint {path} cannot be read: {exc}") from exc
-    if not isinstance(ck, dict) or "model_state" not in ck or "task" not in ck:
+    ck = _read_safetensors(path) if path.suffix == CHECKPOINT_SUFFIX else _read_weights_only(path)
+    if not isinstance(ck, dict) or not isinstance(ck.get("model_state"), dict) or not isinstance(ck.get("task"), dict):
         raise TrainingError(f"{path} is not a training checkpoint of this server (no model_state/task)")
     return ck
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:  # a damaged or foreign file: say what it is not
+        log.info("reading %s as safetensors failed", path, exc_info=True)
+        raise TrainingError(f"checkpoint {path} cannot be read: it is not a valid safetensors file") from exc
+    try:
+        return decode_checkpoint(tensors, metadata)
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        log.info("decoding %s failed", path, exc_info=True)
+        raise TrainingError(f"{path} is a safetensors file but not a training checkpoint of this server "
+                            f"(no '{METADATA_KEY}' metadata)") from exc
+
+
+def _read_weights_only(path: Path) -> Any:
+    """A ``.pt`` file, through torch's restricted unpickler only (tensors and plain containers)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # it needs objects the restricted unpickler refuses
+        log.info("weights-only load of %s refused", path, exc_info=True)
+        raise TrainingError(
+            f"{path} is a pickle file that holds more than tensors (an old checkpoint of this server, or a file "
+            "made elsewhere); it is not loaded because unpickling can run arbitrary code. If you trust it, convert "
+            f"it where it lives with 'flow-nexus-server convert-checkpoint {path}' and use the .safetensors file "
+            "that writes") from exc
+    except Exception as exc:
+        log.info("torch.load(weights_only=True) of %s failed", path, exc_info=True)
+        raise TrainingError(f"checkpoint {path} cannot be read: it is neither a safetensors checkpoint nor a "
+                            "torch file of plain tensors") from exc
+
+
+def convert_legacy(old: str | Path, new: str | Path | None = None) -> Path:
+    """Convert an old pickle checkpoint (``ckpt-*.pt``) of this server to the safetensors format.
+
+    Runs ``torch.load(weights_only=False)``: unpickling runs whatever code the file holds, so
+    call this only on a file you trust, on your own machine. Nothing else in this project
+    unpickles. Returns the path written (``old`` with the suffix ``.safetensors`` by default).
+    """
+    old = Path(old)
+    new = Path(new) if new is not None else old.with_suffix(CHECKPOINT_SUFFIX)
+    if new.suffix != CHECKPOINT_SUFFIX:
+        raise TrainingError(f"the converted checkpoint must be named *{CHECKPOINT_SUFFIX}, got {new}")
+    if not old.is_file():
+        raise TrainingError(f"{old} does not exist")
+    try:
+        ck = torch.load(old, map_location="cpu", weights_only=False)  # trusted by the user who asked
+    except Exception as exc:
+        raise TrainingError(f"{old} cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ck, dict) or not isinstance(ck.get("model_state"), dict) or "task" not in ck:
+        raise TrainingError(f"{old} is not a training checkpoint of this server (no model_state/task)")
+    # safetensors refuses tensors that share memory (tied weights): one copy each
+    ck["model_state"] = {k: v.detach().clone() for k, v in ck["model_state"].items()}
+    write_atomic(new, ck)
+    read_checkpoint(new)  # what resume and load will see
+    return new
 
 
 def task_of(ck: dict[str, Any]) -> TaskInfo:
     t = dict(ck["task"])
     t["input_shape"] = tuple(t.get("input_shape") or ())
-    return TaskInfo(**t)
+    try:
+        return TaskInfo(**t)
+    except TypeError as exc:
+        raise TrainingError(f"the checkpoint's task {sorted(t)} is not one this server writes") from exc
 
 
 def load_state(model: nn.Module, state: dict[str, Any], where: str) -> None:
@@ -159,8 +360,20 @@ def load_state(model: nn.Module, state: dict[str, Any], where: str) -> None:
 
 def load_checkpoint(path: str | Path) -> TrainedModel:
     """A model ready for inference (eval mode) from a checkpoint file."""
-    p = Path(path)
-    ck = read_checkpoint(p)
+    return model_from_checkpoint(read_checkpoint(Path(path)), Path(path))
+
+
+def model_from_checkpoint(ck: dict[str, Any], p: Path) -> TrainedModel:
+    """The model of a checkpoint dict already read from ``p``, ready for inference (eval mode)."""
+    try:
+        return _model_from_checkpoint(ck, p)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # metadata written by someone else
+        log.info("rebuilding the model of %s failed", p, exc_info=True)
+        raise TrainingError(f"{p} is not a training checkpoint this server can use (its fields are incomplete "
+                            "or foreign)") from exc
+
+
+def _model_from_checkpoint(ck: dict[str, Any], p: Path) -> TrainedModel:
     task = task_of(ck)
     job = ck.get("job") or {}
     arch = ck.get("architecture") or job.get("architecture")

@@ -167,8 +167,8 @@ def pol_accepts(previous: float, candidate: float, tolerance: float) -> bool:
 # --------------------------------------------------------------------------- raft
 
 RAFT_DIR = "raft"
-COMMITTED = "committed.pt"
-PENDING = "pending.pt"
+COMMITTED = "committed.safetensors"
+PENDING = "pending.safetensors"
 
 
 def majority(acks: list[float] | torch.Tensor, members: int) -> bool:
@@ -178,10 +178,10 @@ def majority(acks: list[float] | torch.Tensor, members: int) -> bool:
 
 class RaftReplica:
     """One node's replica of the leader's model log: the last committed version in memory
-    (flat weights + version) and on disk (``<sandbox>/raft/committed.pt``, a normal
+    (flat weights + version) and on disk (``<sandbox>/raft/committed.safetensors``, a normal
     checkpoint -- ``resume_from`` accepts it). A proposed version is written to
-    ``pending.pt`` first (the acknowledgement means "stored"); :meth:`commit` renames it
-    over ``committed.pt`` atomically, :meth:`discard` drops it."""
+    ``pending.safetensors`` first (the acknowledgement means "stored"); :meth:`commit` renames it
+    over ``committed.safetensors`` atomically, :meth:`discard` drops it."""
 
     def __init__(self, sandbox: Path, writer: Any, version: int = 0) -> None:
         self.dir = Path(sandbox) / RAFT_DIR

@@ -7,7 +7,7 @@ Order of work, the same on every rank (so no rank waits for a collective another
 enters):
 
 1. plan the roles (pure function of the job -- a bad job raises identically everywhere);
-2. exchange a job digest and a nonce (``all_gather_object``);
+2. exchange a job digest and a nonce (:func:`.coord.all_gather_json`);
 3. phase 1: workers read their shard, every rank reads ``resume_from``; outcomes agreed
    (any failure -> every rank raises the lowest failing rank's error);
 4. vocabulary, ``max_len``, task, model (deterministic from the gathered summaries);
@@ -36,7 +36,7 @@ from workers.protocol import TrainJob
 
 from .checkpoint import load_state, read_checkpoint, resolve_resume
 from .common import TrainedModel, TrainingError, rss_mb
-from .coord import Coordinator, agree, destroy_group, error_of, new_group, pg_timeout
+from .coord import Coordinator, agree, all_gather_json, destroy_group, error_of, new_group, pg_timeout
 from .progress import ProgressSink
 from .runtime import Ctx
 from .setup import (Plan, encode_local, encode_validation, finish_setup, global_setup, make_plan, read_local,
@@ -108,8 +108,7 @@ def _run(job: TrainJob, node_id: str, sandbox: Path, sink: ProgressSink, stop: t
 
     # 2. same job everywhere? one nonce for the store keys of this run
     digest = hashlib.sha256(job.model_dump_json().encode()).hexdigest()
-    items: list[Any] = [None] * world
-    dist.all_gather_object(items, (digest, uuid.uuid4().hex, node_id))
+    items = all_gather_json([digest, uuid.uuid4().hex, node_id])
     if any(d != digest for d, _, _ in items):
         odd = [r for r, (d, _, _) in enumerate(items) if d != items[0][0]]
         raise TrainingError(f"ranks {odd} received a different job than rank 0; start the job again")
@@ -195,7 +194,7 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
     # 7. the mode
     ctx = Ctx(job=job, plan=plan, setup=setup, sink=sink, stop=stop, coord=coord, sandbox=sandbox, data=enc,
               model=model, start=start, ckpt=ckpt, groups=groups, judge_val=judge_val,
-              device=_compute_device(job, plan, sink))
+              device=_compute_device(job, plan, sink), node_id=node_id)
     sink.set_state("running")
     if not plan.is_active:
         sink.log(f"no part for role {plan.role} in {job.mode} training; waiting for the training ranks")

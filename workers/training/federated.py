@@ -26,13 +26,13 @@ Consensus (``job.consensus``):
   (n >= 2f + 3) or the coordinate median (see :mod:`.consensus`).
 * ``raft``: the aggregator is the leader (term ``job.raft_term``, 1 at the start). Each round it sends the new version to
   every worker and validator (the broadcast); each member stores it (in memory and as
-  ``<sandbox>/raft/pending.pt``) and acknowledges (``all_gather`` of ack flags); with a
+  ``<sandbox>/raft/pending.safetensors``) and acknowledges (``all_gather`` of ack flags); with a
   majority of the group (the leader included) the version is committed everywhere
-  (``pending.pt`` renamed over ``raft/committed.pt``, a normal checkpoint that
+  (``pending.safetensors`` renamed over ``raft/committed.safetensors``, a normal checkpoint that
   ``resume_from`` accepts) and ``raft_commit_index`` grows; without one, everyone keeps the
   previous version. Leader takeover after the leader dies is orchestrated by the server: it
   re-forms the group without the dead node and starts the job again with ``resume_from`` set
-  to ``raft/committed.pt`` on a surviving node, which continues from the committed round.
+  to ``raft/committed.safetensors`` on a surviving node, which continues from the committed round.
 * ``gossip`` has no aggregator: see :mod:`.gossip`.
 
 In every central mode the aggregator keeps a reputation per worker rank (:class:`.consensus.
@@ -167,7 +167,8 @@ def run_federated(ctx: Ctx) -> TrainedModel | None:
             write_atomic(path, checkpoint_payload(
                 job, version, model, None, ctx.setup.task, ctx.setup.tokenizer, ctx.setup.label_names,
                 ctx.setup.max_len, ctx.latest,
-                raft={"term": term, "version": version, "commit_index": commit_index + 1, "leader": agg}))
+                raft={"term": term, "version": version, "commit_index": commit_index + 1, "leader": agg}),
+                ctx.quota)
 
         replica = RaftReplica(ctx.sandbox, write, version=int(raft_ck.get("version") or 0))
         if is_agg:

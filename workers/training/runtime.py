@@ -18,7 +18,7 @@ from torch import nn
 
 from workers.protocol import TrainJob
 
-from .checkpoint import checkpoint_dir, save_checkpoint
+from .checkpoint import SandboxQuota, checkpoint_dir, save_checkpoint
 from .common import (Split, Sums, TrainedModel, batch_loss, evaluate, lr_factor, rss_mb, set_lr,
                      try_load_optimizer)
 from .coord import Coordinator
@@ -49,6 +49,7 @@ class Ctx:
     """The whole validation split on a rank that judges candidate models (proof-of-learning)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where synchronous data parallel computes: the pinned GPU on an nccl group, else CPU."""
+    node_id: str = ""
     # node counters
     bytes_sent: float = 0.0
     bytes_received: float = 0.0
@@ -80,6 +81,11 @@ class Ctx:
     @property
     def total(self) -> int:
         return self.job.rounds if self.job.mode == "federated" else self.job.epochs
+
+    @property
+    def quota(self) -> SandboxQuota:
+        """What checkpoints written in this node's sandbox may take (the server's FLOW_NEXUS_MAX_SANDBOX_BYTES)."""
+        return SandboxQuota(self.node_id or "this node", self.sandbox, self.job.sandbox_quota_bytes)
 
     def say(self, line: str) -> None:
         self.sink.log(line)
@@ -237,7 +243,7 @@ class Ctx:
         try:
             path, removed = save_checkpoint(
                 directory, self.job, epoch, model, optimizer, self.setup.task, self.setup.tokenizer,
-                self.setup.label_names, self.setup.max_len, self.latest,
+                self.setup.label_names, self.setup.max_len, self.latest, self.quota,
             )
         except OSError as exc:
             # A full disk must not kill the training: say so and keep going.
