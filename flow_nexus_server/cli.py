@@ -10,7 +10,8 @@ import sys
 
 from flow_nexus_server import __version__
 from flow_nexus_server.config import Settings
-from flow_nexus_server.logs import setup_logging
+from flow_nexus_server.home import HTTP_TOKEN_FILE, PRIVATE_UMASK
+from flow_nexus_server.logs import DropQueryStrings, setup_logging
 
 log = logging.getLogger("flow_nexus_server")
 
@@ -27,7 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       "anything but loopback needs a token")
     http.add_argument("--port", type=int, default=8765, help="port to bind (default 8765)")
     http.add_argument("--token-file", metavar="PATH", help="file holding the bearer token "
-                      "(default: $FLOW_NEXUS_TOKEN); clients send 'Authorization: Bearer <token>'")
+                      "(default: $FLOW_NEXUS_TOKEN, else one generated into <home>/http-token); clients send "
+                      "'Authorization: Bearer <token>'")
     http.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
                       help="extra Host header value to accept (DNS-rebinding protection); repeatable")
     sub = ap.add_subparsers(dest="command")
@@ -39,6 +41,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from flow_nexus_server.bench import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="benchmark the real server against plain baselines (one table)"))
+    conv = sub.add_parser(
+        "convert-checkpoint", help="convert an old pickle checkpoint (.pt) you trust to .safetensors",
+        description="Convert an old checkpoint of this server (ckpt-*.pt, a pickle) to the safetensors format "
+                    "nodes read. Unpickling can run arbitrary code: run this only on a file you trust, on your "
+                    "own machine. Nodes never unpickle.")
+    conv.add_argument("old", help="the old .pt checkpoint")
+    conv.add_argument("new", nargs="?", help="the .safetensors file to write (default: OLD with that suffix)")
     return ap.parse_args(argv)
 
 
@@ -56,17 +65,36 @@ def main(argv: list[str] | None = None) -> int:
         from flow_nexus_server.bench import run as bench_run
 
         return bench_run(args)
+    if args.command == "convert-checkpoint":
+        return convert_checkpoint(args.old, args.new)
     token: str | None = None
     if args.transport == "http":
         token, problem = http_token(args)
         if problem:
             sys.stderr.write(f"flow-nexus-server: {problem}\n")
             return 2
+    os.umask(PRIVATE_UMASK)  # everything the server and its nodes create is private (see home.py)
     settings = Settings.from_env(args.home)
     setup_logging(settings.log_file, args.verbose)
     if args.transport == "http":
+        if token is None:
+            token = generated_http_token(settings)
         return serve_http(settings, host=args.host, port=args.port, token=token, allowed_hosts=args.allowed_host)
     return serve_stdio(settings)
+
+
+def convert_checkpoint(old: str, new: str | None) -> int:
+    """``convert-checkpoint``: the one place a pickle is loaded, on the user's own trusted file."""
+    from workers.training.checkpoint import convert_legacy
+    from workers.training.common import TrainingError
+
+    try:
+        written = convert_legacy(old, new)
+    except TrainingError as exc:
+        sys.stderr.write(f"flow-nexus-server: {exc}\n")
+        return 1
+    print(f"wrote {written}")
+    return 0
 
 
 def http_token(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -93,6 +121,18 @@ def http_token(args: argparse.Namespace) -> tuple[str | None, str | None]:
             "or bind to 127.0.0.1."
         )
     return token, None
+
+
+def generated_http_token(settings: Settings) -> str:
+    """The token of an HTTP server started without one: loopback is shared by every local account,
+    so the endpoint is never open. Kept in ``<home>/http-token`` (0600, reused across restarts)."""
+    from flow_nexus_server.home import prepare_home, read_or_create_secret
+
+    prepare_home(settings)
+    path = settings.home / HTTP_TOKEN_FILE
+    token = read_or_create_secret(path)
+    log.info("no token given: clients authenticate with the token in %s (readable by you only)", path)
+    return token
 
 
 def serve_stdio(settings: Settings) -> int:
@@ -148,9 +188,8 @@ def serve_http(settings: Settings, *, host: str, port: int, token: str | None,
     service: ClusterService | None = None
     try:
         service = ClusterService(settings)
-        if token is None:
-            log.warning("HTTP without a token on %s: any local process can use the MCP endpoint", host)
         app = create_app(service=service, host=host, port=port, token=token, allowed_hosts=allowed_hosts)
+        logging.getLogger("uvicorn.access").addFilter(DropQueryStrings())
         config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
                                 timeout_graceful_shutdown=5, ws="none", server_header=False)
         uvicorn.Server(config).run()

@@ -17,6 +17,14 @@ def _int_env(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
 
 
+# The longest tool arguments, in characters (the tools' JSON Schemas say the same).
+MAX_DATASET_CHARS = 16_000_000  # neural_train_distributed dataset
+MAX_UPLOAD_CHARS = 4 * -(-(8 << 20) // 3)  # neural_node_upload content: 8 MiB as base64 (11,184,812)
+# HTTP request bodies: room for either argument even when JSON escaping doubles it (or triples
+# an 8 MiB upload of non-ASCII text sent as \uXXXX escapes).
+HTTP_MAX_BODY_BYTES = 32 << 20
+
+
 @dataclass(frozen=True)
 class Limits:
     """Ceilings that protect the host; each is overridable by an environment variable."""

@@ -7,6 +7,10 @@
   request reaches the MCP session manager, so an unauthenticated request does nothing.
 - DNS-rebinding protection stays on: the ``Host`` header must be one of ``allowed_hosts``
   (default: the bound host and localhost/127.0.0.1, with the port).
+- A request that carries ``access_token`` in its query string is refused (400): only the
+  header is accepted, and a URL ends up in logs and shell histories.
+- Request bodies may be up to ``HTTP_MAX_BODY_BYTES`` (room for the largest tool argument); a
+  larger one gets 413 with a JSON-RPC error sentence, before the body is read.
 - ``GET /healthz`` answers ``{"status": "ok", "version": ...}`` without auth.
 - The Starlette lifespan enters ``session_manager.run()``, which runs the MCP server's own
   lifespan: it creates (or adopts) the ``ClusterService`` and closes it (every node stopped)
@@ -25,12 +29,15 @@ from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
+from starlette.datastructures import Headers, QueryParams
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from flow_nexus_server import __version__
-from flow_nexus_server.config import Settings
+from flow_nexus_server.config import HTTP_MAX_BODY_BYTES, Settings
 from flow_nexus_server.service.clusters import ClusterService
 
 log = logging.getLogger(__name__)
@@ -114,6 +121,37 @@ def auth_settings(host: str, port: int) -> AuthSettings:
     )
 
 
+class GuardRequests:
+    """Refuses, before anything reads the body: a token in the query string, and a body whose
+    Content-Length passes the limit (bodies sent without one are capped by the SDK's own check,
+    given the same limit). The answer is a JSON-RPC error, so MCP clients show its sentence."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int = HTTP_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = self.problem(scope) if scope["type"] == "http" else None
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        status, message = problem
+        reply = JSONResponse({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": message}},
+                             status_code=status)
+        await reply(scope, receive, send)
+
+    def problem(self, scope: Scope) -> tuple[int, str] | None:
+        if "access_token" in QueryParams(scope.get("query_string", b"")):
+            return 400, ("a token in the URL (?access_token=...) is not accepted: send it in the header "
+                         "'Authorization: Bearer <token>'")
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return 413, (f"the request body is {int(declared)} bytes; this server accepts at most "
+                         f"{self.max_body_bytes} bytes over HTTP. Send less per call, or put the data under an "
+                         "allowed root (the state home or FLOW_NEXUS_DATA_ROOTS) and pass its path")
+        return None
+
+
 async def healthz(_: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "version": __version__})
 
@@ -135,7 +173,8 @@ def create_app(
     else:
         mcp = build_server(settings, service)
     security = transport_security(host, port, allowed_hosts)
-    mcp_app = mcp.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=security, host=host)
+    mcp_app = mcp.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=security, host=host,
+                                      max_request_body_size=HTTP_MAX_BODY_BYTES)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -146,6 +185,7 @@ def create_app(
                      MCP_PATH, "bearer token" if token else "none", ", ".join(security.allowed_hosts))
             yield
 
-    app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Mount("/", app=mcp_app)], lifespan=lifespan)
+    app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Mount("/", app=mcp_app)], lifespan=lifespan,
+                    middleware=[Middleware(GuardRequests)])
     app.state.mcp = mcp
     return app

@@ -2,13 +2,14 @@
 
 Bearer-token auth (401 without or with a wrong token, and nothing happens), /healthz,
 DNS-rebinding protection, the official SDK client driving real nodes, the refusal to bind a
-non-loopback address without a token, and SIGTERM stopping every node.
+non-loopback address without a token, a generated token on loopback, and SIGTERM stopping every node.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import stat
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -182,11 +183,24 @@ async def test_signal_stops_the_nodes(http_server, sig, mode):
     assert "flow-nexus-server stopped" in http_server.stderr()
 
 
-def test_loopback_without_a_token_serves_without_auth(home):
+def test_loopback_without_a_token_gets_a_generated_one(home):
+    """Loopback is shared by every local account: without a token the server makes one, 0600."""
     server = HttpServer(home, None).wait_ready()  # 127.0.0.1, FLOW_NEXUS_TOKEN unset
     try:
-        reply = httpx.post(server.url, headers=MCP_HEADERS, content=json.dumps(INIT), timeout=30)
+        anonymous = httpx.post(server.url, headers=MCP_HEADERS, content=json.dumps(INIT), timeout=30)
+        assert anonymous.status_code == 401, anonymous.text
+        token_file = home / "http-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        reply = httpx.post(server.url, headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
+                           content=json.dumps(INIT), timeout=30)
         assert reply.status_code == 200, reply.text
-        assert "without a token" in server.stderr()
+        assert str(token_file) in server.stderr() and token not in server.stderr()
+        assert token not in (home / "server.log").read_text()
     finally:
         assert server.stop() == 0
+    again = HttpServer(home, None).wait_ready()  # a restart keeps the same token: clients keep working
+    try:
+        assert (home / "http-token").read_text().strip() == token
+    finally:
+        assert again.stop() == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import secrets
 import statistics
 import threading
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.config import Settings
+from flow_nexus_server.home import prepare_home
 from flow_nexus_server.launchers import LaunchError, NodeHandle, NodeLauncher, NodeSpec
 from flow_nexus_server.launchers.base import log_tail
 from flow_nexus_server.launchers.docker import DockerLauncher, UnavailableLauncher
@@ -46,22 +49,85 @@ ROLE_RANK_ORDER = {"aggregator": 0, "parameter_server": 1, "validator": 2, "work
 RESERVED_NAMES = {"agent.json", NODE_LOG}
 
 
+NAME_MAX = 255  # bytes in one path component (Linux file systems)
+PATH_MAX = 4096  # bytes in a whole path, with its terminating NUL
+
+
 def safe_path(root: Path, name: str) -> Path:
     """``root / name`` when it stays inside ``root`` (no absolute path, no '..', no symlink escape)."""
     if not name or "\0" in name or name.startswith(("/", "\\")) or Path(name).is_absolute():
         raise ServiceError(f"file name {name!r} must be a relative path inside the node's sandbox, e.g. data/mine.csv")
     if any(part == ".." for part in Path(name).parts):
         raise ServiceError(f"file name {name!r} may not contain '..'; give a path inside the node's sandbox")
+    check_name_length(root, name)
     try:
         target = (root / name).resolve()
-    except OSError as exc:  # e.g. a name longer than the file system allows
-        raise ServiceError(f"file name {name[:80]!r}... cannot be used: {exc.strerror}") from exc
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ServiceError(f"file name {name[:80]!r} cannot be used ({getattr(exc, 'strerror', None) or exc}); "
+                           "choose another name") from exc
     if target != root and root not in target.parents:
         raise ServiceError(f"file name {name!r} leads outside the node's sandbox {root} (through a symlink); "
                            "choose another name")
     if target.name in RESERVED_NAMES or target.is_dir():
         raise ServiceError(f"{name!r} is reserved or a directory in the node's sandbox; choose another file name")
     return target
+
+
+def check_name_length(root: Path, name: str) -> None:
+    """The file system's limits as a sentence, rather than an error from deep inside a write."""
+    try:
+        parts = [part.encode("utf-8") for part in Path(name).parts]
+    except UnicodeEncodeError as exc:
+        raise ServiceError(f"file name {name[:80]!r} is not valid Unicode text; choose another name") from exc
+    longest = max(parts, key=len)
+    if len(longest) > NAME_MAX:
+        raise ServiceError(f"file name is too long: {longest[:40].decode('utf-8', 'replace')!r}... is {len(longest)} "
+                           f"bytes, the limit is {NAME_MAX} bytes per path component; choose a shorter name")
+    whole = len(os.fsencode(root)) + 1 + len(name.encode("utf-8"))
+    if whole >= PATH_MAX:
+        raise ServiceError(f"file name is too long: the path in the sandbox would be {whole} bytes, the limit is "
+                           f"{PATH_MAX - 1} bytes (PATH_MAX); choose a shorter name")
+
+
+def write_no_follow(root: Path, relative: Path, data: bytes) -> None:
+    """Write ``root / relative`` without following a symlink anywhere below ``root``.
+
+    Each directory on the way is opened with O_NOFOLLOW (created 0700 when missing); the data
+    goes to a fresh 0600 file under a random name (O_CREAT | O_EXCL | O_NOFOLLOW) and is renamed
+    over the name, which replaces a symlink of that name instead of writing through it.
+    """
+    *dirs, name = relative.parts
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in dirs:
+            try:
+                os.mkdir(part, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:  # ELOOP (a symlink) or ENOTDIR (a file)
+                raise ServiceError(f"{part!r} in {str(relative)!r} is a symlink or a file, not a directory of the "
+                                   "node's sandbox; choose another name") from exc
+            os.close(fd)
+            fd = sub
+        tmp = f".upload-{secrets.token_hex(8)}.part"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd)
+        try:
+            with os.fdopen(out, "wb") as f:
+                f.write(data)
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException as exc:
+            try:
+                os.unlink(tmp, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            if isinstance(exc, IsADirectoryError):
+                raise ServiceError(f"{str(relative)!r} is a directory in the node's sandbox; choose another "
+                                   "file name") from exc
+            raise
+    finally:
+        os.close(fd)
 
 
 def ray_launcher() -> NodeLauncher:
@@ -124,8 +190,7 @@ def parallel(fn: Callable[[Any], T], items: Iterable[Any]) -> list[T | BaseExcep
 class ClusterService:
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
-        settings.home.mkdir(parents=True, exist_ok=True)
-        settings.clusters_dir.mkdir(parents=True, exist_ok=True)
+        prepare_home(settings)  # before the store: the home is 0700 before the database lands in it
         self.store = store or Store(settings.db_url)
         self.launchers: dict[str, NodeLauncher] = {
             # Forks node agents from a template that has torch imported: ~0.1 s a node, not ~2 s.
@@ -177,7 +242,10 @@ class ClusterService:
 
     def event(self, cluster_id: str, kind: str, message: str, **kw: Any) -> None:
         log.info("[%s] %s: %s", cluster_id, kind, message)
-        self.store.add_event(cluster_id, kind, message, **kw)
+        try:
+            self.store.add_event(cluster_id, kind, message, **kw)
+        except SQLAlchemyError:  # a damaged events table costs the event stream, not the operation
+            log.exception("recording the %s event of %s failed; it is only in this log", kind, cluster_id)
 
     # -------------------------------------------------------------------- init
     def init_cluster(self, *, name: str, topology: str, architecture: str, consensus: str,
@@ -204,7 +272,8 @@ class ClusterService:
             )
         cluster_id = "dnc_" + secrets.token_hex(6)
         directory = self.settings.clusters_dir / cluster_id
-        (directory / "nodes").mkdir(parents=True)
+        directory.mkdir(mode=0o700)
+        (directory / "nodes").mkdir(mode=0o700)
         options = {"wasmOptimization": wasm_optimization, "daaEnabled": daa_enabled, **(extra or {}),
                    "backend_requested": backend}
         cluster = Cluster(
@@ -259,7 +328,8 @@ class ClusterService:
                     id=node_id, cluster_id=cluster_id, seq=seq0 + i, role=role, status="starting",
                     model=model, capabilities=capabilities, layers=layers,
                     options={"autonomy": autonomy, "template": template, "num_cpus": num_cpus,
-                             "num_gpus": num_gpus, **(options or {})},
+                             "num_gpus": num_gpus, "memory_mb": memory_mb or self.settings.limits.node_memory_mb,
+                             **(options or {})},
                     sandbox=str(sandbox), created_at=time.time(),
                 ))
             with self.store.session() as s:
@@ -314,7 +384,8 @@ class ClusterService:
         """Launch one node and wait for its health check; returns the start-up time."""
         start = time.monotonic()
         spec = NodeSpec(node.id, cluster.id, node.role, Path(node.sandbox), cluster.token,
-                        num_cpus=node.options.get("num_cpus", 1.0), num_gpus=node.options.get("num_gpus", 0.0))
+                        num_cpus=node.options.get("num_cpus", 1.0), num_gpus=node.options.get("num_gpus", 0.0),
+                        allowed_roots=tuple(self.settings.allowed_roots))
         handle = self.launcher(cluster).launch(spec, self.settings.node_start_timeout_s)
         self.store.update(Node, node.id, host=handle.host, port=handle.port, pid=handle.pid,
                           launcher_ref=handle.ref)
@@ -680,17 +751,16 @@ class ClusterService:
             raise ServiceError(f"the file is {len(data)} bytes, the upload limit is {self.settings.limits.max_upload_bytes} "
                                "bytes per file (FLOW_NEXUS_MAX_UPLOAD_BYTES)")
         sandbox = Path(node.sandbox).resolve()
-        target = safe_path(sandbox, file_name)
+        safe_path(sandbox, file_name)  # a clear sentence for the common mistakes; write_no_follow enforces
+        relative = Path(file_name)  # no '..', no absolute path: checked above
+        target = sandbox / relative
         used = sum(f.stat().st_size for f in sandbox.rglob("*") if f.is_file())
         limit = self.settings.limits.max_sandbox_bytes
         if used + len(data) > limit:
             raise ServiceError(f"node {node_id}'s sandbox holds {used} bytes; {len(data)} more would pass its limit of "
                                f"{limit} bytes (FLOW_NEXUS_MAX_SANDBOX_BYTES)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(target)
-        rel = str(target.relative_to(sandbox))
+        write_no_follow(sandbox, relative, data)
+        rel = str(relative)
         self.event(node.cluster_id, "file_uploaded", f"{len(data)} bytes written to {node_id}:{rel}", node_id=node_id)
         return r.UploadReply(success=True, node_id=node_id, path=str(target), relative_path=rel, bytes=len(data))
 

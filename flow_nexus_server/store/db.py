@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from flow_nexus_server.store.tables import Base, Cluster, Event, Node
@@ -16,6 +17,8 @@ class Store:
     def __init__(self, url: str) -> None:
         is_sqlite = url.startswith("sqlite")
         connect_args = {"check_same_thread": False, "timeout": 30} if is_sqlite else {}
+        if is_sqlite:
+            _create_private_file(make_url(url).database)
         self.engine = create_engine(url, connect_args=connect_args)
         if is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -94,3 +97,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _create_private_file(database: str | None) -> None:
+    """Create a SQLite file 0600 before SQLite does (it would use 0644 less the umask); its -wal
+    and -shm files take the database file's mode. Holds the cluster tokens: owner only."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
