@@ -6,6 +6,7 @@ import base64
 import functools
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
@@ -19,7 +20,7 @@ from pydantic import Field
 
 from flow_nexus_server import __version__
 from flow_nexus_server import replies as r
-from flow_nexus_server.config import Settings
+from flow_nexus_server.config import MAX_DATASET_CHARS, MAX_UPLOAD_CHARS, Settings
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.launchers import LaunchError
 from flow_nexus_server.service.errors import ServiceError
@@ -28,6 +29,7 @@ from flow_nexus_server.service.monitor import NodeMonitor
 from flow_nexus_server.service import plots, templates
 from flow_nexus_server.service.inference import InferenceService
 from flow_nexus_server.service.training import Quantization, TrainingService, TrainRequest
+from workers import protocol as p
 from mcp.server.mcpserver import Context
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ Real distributed PyTorch training. Typical flow: neural_cluster_init -> neural_n
 (count=N) -> neural_cluster_connect -> neural_cluster_status -> neural_cluster_terminate.
 Every figure these tools report was measured on the running node processes."""
 
+EVENT_POLL_S = 0.5  # how often new events are looked for (resource-updated notices)
+MAX_BACKOFF_S = 30.0  # longest wait between retries of a failing background loop
+
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
 RECONFIGURES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
@@ -50,11 +55,18 @@ DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempote
 
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking service call on a worker thread; service errors become ToolErrors."""
+    """Run a blocking service call on a worker thread; service errors become ToolErrors, and so
+    does anything unexpected: logged with its traceback, answered with a sentence naming the tool
+    (the SDK's own answer would be a bare "Error executing tool X")."""
+    tool = sys._getframe(1).f_code.co_name  # the tool function awaiting this call
     try:
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
     except (ServiceError, NodeRequestError, LaunchError) as exc:
         raise ToolError(str(exc)) from exc
+    except Exception as exc:
+        log.exception("unexpected error in %s", tool)
+        raise ToolError(f"internal error in {tool}: {type(exc).__name__}; see server.log in the server's state home "
+                        "for the details") from exc
 
 
 def build_server(settings: Settings | None = None, service: ClusterService | None = None, *,
@@ -87,13 +99,24 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
     bus = InMemorySubscriptionBus()
 
     async def publish_event_updates(clusters: ClusterService) -> None:
-        """Tell subscribers of session://{id}/events when that session has new events."""
-        last = (await anyio.to_thread.run_sync(clusters.store.new_event_sessions, 0))[0]
+        """Tell subscribers of session://{id}/events when that session has new events.
+
+        Runs in the lifespan's task group: an exception escaping it would end the server and every
+        node with it, so a failure (a damaged database) is logged and retried with a back-off;
+        only the notifications stop meanwhile."""
+        last: int | None = None  # None until the first read: events from before the start are not news
+        delay = EVENT_POLL_S
         while True:
-            await anyio.sleep(0.5)
-            last, sessions = await anyio.to_thread.run_sync(clusters.store.new_event_sessions, last)
-            for sid in sessions:
-                await bus.publish(ResourceUpdated(uri=f"session://{sid}/events"))
+            try:
+                top, sessions = await anyio.to_thread.run_sync(clusters.store.new_event_sessions, last or 0)
+                if last is not None:
+                    for sid in sessions:
+                        await bus.publish(ResourceUpdated(uri=f"session://{sid}/events"))
+                last, delay = top, EVENT_POLL_S
+            except Exception:
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                log.exception("publishing session event notices failed; retrying in %.0f s", delay)
+            await anyio.sleep(delay)
 
     def svc() -> ClusterService:
         return holder["svc"]
@@ -147,7 +170,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         ] = ["training", "inference"],  # noqa: B006 - pydantic copies defaults
         autonomy: Annotated[float, Field(ge=0, le=1, description="Accepted for compatibility; stored as given")] = 0.8,
         layers: Annotated[
-            list[dict[str, Any]] | None,
+            list[p.LayerSpec] | None,
             Field(max_length=64, description="Layer specs for model 'custom', e.g. {type: embedding, embedding_dim: 64}"),
         ] = None,
         count: Annotated[int, Field(ge=1, le=16, description="How many identical nodes to deploy")] = 1,
@@ -156,7 +179,9 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
             "its normal sample count"))] = "honest",
         behavior_scale: Annotated[float, Field(ge=0, le=1e6, description="Noise scale (gaussian_noise) or factor (scaled)")] = 1.0,
         memory_mb: Annotated[int | None, Field(ge=64, le=16_777_216, description=(
-            "Memory each node needs; the deploy is refused when the host lacks it (default FLOW_NEXUS_NODE_MEMORY_MB, 400)"))] = None,
+            "Memory each node's training may use besides the node's runtime (default FLOW_NEXUS_NODE_MEMORY_MB, "
+            "400): the deploy is refused when the host lacks it, a session whose model needs more is refused, "
+            "and a node whose resident memory passes 1.5 x memory_mb + 512 MB (+2 GB on a GPU node) is stopped"))] = None,
         num_cpus: Annotated[float, Field(gt=0, le=256, description=(
             "CPUs each node reserves: its Ray placement-group bundle (launcher ray), docker run --cpus (launcher docker)"))] = 1.0,
         num_gpus: Annotated[float, Field(ge=0, le=16, description=(
@@ -168,7 +193,8 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
             raise ToolError("model 'custom' needs a `layers` list, e.g. [{\"type\": \"dense\", \"units\": 64}, {\"type\": \"output\"}]")
         return await call(
             svc().deploy_nodes, cluster_id, role=role or node_type, count=count, model=model,
-            capabilities=list(dict.fromkeys(capabilities)), autonomy=autonomy, template=template, layers=layers,
+            capabilities=list(dict.fromkeys(capabilities)), autonomy=autonomy, template=template,
+            layers=[layer.model_dump(exclude_none=True) for layer in layers] if layers else None,
             memory_mb=memory_mb, num_cpus=num_cpus, num_gpus=num_gpus,
             options={"behavior": {"kind": behavior, "scale": behavior_scale}} if behavior != "honest" else None,
         )
@@ -214,7 +240,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
     @mcp.tool(title="Train across the cluster", annotations=CREATES)
     async def neural_train_distributed(
         cluster_id: ClusterId,
-        dataset: Annotated[str, Field(min_length=1, max_length=16_000_000, description=(
+        dataset: Annotated[str, Field(min_length=1, max_length=MAX_DATASET_CHARS, description=(
             "A built-in dataset (digits, mnist-5k, tweet-sentiment, tweet-polarity, bbc-news, bbc-news-lm), "
             "a CSV/JSONL/TXT path or glob (relative paths are read inside each node's sandbox, see "
             "neural_node_upload), or inline JSON {\"X\"|\"data\"|\"features\": [...], \"y\"|\"labels\"|\"targets\": [...]}"))],
@@ -393,7 +419,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
     @mcp.tool(title="Session events", annotations=READ_ONLY)
     async def execution_stream_subscribe(
         deployment_id: Annotated[str, Field(min_length=1, max_length=64, description="The training session id")],
-        cursor: Annotated[int, Field(ge=0, description="Last event id seen; 0 for all")] = 0,
+        cursor: Annotated[int, Field(ge=0, le=2**62, description="Last event id seen; 0 for all")] = 0,
         wait_s: Annotated[float, Field(ge=0, le=60, description="How long to wait for new events when there are none")] = 10,
         limit: Annotated[int, Field(ge=1, le=500)] = 100,
     ) -> r.EventStreamReply:
@@ -433,8 +459,11 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
     @mcp.tool(title="Upload a file to one node", annotations=CREATES)
     async def neural_node_upload(
         node_id: NodeId,
-        file_name: Annotated[str, Field(min_length=1, max_length=255, description="Relative name inside the node's sandbox, e.g. data/mine.csv")],
-        content: Annotated[str, Field(max_length=8_000_000, description="File content (text, or base64 with encoding='base64')")],
+        file_name: Annotated[str, Field(min_length=1, max_length=255, description=(
+            "Relative name inside the node's sandbox, e.g. data/mine.csv (at most 255 bytes per path component)"))],
+        content: Annotated[str, Field(max_length=MAX_UPLOAD_CHARS, description=(
+            "File content (text, or base64 with encoding='base64'); at most FLOW_NEXUS_MAX_UPLOAD_BYTES "
+            "(default 8 MiB) once decoded"))],
         encoding: Literal["text", "base64"] = "text",
     ) -> r.UploadReply:
         """Write a file into one node's sandbox, so only that node reads it (federated privacy).

@@ -212,7 +212,7 @@ def _text_mask(ids: torch.Tensor) -> torch.Tensor:
     """True at real tokens; a row made only of PAD keeps its first position."""
     mask = ids != PAD_ID
     empty = ~mask.any(dim=1)
-    if bool(empty.any()):
+    if not ids.is_meta and bool(empty.any()):  # meta (shape-only) tensors have no values to test
         mask = mask.clone()
         mask[:, 0] |= empty
     return mask
@@ -231,8 +231,11 @@ def _masked_max(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return h.masked_fill(~mask.unsqueeze(-1), torch.finfo(h.dtype).min).amax(dim=1)
 
 
-def _lengths(mask: torch.Tensor) -> torch.Tensor:
-    """Sequence lengths for packing: index of the last real token + 1 (CPU int64)."""
+def _lengths(mask: torch.Tensor) -> torch.Tensor | None:
+    """Sequence lengths for packing: index of the last real token + 1 (CPU int64); None for a
+    shape-only (meta) batch, which runs unpacked."""
+    if mask.is_meta:
+        return None
     pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
     return (pos * mask).amax(dim=1).clamp(min=1).cpu()
 
@@ -334,7 +337,7 @@ class FlowModel(nn.Module):
                 f"sequence length {ids.shape[1]} exceeds the model's max_len {max_positions}; "
                 "truncate batches to max_len"
             )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.task.vocab_size):
+        if ids.numel() and not ids.is_meta and (int(ids.min()) < 0 or int(ids.max()) >= self.task.vocab_size):
             raise ValueError(
                 f"token id out of range [0, {self.task.vocab_size}): min {int(ids.min())}, "
                 f"max {int(ids.max())}; the tokenizer and the model disagree on vocab_size"

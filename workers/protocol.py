@@ -7,9 +7,10 @@ anything server-side so that JSON Schema can be generated from it cheaply.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 Role = Literal["worker", "parameter_server", "aggregator", "validator"]
 Topology = Literal["mesh", "ring", "star", "hierarchical"]
@@ -39,6 +40,17 @@ TOKEN_ENV = "FLOW_NEXUS_NODE_TOKEN"
 
 READY_FILE = "agent.json"
 """File the agent writes into its sandbox once it listens: {"port": int, "pid": int}."""
+
+CHECKPOINT_SUFFIX = ".safetensors"
+CHECKPOINT_NAME_RE = re.compile(r"^ckpt-(?P<session>.+)-e(?P<epoch>\d+)\.safetensors$")
+"""A checkpoint file's name: ``ckpt-<session>-e<NNN>.safetensors`` (NNN: its epoch or round)."""
+
+
+def checkpoint_epoch(path: str) -> int | None:
+    """The epoch (or federated round) a checkpoint file holds, from its name; None for other names."""
+    m = CHECKPOINT_NAME_RE.match(path.replace("\\", "/").rsplit("/", 1)[-1])
+    return int(m.group("epoch")) if m else None
+
 
 # Built-in datasets: name -> one-line description. The node's data module loads each one.
 BUILTIN_DATASETS: dict[str, str] = {
@@ -156,6 +168,8 @@ class TrainJob(BaseModel):
     behaviors: list[Behavior] = Field(default_factory=list, description="behaviors[rank]; empty = all honest")
     raft_term: int = Field(1, ge=1, description="Raft term: bumped each time a surviving node takes over as leader")
     checkpoint_dir: str | None = Field(None, description="Where the checkpointing rank writes")
+    sandbox_quota_bytes: int | None = Field(None, ge=0, description="Checkpoints written inside a node's sandbox "
+                                            "may not bring it past this many bytes (None: no limit)")
 
 
 class TrainStarted(BaseModel):
@@ -203,6 +217,41 @@ class DatasetCheck(BaseModel):
     num_classes: int = 0
     label_names: list[str] = Field(default_factory=list)
     private: bool = Field(False, description="The data is a file in this node's own sandbox")
+    parameters: int = Field(0, description="Parameters of the job's model (0: not estimated)")
+    estimated_train_mb: float | None = Field(None, description=(
+        "Estimated memory (MiB) training the model adds to this node: weights, gradients, optimizer "
+        "state, communication copies, activations (workers.budget); None: not estimated"))
+    memory_breakdown_mb: dict[str, float] = Field(default_factory=dict, description=(
+        "model_state_mb, activations_mb, and runtime_mb: the node's own memory before any job"))
+
+
+class LayerSpec(BaseModel):
+    """One layer of a ``custom`` model (workers.models.build_custom checks it against the data).
+
+    Every width and count has an upper bound, so no request can ask for a model far beyond any
+    node; what fits a node's memory_mb is checked against the data before a session starts."""
+
+    model_config = ConfigDict(extra="allow")  # unknown keys are logged and ignored by the builder
+
+    type: str = Field(min_length=1, max_length=40, description=(
+        "embedding, transformer_block, lstm, gru, dense, dropout, conv2d, maxpool2d or output"))
+    units: int | None = Field(None, ge=1, le=16_384, description="dense: output width")
+    embedding_dim: int | None = Field(None, ge=1, le=4096, description="embedding: vector size per token")
+    vocab_size: int | None = Field(None, ge=1, le=1_000_000, description="embedding: ignored, the dataset's wins")
+    num_heads: int | None = Field(None, ge=1, le=64, description="transformer_block: attention heads")
+    hidden_dim: int | None = Field(None, ge=1, le=16_384, description="transformer_block: feed-forward width")
+    hidden_size: int | None = Field(None, ge=1, le=8192, description="lstm / gru: state size")
+    num_layers: int | None = Field(None, ge=1, le=48, description="transformer_block / lstm / gru: stacked layers")
+    filters: int | None = Field(None, ge=1, le=2048, description="conv2d: output channels")
+    kernel_size: int | None = Field(None, ge=1, le=15, description="conv2d: kernel side")
+    stride: int | None = Field(None, ge=1, le=8, description="conv2d: stride")
+    pool: int | None = Field(None, ge=1, le=8, description="conv2d: max-pool size after it (1: none)")
+    pool_size: int | None = Field(None, ge=1, le=8, description="maxpool2d: pool size")
+    num_classes: int | None = Field(None, ge=1, le=1_000_000, description="output: must match the dataset")
+    rate: float | None = Field(None, ge=0, lt=1, description="dropout: drop probability")
+    dropout: float | None = Field(None, ge=0, lt=1, description="embedding / transformer_block / lstm / gru")
+    bidirectional: bool | None = Field(None, description="lstm / gru")
+    activation: str | None = Field(None, max_length=32, description="dense / conv2d: relu, gelu, tanh, ...")
 
 
 class ModelInfo(BaseModel):

@@ -40,16 +40,56 @@ def parse_input_data(input_data: str, roots: list[Path]) -> Any:
     text = input_data.strip()
     if text[:1] in "{[\"" or text in ("null", "true", "false") or _is_number(text):
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
+            return loads_json(text, "input_data")
+        except ServiceError:
             if text[:1] in "{[":
-                raise ServiceError(f"input_data looks like JSON but does not parse: {exc}") from exc
+                raise
     if "\n" not in text and len(text) < 4096 and text.endswith((".json", ".jsonl", ".csv", ".txt")):
         path = under_allowed_root(text, roots, "input_data file")
         if not path.is_file():
             raise ServiceError(f"input_data file {path} does not exist")
         return _read_examples(path)
     return input_data  # raw text for a text model
+
+
+MAX_JSON_DEPTH = 32  # examples need a few levels: a batch of images is batch, channel, row, column
+
+
+def loads_json(text: str, what: str) -> Any:
+    """``json.loads`` whose failures are sentences: broken JSON, or nesting deeper than
+    MAX_JSON_DEPTH (which the requests to the nodes could not carry) or Python's parser follows."""
+    try:
+        value = json.loads(text)
+        too_deep = _deeper_than(value, MAX_JSON_DEPTH)
+    except json.JSONDecodeError as exc:
+        raise ServiceError(f"{what} looks like JSON but does not parse: {exc}") from exc
+    except RecursionError:
+        too_deep = True
+    if too_deep:
+        raise ServiceError(f"{what} is JSON nested more than {MAX_JSON_DEPTH} levels deep; examples need a few "
+                           "levels (a batch of vectors is [[1, 2], [3, 4]])")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _numbers(row: dict[str, Any], columns: list[str], path: Path) -> list[float]:
+    """One CSV row's feature columns as numbers; a sentence naming the cell otherwise."""
+    try:
+        return [float(row[c]) for c in columns]
+    except (TypeError, ValueError):
+        bad = next(c for c in columns if not _is_number(str(row[c])))
+        raise ServiceError(f"input_data file {path}: column {bad!r} holds {row[bad]!r}, not a number; feature "
+                           "columns must be numeric (a 'text' column holds text examples)") from None
 
 
 def _is_number(text: str) -> bool:
@@ -63,11 +103,13 @@ def _is_number(text: str) -> bool:
 def _read_examples(path: Path) -> Any:
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".json":
-        return json.loads(raw)
+        return loads_json(raw, f"input_data file {path}")
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        inputs = [next((row[k] for k in INPUT_KEYS if k in row), row) for row in rows]
-        labels = [next((row[k] for k in LABEL_KEYS if k in row), None) for row in rows]
+        rows = [loads_json(line, f"line {i} of input_data file {path}")
+                for i, line in enumerate(raw.splitlines(), 1) if line.strip()]
+        objects = [row if isinstance(row, dict) else {} for row in rows]  # other lines are inputs as they are
+        inputs = [next((obj[k] for k in INPUT_KEYS if k in obj), row) for obj, row in zip(objects, rows)]
+        labels = [next((obj[k] for k in LABEL_KEYS if k in obj), None) for obj in objects]
         return {"inputs": inputs, "labels": labels} if all(v is not None for v in labels) else inputs
     if path.suffix == ".csv":
         import csv
@@ -79,7 +121,7 @@ def _read_examples(path: Path) -> Any:
         label = next((c for c in cols if c.lower() in LABEL_KEYS + ("class",)), None)
         text = next((c for c in cols if c.lower() == "text"), None)
         feats = [c for c in cols if c not in (label, text)]
-        inputs = [row[text] for row in rows] if text else [[float(row[c]) for c in feats] for row in rows]
+        inputs = [row[text] for row in rows] if text else [_numbers(row, feats, path) for row in rows]
         return {"inputs": inputs, "labels": [row[label] for row in rows]} if label else inputs
     return [line for line in raw.splitlines() if line.strip()]
 
@@ -293,6 +335,10 @@ class InferenceService:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         target = under_allowed_root(destination, settings.allowed_roots, "destination") if destination else \
             settings.home / "exports" / f"{model_id}-{fmt}-{stamp}-{secrets.token_hex(2)}"
+        existing = next(d for d in (target, *target.parents) if d.exists())
+        if not existing.is_dir():
+            where = "is a file" if existing == target else f"lies under the file {existing}"
+            raise ServiceError(f"destination {target} {where}; name a new or empty directory for the export")
         if target.exists() and any(target.iterdir()):
             raise ServiceError(f"destination {target} is not empty; choose a new directory")
         card = {"exported_from": model_id}
@@ -332,7 +378,8 @@ class InferenceService:
         token = secrets.token_hex(32)
         sandbox = svc.settings.home / "scratch" / node_id
         launcher = svc.launchers["subprocess"]
-        handle = launcher.launch(NodeSpec(node_id, "scratch", "worker", sandbox, token), svc.settings.node_start_timeout_s)
+        spec = NodeSpec(node_id, "scratch", "worker", sandbox, token, allowed_roots=tuple(svc.settings.allowed_roots))
+        handle = launcher.launch(spec, svc.settings.node_start_timeout_s)
         try:
             yield NodeClient(node_id, handle.host, handle.port, token)
         finally:

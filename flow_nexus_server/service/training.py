@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
 from flow_nexus_server import replies as r
+from flow_nexus_server.service.budget import check_training_memory
 from flow_nexus_server.service.clusters import ClusterService, parallel
 from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeRequestError
@@ -32,6 +33,8 @@ POLL_S = 0.5
 MAX_RESTARTS = 3
 TERMINAL = ("completed", "failed", "stopped")
 UNREACHABLE_LIMIT_S = 30.0  # a node that does not answer this long fails the session
+MAX_BACKOFF_S = 30.0  # longest wait between retries of a failing watcher pass
+WATCH_GIVE_UP_S = 300.0  # a watcher failing this long marks its session failed
 
 
 class Quantization(BaseModel):
@@ -214,6 +217,7 @@ class TrainingService:
                 rounds=req.rounds or epochs, local_epochs=local_epochs, roles=roles, resume_from=resume,
                 consensus=req.consensus or cluster.consensus,
                 behaviors=[p.Behavior(**(n.options.get("behavior") or {})) for n in nodes],
+                sandbox_quota_bytes=limits.max_sandbox_bytes,  # checkpoints count toward it
                 **req.model_dump(include=set(TrainRequest.JOB_OPTIONS)),
             )
             if job.consensus == "gossip" and mode != "federated":
@@ -225,6 +229,7 @@ class TrainingService:
                     raise ServiceError(f"node {node.id} could not check the job: {check}")
                 if not check.ok:
                     raise ServiceError(check.error or f"node {node.id} cannot run this job")
+                check_training_memory(node, check, job, svc.settings)
             data = checks[0]
             started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
             failures = [f"{n.id}: {res}" for n, res in zip(nodes, started) if isinstance(res, BaseException)]
@@ -275,38 +280,70 @@ class TrainingService:
 
     # ------------------------------------------------------------------ watch
     def _watch(self, live: LiveSession) -> None:
+        """Follow the session until it ends. A failing pass (a database error, a node answering
+        nonsense) is logged and retried with a back-off, never ending the server or the nodes;
+        after WATCH_GIVE_UP_S of nothing but failures the session is marked failed."""
+        failing_since: float | None = None
+        delay = POLL_S
+        while not self._closed.is_set():
+            try:
+                if self._watch_once(live):
+                    return
+                failing_since, delay = None, POLL_S
+            except Exception as exc:
+                failing_since = failing_since or time.time()
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                log.exception("watching session %s failed; retrying in %.0f s", live.session_id, delay)
+                if time.time() - failing_since > WATCH_GIVE_UP_S:
+                    self._give_up(live, exc)
+                    return
+            time.sleep(delay)
+
+    def _watch_once(self, live: LiveSession) -> bool:
+        """One pass over the session's nodes; True once the session has ended."""
         cluster = self.clusters.get_cluster(live.cluster_id, active=False)
         launcher = self.clusters.launcher(cluster)
-        try:
-            while not self._closed.is_set():
-                for view in live.nodes:
-                    self._poll(cluster, live, view, launcher)
-                states = [v.snapshot.state if v.snapshot else "preparing" for v in live.nodes]
-                failed = next((v for v in live.nodes if v.snapshot and v.snapshot.state == "failed"), None)
-                if live.error is None and failed is not None:
-                    live.error = f"node {failed.node.id} ({failed.node.role}) failed: {failed.snapshot.error}"
-                    # A survivor often reports "connection closed by peer" before the dead peer's exit
-                    # is seen: look for the node that really died, so healing/takeover can act on it.
-                    live.lost = self._find_dead(cluster, live, launcher)
-                    if live.lost is not None:
-                        live.error = f"node {live.lost.id} ({live.lost.role}, rank {live.lost.rank}) died; {live.error}"
-                if live.error is not None:
-                    can_restart = live.lost is not None and live.restarts < MAX_RESTARTS and not live.stop_requested
-                    if can_restart and cluster.auto_healing and self._heal(live, cluster):
-                        continue
-                    if can_restart and live.job is not None and live.job.consensus == "raft" \
-                            and live.job.mode == "federated" and self._raft_takeover(live, cluster):
-                        continue
-                    self._finish(live, cluster, "failed")
-                    return
-                if all(s in TERMINAL for s in states):
-                    self._finish(live, cluster, "stopped" if "stopped" in states else "completed")
-                    return
-                time.sleep(POLL_S)
-        except Exception as exc:  # the watcher must never die silently
-            log.exception("watching session %s failed", live.session_id)
-            live.error = f"the server lost track of the session: {type(exc).__name__}: {exc}"
+        for view in live.nodes:
+            self._poll(cluster, live, view, launcher)
+        states = [v.snapshot.state if v.snapshot else "preparing" for v in live.nodes]
+        failed = next((v for v in live.nodes if v.snapshot and v.snapshot.state == "failed"), None)
+        if live.error is None and failed is not None:
+            live.error = f"node {failed.node.id} ({failed.node.role}) failed: {failed.snapshot.error}"
+            # A survivor often reports "connection closed by peer" before the dead peer's exit
+            # is seen: look for the node that really died, so healing/takeover can act on it.
+            live.lost = self._find_dead(cluster, live, launcher)
+            if live.lost is not None:
+                live.error = (f"node {live.lost.id} ({live.lost.role}, rank {live.lost.rank}) died"
+                              f"{self._why_lost(live.lost)}; {live.error}")
+        if live.error is not None:
+            can_restart = live.lost is not None and live.restarts < MAX_RESTARTS and not live.stop_requested
+            if can_restart and cluster.auto_healing and self._heal(live, cluster):
+                return False
+            if can_restart and live.job is not None and live.job.consensus == "raft" \
+                    and live.job.mode == "federated" and self._raft_takeover(live, cluster):
+                return False
             self._finish(live, cluster, "failed")
+            return True
+        if all(s in TERMINAL for s in states):
+            self._finish(live, cluster, "stopped" if "stopped" in states else "completed")
+            return True
+        return False
+
+    def _why_lost(self, node: Node) -> str:
+        """' (<reason>)' when the server recorded why it lost the node (the monitor stopped it...)."""
+        current = self.store.node(node.id)
+        return f" ({current.error})" if current is not None and current.error else ""
+
+    def _give_up(self, live: LiveSession, exc: Exception) -> None:
+        """The session cannot be followed any more: mark it failed (in memory at least)."""
+        live.error = live.error or (f"the server could not follow the session for {WATCH_GIVE_UP_S:.0f} s "
+                                    f"({type(exc).__name__}; see server.log)")
+        try:
+            self._finish(live, self.clusters.get_cluster(live.cluster_id, active=False), "failed")
+        except Exception:
+            log.exception("recording the end of session %s failed", live.session_id)
+            live.status = "failed"
+            live.done.set()
 
     def _heal(self, live: LiveSession, cluster: Cluster) -> bool:
         """auto_healing: replace the lost node (same role and shard), re-form, resume from the last checkpoint."""
@@ -343,7 +380,8 @@ class TrainingService:
         try:
             self._stop_and_wait(cluster, survivors, timeout=90)
             svc.reform(live.cluster_id)
-            committed = [f for f in (Path(n.sandbox) / "raft" / "committed.pt" for n in survivors) if f.exists()]
+            committed = [f for f in (Path(n.sandbox) / "raft" / "committed.safetensors" for n in survivors)
+                         if f.exists()]
             resume = str(max(committed, key=lambda f: f.stat().st_mtime)) if committed else None
             nodes, job = self._restart(live, cluster, resume, raft_term=live.job.raft_term + 1)
         except Exception as exc:
@@ -392,7 +430,8 @@ class TrainingService:
         alive, code = launcher.is_alive(self.clusters.handle(node))
         if not alive:
             reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
-            self._lose(live, node, f"node {node.id} ({node.role}, rank {node.rank}) died: {reason}")
+            self._lose(live, node,
+                       f"node {node.id} ({node.role}, rank {node.rank}) died: {reason}{self._why_lost(node)}")
             self.clusters.node_lost(cluster, node, reason)
             return
         current = self.store.node(node.id)
@@ -439,7 +478,8 @@ class TrainingService:
         known = set(view.snapshot.checkpoints) if view.snapshot else set()
         for path in snap.checkpoints:
             if path not in known:
-                self._record_checkpoint(live, node, path, snap.epoch)
+                # The file's own epoch: one poll may see several checkpoints (e056, e058, e060).
+                self._record_checkpoint(live, node, path, p.checkpoint_epoch(path) or snap.epoch)
         # Samples were consumed: keep the snapshot without them (the cursor moved on).
         view.snapshot = snap.model_copy(update={"samples": []})
 

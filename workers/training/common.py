@@ -26,6 +26,15 @@ EVAL_BATCH = 256
 LM_EVAL_BATCH = 32
 
 
+def eval_batch_size(kind: str, seq_len: int = 0) -> int:
+    """Examples per evaluation batch; long texts get fewer, to bound attention / activation memory."""
+    if kind == "lm":
+        return LM_EVAL_BATCH
+    if kind == "text":
+        return max(16, min(EVAL_BATCH, 8192 // max(1, seq_len)))
+    return EVAL_BATCH
+
+
 class TrainingError(RuntimeError):
     """A training job cannot run or failed; the message is shown to the user as is."""
 
@@ -276,9 +285,7 @@ def evaluate(model: nn.Module, split: Split | None, kind: str, num_classes: int)
     was_training = model.training
     device = next(model.parameters(), torch.empty(0)).device  # cuda in synchronous training on nccl
     model.eval()
-    size = LM_EVAL_BATCH if kind == "lm" else EVAL_BATCH
-    if kind == "text":  # long texts: keep attention / activation memory of a batch bounded
-        size = max(16, min(EVAL_BATCH, 8192 // max(1, int(split.X.shape[1]))))
+    size = eval_batch_size(kind, int(split.X.shape[1]) if kind == "text" else 0)
     try:
         for sl in iter_batches(len(split), size):
             xb, yb = split.X[sl], split.y[sl]
