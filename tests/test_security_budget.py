@@ -8,6 +8,7 @@ import time
 
 import anyio
 import numpy as np
+import psutil
 import pytest
 from mcp import Client
 
@@ -31,8 +32,7 @@ def job(layers=None, model="custom", architecture="mlp", **kw) -> p.TrainJob:
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 # ------------------------------------------------------------------ the estimate (no node)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import httpx2
+import psutil
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -164,7 +165,7 @@ async def test_cli_server_home_and_node_files_are_private(served):
             (token,) = db.execute("SELECT token FROM clusters WHERE id = ?", (cid,)).fetchone()
         assert len(token) >= 32
         replies = json.dumps([deploy, status])
-        cmdline = Path(f"/proc/{deploy['nodes'][0]['pid']}/cmdline").read_bytes().decode(errors="replace")
+        cmdline = " ".join(psutil.Process(deploy["nodes"][0]["pid"]).cmdline())
         for where, text in [("replies", replies), ("node command line", cmdline), ("stderr", server.stderr()),
                             ("server.log", (home / "server.log").read_text()),
                             ("node.log", (sandbox / "node.log").read_text(errors="replace")),

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from flow_nexus_server.launchers import NodeSpec, SubprocessLauncher
@@ -30,12 +29,11 @@ PYTHON_TEXT = ("Traceback", "invalid literal", "ValueError", "Error:", "File \""
 # ----------------------------------------------------------------------------- helpers
 
 def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return psutil.Process(pid).memory_info().rss // 1024
 
 
 def thread_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
+    return psutil.Process(pid).num_threads()
 
 
 def exchange(port: int, data: bytes, timeout: float = 30.0) -> tuple[int, dict[str, str], dict, bool]:
@@ -343,7 +341,7 @@ def test_a_warm_node_gets_its_roots(tmp_path):
         handle = launcher.launch(NodeSpec("node_warmroot", "dnc_w", "worker", tmp_path / "s", token,
                                           allowed_roots=(root,)), timeout_s=90)
         try:
-            assert ":" in handle.ref, "the node was forked by the spawner"
+            assert "@" in handle.ref, "the node was forked by the spawner"  # "<pid>@<create time>"
             node = {"port": handle.port, "token": token}
             assert post(node, "/model/load", {"path": str(outside / "m.pt")}).status_code == 403
             assert post(node, "/model/load", {"path": str(root / "m.pt")}).status_code != 403

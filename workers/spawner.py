@@ -5,8 +5,8 @@ and the agent's modules once, then serves requests on a Unix-domain socket (mode
 JSON object per line, one JSON reply per line:
 
 - ``{"op": "spawn", "node_id", "cluster_id", "role", "sandbox", "threads", "token", "env"}``
-  (``op`` may be left out) forks a node agent and answers ``{"pid": int, "start_time": int}``
-  (start time: field 22 of /proc/<pid>/stat) or ``{"error": str}``.
+  (``op`` may be left out) forks a node agent and answers ``{"pid": int, "create_time": float}``
+  (psutil's create time: seconds since the epoch) or ``{"error": str}``.
 - ``{"op": "status", "pid": int}`` answers ``{"pid", "alive", "exit_code", "known"}`` for a
   node this spawner forked (``exit_code`` once it has been reaped).
 - ``{"op": "ping"}`` answers ``{"ok": true, "pid", "threads", "children"}``;
@@ -48,6 +48,8 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
+import psutil
+
 log = logging.getLogger("workers.spawner")
 
 TOKEN_ENV = "FLOW_NEXUS_NODE_TOKEN"  # == workers.protocol.TOKEN_ENV (checked in main)
@@ -65,13 +67,8 @@ _start_cwd = ""  # the template's cwd, which `python -m` put first on sys.path
 
 
 def thread_count() -> int:
-    """OS threads of this process (Linux); 1 means forking is safe."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        import threading
-
-        return threading.active_count()
+    """OS threads of this process; 1 means forking is safe."""
+    return psutil.Process().num_threads()
 
 
 def warm_imports() -> None:
@@ -88,12 +85,11 @@ def warm_imports() -> None:
     assert protocol.TOKEN_ENV == TOKEN_ENV and protocol.READY_FILE == "agent.json"
 
 
-def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat, zombies included (the child is not reaped yet)."""
+def _create_time(pid: int) -> float | None:
+    """psutil's create time of a child, zombies included (it is not reaped yet)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
 
 
@@ -286,6 +282,7 @@ class Spawner:
         token = req.get("token")
         env = req.get("env")
         roots = req.get("allowed_roots") or []
+        controller_url = req.get("controller_url")
         if role not in ROLES:
             raise SpawnError(f"unknown role {role!r}")
         if not sandbox.is_absolute():
@@ -294,6 +291,9 @@ class Spawner:
             raise SpawnError("threads must be >= 1")
         if not (isinstance(roots, list) and all(isinstance(r, str) and os.path.isabs(r) for r in roots)):
             raise SpawnError("allowed_roots must be a list of absolute paths")
+        if controller_url is not None and not (isinstance(controller_url, str)
+                                               and controller_url.startswith("http://")):
+            raise SpawnError("controller_url must be an http:// URL")
         if not isinstance(token, str) or not token:
             raise SpawnError("no token")
         if env is not None and not (isinstance(env, dict) and
@@ -304,7 +304,8 @@ class Spawner:
             raise SpawnError(f"the spawner runs {n} threads; refusing to fork")
         argv = ["--node-id", node_id, "--cluster-id", cluster_id, "--role", role,
                 "--sandbox", str(sandbox), "--threads", str(threads),
-                *[arg for root in roots for arg in ("--allowed-root", root)]]
+                *[arg for root in roots for arg in ("--allowed-root", root)],
+                *(["--controller-url", controller_url] if controller_url else [])]
 
         sys.stdout.flush()
         sys.stderr.flush()
@@ -320,7 +321,7 @@ class Spawner:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.children[pid] = node_id
         log.info("forked node %s of cluster %s: pid %d", node_id, cluster_id, pid)
-        return {"pid": pid, "start_time": _start_time(pid)}
+        return {"pid": pid, "create_time": _create_time(pid)}
 
     # ------------------------------------------------------------------ the child
 

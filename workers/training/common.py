@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,14 +65,7 @@ class TrainedModel:
 
 def rss_mb() -> float:
     """Resident set size of this process in MiB, read now."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return (peak if sys.platform == "darwin" else peak * 1024) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
 
 
 # --------------------------------------------------------------------------- optimizers
