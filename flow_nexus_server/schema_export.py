@@ -17,11 +17,12 @@ from workers import protocol
 
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "schemas"
 NODE_API_MODELS: list[type[BaseModel]] = [
-    protocol.HealthReply, protocol.JoinRequest, protocol.JoinReply, protocol.ProbeRequest,
-    protocol.ProbeReply, protocol.ErrorReply, protocol.TrainJob, protocol.TrainStarted, protocol.TrainProgress, protocol.DatasetCheck, protocol.ModelInfo,
+    protocol.HealthReply, protocol.StoreRequest, protocol.StoreReply, protocol.JoinRequest, protocol.JoinReply,
+    protocol.ProbeRequest, protocol.ProbeReply, protocol.ErrorReply, protocol.TrainJob, protocol.TrainStarted,
+    protocol.TrainProgress, protocol.DatasetCheck, protocol.ModelInfo,
     protocol.PredictRequest, protocol.PredictReply, protocol.BenchmarkRequest, protocol.BenchmarkReply,
     protocol.ExportRequest, protocol.ExportReply, protocol.LoadRequest, protocol.CollectiveBenchRequest,
-    protocol.CollectiveBenchReply,
+    protocol.CollectiveBenchReply, protocol.LeaseRequest, protocol.TelemetryPush, protocol.TelemetryAck,
 ]
 
 

@@ -1,7 +1,9 @@
 """Process-group membership and link measurements for one node.
 
 All torch.distributed calls of a node run on one thread (the agent's executor), so joining,
-probing and training never interleave their collectives.
+probing and training never interleave their collectives. Nodes join through the rendezvous
+store that the cluster's first node hosts (``workers.rendezvous``), not the controller, so a
+formed group keeps its store when the controller dies.
 """
 
 from __future__ import annotations

@@ -57,6 +57,14 @@ class NodeClient:
     def health(self, timeout: float = 3.0) -> p.HealthReply:
         return self.call("GET", "/health", p.HealthReply, timeout=timeout)
 
+    def host_store(self, req: p.StoreRequest) -> p.StoreReply:
+        # A node that cannot listen where asked says so within about 15 s (workers.rendezvous).
+        return self.call("POST", "/store", p.StoreReply, req, timeout=30)
+
+    def lease(self, req: p.LeaseRequest) -> p.HealthReply:
+        """Point the node's telemetry (and its lease) at this controller; its health comes back."""
+        return self.call("POST", "/lease", p.HealthReply, req, timeout=3)
+
     def join(self, req: p.JoinRequest) -> p.JoinReply:
         return self.call("POST", "/join", p.JoinReply, req, timeout=req.timeout_s * 2 + 5)
 

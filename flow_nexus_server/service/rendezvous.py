@@ -1,81 +1,45 @@
-"""One TCPStore per cluster, hosted by the server: the control plane nodes rendezvous through.
+"""Where a cluster's rendezvous store lives: on its first node, never in the controller.
 
-By default the store listens on 127.0.0.1 only and nodes are told to reach it there, which is
-right while every node runs on this host. For nodes on other hosts set
-``FLOW_NEXUS_ADVERTISE_HOST`` to an address of this host that they can reach: the store then
-listens on all interfaces (``0.0.0.0``, or ``FLOW_NEXUS_RENDEZVOUS_BIND`` when set) and that
-address is what nodes are told. The port is chosen by the OS (or reused after a restart).
-The store has no authentication: let only the cluster's hosts reach its port.
+The first node in rank order hosts the cluster's c10d ``TCPStore`` (``workers.rendezvous``,
+the node's ``POST /store``), as torchrun's agent hosts it, so a running group keeps its store
+when the controller dies and the controller holds no socket of its own for it. Before a group
+is formed the controller asks that node for the store's address: the node keeps its store
+across generations, and a new first node (the old one died or was removed) starts a new one.
+The address is kept in the cluster row (``store_host``, ``store_port``); the port is asked
+for again next time, so the address stays the same while it is free.
+
+By default the store listens where the node's control API listens: 127.0.0.1 for nodes on
+this host, the machine's address for a Ray actor on another one. For a cluster that spans
+machines set ``FLOW_NEXUS_ADVERTISE_HOST`` to an address of this host that the other
+machines reach: a first node that listens on loopback (so it runs on this host) then binds
+its store on ``FLOW_NEXUS_RENDEZVOUS_BIND`` (default ``0.0.0.0``) and nodes are told that
+address. The store has no authentication: let only the cluster's hosts reach its port.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
-import threading
-from datetime import timedelta
-from typing import Any
 
-log = logging.getLogger(__name__)
+from flow_nexus_server.service.node_client import NodeClient
+from workers import protocol as p
 
 ADVERTISE_ENV = "FLOW_NEXUS_ADVERTISE_HOST"
 BIND_ENV = "FLOW_NEXUS_RENDEZVOUS_BIND"
-LOOPBACK = "127.0.0.1"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def _listening_socket(bind_host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((bind_host, port))
-        sock.listen(512)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+def store_request(node_host: str | None, previous_port: int | None) -> p.StoreRequest:
+    """What to ask a first node listening on ``node_host`` for (see the module docstring)."""
+    advertise = os.environ.get(ADVERTISE_ENV, "").strip()
+    if advertise and advertise not in LOOPBACK_HOSTS and (node_host or "127.0.0.1") in LOOPBACK_HOSTS:
+        bind = os.environ.get(BIND_ENV, "").strip() or "0.0.0.0"
+        return p.StoreRequest(port=previous_port, bind_host=bind, advertise_host=advertise)
+    return p.StoreRequest(port=previous_port)
 
 
-class Rendezvous:
-    """Hosts the clusters' stores; torch is imported on first use only.
+def store_on_first_node(client: NodeClient, node_host: str | None, previous_port: int | None) -> tuple[str, int]:
+    """(host, port) of the store the first node hosts, started there if it hosts none yet.
 
-    ``host`` is the address nodes are told (default: ``FLOW_NEXUS_ADVERTISE_HOST``, else
-    127.0.0.1); ``bind_host`` the address the store listens on (default: 127.0.0.1 when
-    advertising loopback, else ``FLOW_NEXUS_RENDEZVOUS_BIND`` or 0.0.0.0).
-    """
-
-    def __init__(self, host: str | None = None, bind_host: str | None = None) -> None:
-        self.host = host or os.environ.get(ADVERTISE_ENV, "").strip() or LOOPBACK
-        loopback = self.host in (LOOPBACK, "localhost", "::1")
-        default_bind = ("::1" if self.host == "::1" else LOOPBACK) if loopback else \
-            (os.environ.get(BIND_ENV, "").strip() or "0.0.0.0")
-        self.bind_host = bind_host or default_bind
-        self._stores: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def address(self, cluster_id: str, port: int | None = None) -> tuple[str, int]:
-        """The (host, port) of the cluster's store, starting it (on ``port`` if given) if needed."""
-        with self._lock:
-            store = self._stores.get(cluster_id)
-            if store is None:
-                import torch.distributed as dist
-
-                # Bound here, so the store listens only where asked (TCPStore alone binds every
-                # interface); the store takes over the socket and closes it when released.
-                sock = _listening_socket(self.bind_host, port or 0)
-                bound_port = sock.getsockname()[1]
-                store = dist.TCPStore(self.host, bound_port, is_master=True, wait_for_workers=False,
-                                      timeout=timedelta(seconds=60), master_listen_fd=sock.detach())
-                self._stores[cluster_id] = store
-                log.info("rendezvous store for %s on %s:%d (listening on %s)", cluster_id, self.host,
-                         store.port, self.bind_host)
-            return self.host, store.port
-
-    def close(self, cluster_id: str) -> None:
-        with self._lock:
-            self._stores.pop(cluster_id, None)  # the store shuts down when released
-
-    def close_all(self) -> None:
-        with self._lock:
-            self._stores.clear()
+    Raises NodeRequestError when the node cannot be reached or cannot listen."""
+    reply = client.host_store(store_request(node_host, previous_port))
+    return reply.host, reply.port

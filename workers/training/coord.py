@@ -5,9 +5,10 @@
   the lowest failing rank), so nobody is left waiting in a collective.
 * :class:`Coordinator` -- waits that may last longer than the process group's timeout
   (a federated aggregator waiting while workers train a round, ranks without a part in the
-  job waiting for the end) are done by polling the rendezvous store instead of blocking in a
-  gloo collective. Every rank that takes part writes a heartbeat counter; a waiter gives up
-  when a rank it waits for stops beating.
+  job waiting for the end) are done by polling the rendezvous store (hosted by the cluster's
+  first node, so these waits outlive the controller) instead of blocking in a gloo
+  collective. Every rank that takes part writes a heartbeat counter; a waiter gives up when a
+  rank it waits for stops beating.
 * :func:`pg_timeout` / :func:`new_group` -- sub-groups get the default group's timeout
   (``dist.new_group`` otherwise uses the 30-minute gloo default).
 """
