@@ -46,6 +46,8 @@ class Settings:
     db_url: str
     node_start_timeout_s: float = 90.0
     group_timeout_s: float = 30.0
+    # Where nodes push telemetry (service.telemetry); 0: a port the OS picks.
+    telemetry_port: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_TELEMETRY_PORT", 0))
     limits: Limits = field(default_factory=Limits)
 
     @property

@@ -1,4 +1,4 @@
-"""A node that stops answering (SIGSTOP) is detected within 10 s, marked failed and stopped."""
+"""A node that stops answering (SIGSTOP) is detected by its silence (NODE_SILENT_S), marked failed and stopped."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from mcp import Client
 from conftest import pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
+from flow_nexus_server.service.telemetry import NODE_SILENT_S
 
 pytestmark = pytest.mark.anyio
 
@@ -33,7 +34,8 @@ async def test_hung_node_is_detected(home):
                 await anyio.sleep(0.25)
             detected = time.monotonic() - frozen_at
             assert row["status"] == "failed" and "no answer" in row["error"], row
-            assert detected <= 10.5, f"detected after {detected:.1f} s"
+            # Its last push came at most a second before the freeze; the monitor looks every second.
+            assert detected <= NODE_SILENT_S + 2, f"detected after {detected:.1f} s"
             for _ in range(40):  # the hung process is stopped, not left behind
                 if not pid_alive(hung["pid"]):
                     break

@@ -93,19 +93,19 @@ async def test_an_unexpected_error_is_logged_and_named(home, monkeypatch, caplog
 async def test_a_damaged_database_stops_neither_the_server_nor_its_nodes(home, monkeypatch, caplog):
     settings = Settings.from_env(home)
     service = ClusterService(settings)
-    calls = {"poll": 0}
-    real_poll = TrainingService._poll
+    calls = {"pass": 0}
+    real_pass = TrainingService._watch_once
 
-    def flaky_poll(self, *args):  # the first passes of the session watcher fail
-        calls["poll"] += 1
-        if calls["poll"] <= 3:
+    def flaky_pass(self, *args):  # the first passes of the session watcher fail
+        calls["pass"] += 1
+        if calls["pass"] <= 3:
             raise RuntimeError("database is locked")
-        return real_poll(self, *args)
+        return real_pass(self, *args)
 
     def no_events(after_id):
         raise sqlite3.DatabaseError("database disk image is malformed")
 
-    monkeypatch.setattr(TrainingService, "_poll", flaky_poll)
+    monkeypatch.setattr(TrainingService, "_watch_once", flaky_pass)
     with caplog.at_level(logging.ERROR):
         async with Client(build_server(settings, service=service)) as client:
             cid = (await ok(client, "neural_cluster_init", {"name": "damaged", "architecture": "mlp"}))["cluster_id"]
@@ -115,7 +115,7 @@ async def test_a_damaged_database_stops_neither_the_server_nor_its_nodes(home, m
             # A watcher pass that fails is retried: the session still completes.
             run = await ok(client, "neural_train_distributed", {"cluster_id": cid, "dataset": "digits", "epochs": 2,
                                                                 "wait": True, "wait_timeout_s": 120})
-            assert run["status"] == "completed" and calls["poll"] > 3
+            assert run["status"] == "completed" and calls["pass"] > 3
 
             # The event publisher fails, then the events table is gone altogether.
             monkeypatch.setattr(service.store, "new_event_sessions", no_events)

@@ -280,7 +280,7 @@ def test_checkpoint_over_the_sandbox_quota_fails_with_a_sentence(tmp_path: Path)
 
 
 def test_each_checkpoint_is_recorded_with_its_own_epoch(tmp_path: Path) -> None:
-    """One poll that finds e056, e058 and e060 (the node already at epoch 60) records 56, 58 and 60."""
+    """One push that brings e056, e058 and e060 (the node already at epoch 60) records 56, 58 and 60."""
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     with store.session() as s:
         s.add(Cluster(id="c1", name="c", status="training", topology="mesh", architecture="mlp",
@@ -291,15 +291,13 @@ def test_each_checkpoint_is_recorded_with_its_own_epoch(tmp_path: Path) -> None:
     snap = p.TrainProgress(session_id="s1", state="running", epoch=60, checkpoints=paths)
     events: list[dict] = []
     clusters = SimpleNamespace(
-        store=store, last_seen={}, handle=lambda node: None,
-        client=lambda cluster, node: SimpleNamespace(training_status=lambda cursor: snap),
+        store=store, telemetry=SimpleNamespace(), on_node_lost=[],
         event=lambda cid, kind, msg, **kw: events.append(kw.get("data") or {}))
     service = TrainingService(clusters)  # type: ignore[arg-type]
     node = Node(id="n1", cluster_id="c1", seq=0, role="worker", status="running", model="base", capabilities=[],
                 sandbox=str(tmp_path))
     live = LiveSession("s1", "c1", "sync", time.time(), [NodeView(node)])
-    launcher = SimpleNamespace(is_alive=lambda handle: (True, None))
-    service._poll(None, live, live.nodes[0], launcher)
+    service._apply_progress(live, live.nodes[0], snap)
     status = service.status("s1")
     assert sorted((c.path, c.epoch) for c in status.checkpoints) == list(zip(paths, [56, 58, 60]))
     assert [e["epoch"] for e in events] == [56, 58, 60]

@@ -253,6 +253,9 @@ class BoundedHTTPServer(HTTPServer):
             self._busy -= 1
 
     def server_close(self) -> None:
+        if not hasattr(self, "_watcher"):  # binding failed inside __init__: only the socket exists
+            super().server_close()
+            return
         self._closed = True
         try:
             self._wake_w.send(b"x")
@@ -269,6 +272,7 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     node_id = "?"  # names the node in the 500 sentence
+    max_body_bytes = MAX_BODY_BYTES  # a server with smaller requests sets a smaller limit
 
     def setup(self) -> None:
         sock, head = self.request  # BoundedHTTPServer passes (socket, the request head it read)
@@ -328,9 +332,9 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
         if not (text.isascii() and text.isdigit()):
             raise RequestError(400, "Content-Length must be a non-negative whole number of bytes")
         length = int(text)
-        if length > MAX_BODY_BYTES:
-            raise RequestError(413, f"the request body of {length} bytes is over this node's limit of "
-                                    f"{MAX_BODY_BYTES >> 20} MiB")
+        if length > self.max_body_bytes:
+            raise RequestError(413, f"the request body of {length} bytes is over this server's limit of "
+                                    f"{self.max_body_bytes >> 20} MiB")
         if self.headers.get("Expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.rfile.read(length) if length else b""

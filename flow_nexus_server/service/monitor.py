@@ -1,9 +1,12 @@
-"""Watches every live node: a dead process, a node silent for too long, or one whose resident
-memory passed its budget (service.budget) is marked failed; the last two are stopped.
+"""The one place that decides a node is lost: its process is gone, it has not pushed telemetry
+for NODE_SILENT_S, or its resident memory passed its budget (service.budget); the last two are
+also stopped. Each goes through ClusterService.node_lost: one record, one node_failed event, and
+the listeners (a running session fails, heals or hands over raft) told once.
 
-One small loop for the whole server (like torch.distributed.elastic's agent loop): poll the
-launcher for process exit, ask the node for its health, and record what changed. A failing pass
-(a damaged database) is logged and retried with a back-off; it never ends the server.
+One small loop for the whole controller (like torch.distributed.elastic's agent loop): ask the
+launcher whether each process runs and read what the node last pushed (service.telemetry); no
+node is called. A failing pass (a damaged database) is logged and retried with a back-off; it
+never ends the controller.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from sqlalchemy import select
 
 from flow_nexus_server.service.budget import node_memory_mb, over_memory
 from flow_nexus_server.service.clusters import ClusterService, parallel
-from flow_nexus_server.service.node_client import NodeRequestError
+from flow_nexus_server.service.telemetry import NODE_SILENT_S
 from flow_nexus_server.store import Cluster, Node, TrainingSession
 
 log = logging.getLogger(__name__)
@@ -25,11 +28,14 @@ MAX_BACKOFF_S = 30.0
 
 
 class NodeMonitor:
-    # Worst case for a hung node: silent_limit + interval + the 2 s health timeout < 10 s.
-    def __init__(self, clusters: ClusterService, interval_s: float = 1.5, silent_limit_s: float = 6.0) -> None:
+    # A hung node is declared lost NODE_SILENT_S after its last push, plus at most one interval.
+    def __init__(self, clusters: ClusterService, interval_s: float = 1.0,
+                 silent_limit_s: float = NODE_SILENT_S) -> None:
         self.clusters = clusters
         self.interval_s = interval_s
         self.silent_limit_s = silent_limit_s
+        self._checked_push: dict[str, float] = {}  # node_id -> the push whose rss was last checked
+        self._first_seen: dict[str, float] = {}  # node_id -> when a node with no report was first met
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="node-monitor", daemon=True)
 
@@ -55,6 +61,10 @@ class NodeMonitor:
         for node, result in zip(nodes, parallel(self._check, nodes)):
             if isinstance(result, Exception):
                 log.error("checking node %s failed", node.id, exc_info=result)
+        live = {n.id for n in nodes}
+        for seen in (self._checked_push, self._first_seen):
+            for node_id in [k for k in seen if k not in live]:
+                del seen[node_id]
 
     def _check(self, node: Node) -> None:
         cluster = self.clusters.store.cluster(node.cluster_id)
@@ -65,17 +75,19 @@ class NodeMonitor:
             reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
             self.clusters.node_lost(cluster, node, reason)
             return
-        try:
-            health = self.clusters.client(cluster, node).health(timeout=2)
-            self.clusters.last_seen[node.id] = time.time()
-            self.clusters.health_cache[node.id] = health
-            self._check_memory(cluster, node, health.rss_bytes)
-        except NodeRequestError as exc:
-            seen = self.clusters.last_seen.get(node.id)
-            if seen is not None and time.time() - seen > self.silent_limit_s:
-                self.clusters.node_lost(cluster, node, f"no answer for {time.time() - seen:.0f} s ({exc})")
-                # A hung process is of no use and must not linger: stop it.
-                self.clusters.launcher(cluster).terminate(self.clusters.handle(node), grace_s=2)
+        report = self.clusters.telemetry.report(node.id)
+        if report is None:  # not heard of since this controller started: the silence counts from now
+            self._first_seen.setdefault(node.id, time.time())
+        seen = report.seen if report is not None else self._first_seen[node.id]
+        silent = time.time() - seen
+        if silent > self.silent_limit_s:
+            self.clusters.node_lost(cluster, node, f"no answer: no telemetry push for {silent:.0f} s")
+            # A hung process is of no use and must not linger: stop it.
+            self.clusters.launcher(cluster).terminate(self.clusters.handle(node), grace_s=2)
+            return
+        if report is not None and self._checked_push.get(node.id) != report.seen:
+            self._checked_push[node.id] = report.seen
+            self._check_memory(cluster, node, report.health.rss_bytes)
 
     def _check_memory(self, cluster: Cluster, node: Node, rss_bytes: int) -> None:
         """Stop a node whose resident memory passed its limit, before it takes the host down; a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,7 +11,10 @@ from typing import Any
 from sqlalchemy import create_engine, event, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from flow_nexus_server.store.tables import Base, Cluster, Event, Node
+from flow_nexus_server.store.tables import Base, Cluster, Event, Node, TrainingSession
+
+# Rows whose every change moves Store.version: what in-memory reads (status) keep copies of.
+VERSIONED = (Cluster, Node, TrainingSession)
 
 
 class Store:
@@ -24,6 +28,18 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Moves after each commit that wrote a cluster, node or session row: a copy read at an
+        # earlier version may be stale, one read at this version is not.
+        self.version = 0
+        self._version_lock = threading.Lock()
+        event.listen(self._sessions, "after_flush", _note_versioned_writes)
+        event.listen(self._sessions, "after_commit", self._after_commit)
+        event.listen(self._sessions, "after_rollback", lambda s: s.info.pop("versioned_write", None))
+
+    def _after_commit(self, session: Session) -> None:
+        if session.info.pop("versioned_write", False):
+            with self._version_lock:
+                self.version += 1
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -89,6 +105,11 @@ class Store:
 
 
 LIVE_NODE_STATES = ("starting", "running")
+
+
+def _note_versioned_writes(session: Session, _context: Any) -> None:
+    if any(isinstance(obj, VERSIONED) for obj in (*session.new, *session.dirty, *session.deleted)):
+        session.info["versioned_write"] = True
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

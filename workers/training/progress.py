@@ -24,10 +24,11 @@ gets everything still held)."""
 class ProgressSink:
     """State, progress, metric time series, node statistics, checkpoints and log lines of one job."""
 
-    def __init__(self, session_id: str, role: str) -> None:
+    def __init__(self, session_id: str, role: str, job: int = 0) -> None:
         self._lock = threading.Lock()
         self.session_id = session_id
         self.role = role
+        self.job = job  # the agent's job number: which start of the session this is
         self._state: JobState = "idle"
         self._error: str | None = None
         self._reporter = False
@@ -132,6 +133,7 @@ class ProgressSink:
             progress = self._step / self._total_steps if self._total_steps > 0 else 0.0
             return TrainProgress(
                 session_id=self.session_id,
+                job=self.job,
                 state=self._state,
                 role=self.role,
                 reporter=self._reporter,
