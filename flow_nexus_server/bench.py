@@ -67,7 +67,10 @@ COUNTED = {  # how workers/comm.py counts each topology's bytes
     "star": "send/recv: counted message by message",
     "hierarchical": "gloo reduce/all_reduce/broadcast: counted with the reducer's stated model",
 }
-TARGETS = {"sync": 1.15, "allreduce": 0.9, "predict_p50_ms": 50.0, "status_p50_ms": 20.0, "deploy_warm_s": 1.0}
+TARGETS = {"sync": 1.15, "allreduce": 0.9, "predict_p50_ms": 50.0,
+           # neural_cluster_status reads the controller's memory (pushed telemetry): p50 / p95 in-memory,
+           # p50 over stdio (a front-end relaying to the controller)
+           "status_p50_ms": 5.0, "status_p95_ms": 20.0, "status_stdio_p50_ms": 8.0, "deploy_warm_s": 1.0}
 
 
 class BenchError(RuntimeError):
@@ -103,6 +106,7 @@ def deploy(launcher: Any, root: Path, nodes: int, tag: str) -> dict[str, Any]:
     """Launch ``nodes`` nodes concurrently (one thread each, as ``deploy_nodes`` does), time
     until all answer /health, then stop them (untimed)."""
     from flow_nexus_server.launchers import NodeSpec
+    from flow_nexus_server.launchers.local import parse_process_ref
 
     token = secrets.token_hex(32)
     specs = [NodeSpec(f"node_{secrets.token_hex(4)}", f"dnc_{tag}", "worker",
@@ -112,7 +116,7 @@ def deploy(launcher: Any, root: Path, nodes: int, tag: str) -> dict[str, Any]:
         results = list(pool.map(lambda s: start_node(launcher, s), specs))
     wall = time.perf_counter() - t0
     handles = [h for h, _, _ in results]
-    warm_refs = sum(":" in h.ref for h in handles)
+    warm_refs = sum(parse_process_ref(h.ref) is not None for h in handles)  # forked: "<pid>@<time>"
     for h in handles:
         if not launcher.terminate(h, grace_s=5):
             raise RuntimeError(f"node {h.node_id} (pid {h.pid}) did not stop")
@@ -167,14 +171,9 @@ def machine_facts() -> dict[str, Any]:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch_version = "not installed"
-    mem_gib = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
+    import psutil
+
+    mem_gib = round(psutil.virtual_memory().total / 2**30, 1)
     return {"cores": os.cpu_count(), "torch": torch_version, "python": platform.python_version(),
             "platform": platform.platform(), "memory_gib": mem_gib,
             "load_average_start": [round(x, 2) for x in os.getloadavg()], "time": time.time()}
@@ -645,20 +644,22 @@ class Bench:
                 "training_steps_seen": [steps[0], steps[-1]], "session_id": sid}
 
     async def row_status(self) -> list[Row]:
-        calls = 15 if self.quick else 40
+        calls = 40 if self.quick else 200
         cid = await self.cluster(4)
         say(f"status: {calls} neural_cluster_status calls on 4 nodes while they train (in-memory)")
         mem = await self.status_while_training(self.client, cid, calls)
-        target = f"< {TARGETS['status_p50_ms']:.0f} ms"
+        p50, p95 = TARGETS["status_p50_ms"], TARGETS["status_p95_ms"]
         rows = [Row("status.memory", "cluster status, 4 nodes training, in-memory client, p50", "ms", mem["p50_ms"],
-                    target=target, met=mem["p50_ms"] < TARGETS["status_p50_ms"],
+                    target=f"p50 <= {p50:.0f} ms, p95 <= {p95:.0f} ms",
+                    met=mem["p50_ms"] <= p50 and mem["p95_ms"] <= p95,
                     note=f"p95 {mem['p95_ms']:.1f} ms; {calls} calls, training steps "
                          f"{mem['training_steps_seen'][0]}->{mem['training_steps_seen'][1]}", details=mem)]
         try:
             say("status: the same over stdio (a second server process, its own 4 nodes)")
             std = await self.status_over_stdio(calls)
             rows.append(Row("status.stdio", "cluster status, 4 nodes training, stdio client, p50", "ms",
-                            std["p50_ms"], target=target, met=std["p50_ms"] < TARGETS["status_p50_ms"],
+                            std["p50_ms"], target=f"p50 <= {TARGETS['status_stdio_p50_ms']:.0f} ms",
+                            met=std["p50_ms"] <= TARGETS["status_stdio_p50_ms"],
                             note=f"p95 {std['p95_ms']:.1f} ms; {calls} calls, SDK stdio client, server subprocess",
                             details=std))
         except Exception as exc:  # noqa: BLE001 - the row says why it has no figure
@@ -678,16 +679,25 @@ class Bench:
         params = StdioServerParameters(command=sys.executable, args=["-m", "flow_nexus_server", "--home", str(home)],
                                        env=env, cwd=str(ROOT))
         # The server's stderr (its log) goes to a file, not into the table's terminal.
-        with open(home / "server.stderr", "w", encoding="utf-8") as errlog:
-            async with Client(stdio_client(params, errlog=errlog), read_timeout_seconds=600) as client:
-                cid = (await self.tool("neural_cluster_init", {"name": "bench-stdio", "architecture": SYNC_ARCH},
-                                       client))["cluster_id"]
-                await self.tool("neural_node_deploy", {"cluster_id": cid, "count": 4, "model": SYNC_PRESET}, client)
-                await self.tool("neural_cluster_connect", {"cluster_id": cid}, client)
-                try:
-                    return await self.status_while_training(client, cid, calls)
-                finally:
-                    await self.tool("neural_cluster_terminate", {"cluster_id": cid}, client)
+        import anyio
+
+        from flow_nexus_server.config import Settings
+        from flow_nexus_server.controller.commands import stop_everything
+
+        try:
+            with open(home / "server.stderr", "w", encoding="utf-8") as errlog:
+                async with Client(stdio_client(params, errlog=errlog), read_timeout_seconds=600) as client:
+                    cid = (await self.tool("neural_cluster_init", {"name": "bench-stdio", "architecture": SYNC_ARCH},
+                                           client))["cluster_id"]
+                    await self.tool("neural_node_deploy", {"cluster_id": cid, "count": 4, "model": SYNC_PRESET},
+                                    client)
+                    await self.tool("neural_cluster_connect", {"cluster_id": cid}, client)
+                    try:
+                        return await self.status_while_training(client, cid, calls)
+                    finally:
+                        await self.tool("neural_cluster_terminate", {"cluster_id": cid}, client)
+        finally:  # the stdio server is a front-end: its home's controller leaves with what it still holds
+            await anyio.to_thread.run_sync(stop_everything, Settings.from_env(home))
 
     # ------------------------------------------------------------------ 8. memory
     async def row_memory(self) -> list[Row]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 
 from flow_nexus_server import __version__
@@ -48,6 +47,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "own machine. Nodes never unpickle.")
     conv.add_argument("old", help="the old .pt checkpoint")
     conv.add_argument("new", nargs="?", help="the .safetensors file to write (default: OLD with that suffix)")
+    st = sub.add_parser("status", help="the home's controller, its clusters, nodes and running sessions")
+    st.add_argument("--json", action="store_true", help="print JSON (controller_pid, clusters, sessions)")
+    stop = sub.add_parser("stop", help="stop one cluster, or every cluster and the controller")
+    which = stop.add_mutually_exclusive_group(required=True)
+    which.add_argument("cluster_id", nargs="?", help="the cluster to stop (its nodes are stopped and verified gone)")
+    which.add_argument("--all", action="store_true", help="stop every cluster of this home, then the controller")
+    sub.add_parser("controller", help="run the home's controller in the foreground (front-ends start it by "
+                   "themselves; it owns the clusters, nodes and sessions)")
     return ap.parse_args(argv)
 
 
@@ -75,7 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     os.umask(PRIVATE_UMASK)  # everything the server and its nodes create is private (see home.py)
     settings = Settings.from_env(args.home)
+    if args.command in ("status", "stop"):
+        from flow_nexus_server.controller.commands import status_command, stop_command
+
+        return status_command(settings, as_json=args.json) if args.command == "status" else \
+            stop_command(settings, cluster_id=args.cluster_id, stop_all=args.all)
     setup_logging(settings.log_file, args.verbose)
+    if args.command == "controller":
+        from flow_nexus_server.controller.daemon import run as run_controller
+
+        return run_controller(settings)
     if args.transport == "http":
         if token is None:
             token = generated_http_token(settings)
@@ -136,68 +152,47 @@ def generated_http_token(settings: Settings) -> str:
 
 
 def serve_stdio(settings: Settings) -> int:
-    from flow_nexus_server.server import build_server
-    from flow_nexus_server.service.clusters import ClusterService
+    """A front-end: relay MCP between the host (stdin/stdout) and the home's controller."""
+    from flow_nexus_server.controller.channel import ControllerUnavailable, ensure_controller, relay_stdio
 
-    service = ClusterService(settings)
-
-    def on_sigterm(*_: object) -> None:
-        # Unwinding the event loop would wait forever on the thread blocked reading stdin,
-        # so stop the nodes right here and leave.
-        log.info("SIGTERM: stopping every node this server started")
-        service.close()
-        logging.shutdown()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        build_server(service=service).run("stdio")
-    except KeyboardInterrupt:
-        log.info("interrupted")
-    finally:
-        service.close()  # idempotent; covers exits where the lifespan did not unwind
-    return 0
+        paths = ensure_controller(settings)
+    except ControllerUnavailable as exc:
+        log.error("%s", exc)
+        return 1
+    return relay_stdio(paths)
 
 
-class _Stop(BaseException):
-    """Raised by the signal handler to leave the server's run loop (after uvicorn shut down)."""
-
-
-def serve_http(settings: Settings, *, host: str, port: int, token: str | None,
+def serve_http(settings: Settings, *, host: str, port: int, token: str,
                allowed_hosts: list[str] | None = None) -> int:
+    """A front-end: MCP over streamable HTTP with a bearer token, forwarded to the home's controller.
+    SIGTERM or Ctrl-C end this process only; the clusters run on in the controller."""
+    import signal
+
     import uvicorn
 
+    from flow_nexus_server.controller.channel import ControllerUnavailable, ensure_controller
     from flow_nexus_server.http_app import create_app
-    from flow_nexus_server.service.clusters import ClusterService
 
-    stopping: list[int] = []
+    def leave(signum: int, _frame: object) -> None:
+        # Outside uvicorn's own handling (before it serves, and the signal it re-raises after its
+        # graceful shutdown): nothing to clean up here, the controller holds the work.
+        log.info("%s: the HTTP front-end leaves", signal.Signals(signum).name)
+        raise SystemExit(0)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        # uvicorn swaps in its own handlers while it serves (graceful shutdown: the app's lifespan
-        # closes the ClusterService) and re-raises the signal once done; this handler then ends
-        # the run. Before uvicorn starts it ends start-up, and the finally below stops the nodes.
-        # A later signal must not interrupt that: it is only logged.
-        if stopping:
-            log.warning("%s: already stopping the nodes", signal.Signals(signum).name)
-            return
-        stopping.append(signum)
-        raise _Stop(signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    service: ClusterService | None = None
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
     try:
-        service = ClusterService(settings)
-        app = create_app(service=service, host=host, port=port, token=token, allowed_hosts=allowed_hosts)
-        logging.getLogger("uvicorn.access").addFilter(DropQueryStrings())
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
-                                timeout_graceful_shutdown=5, ws="none", server_header=False)
-        uvicorn.Server(config).run()
-    except _Stop as stop:
-        log.info("%s: stopped", signal.Signals(stop.args[0]).name)
-    finally:
-        if service is not None:
-            service.close()  # idempotent; covers exits where the lifespan did not unwind
+        paths = ensure_controller(settings)
+    except ControllerUnavailable as exc:
+        log.error("%s", exc)
+        return 1
+    app = create_app(paths, settings=settings, host=host, port=port, token=token, allowed_hosts=allowed_hosts)
+    logging.getLogger("uvicorn.access").addFilter(DropQueryStrings())
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on", timeout_graceful_shutdown=5,
+                            ws="none", server_header=False)
+    uvicorn.Server(config).run()
+    log.info("HTTP front-end stopped; the controller keeps the clusters")
     return 0
 
 

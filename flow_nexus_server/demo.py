@@ -36,6 +36,10 @@ def main(keep_home: bool = False) -> int:
     try:
         return anyio.run(run_demo, console, home)
     finally:
+        from flow_nexus_server.config import Settings
+        from flow_nexus_server.controller.commands import stop_everything
+
+        stop_everything(Settings.from_env(home))  # the home's controller leaves with what it still holds
         if not keep_home:
             shutil.rmtree(home, ignore_errors=True)
 

@@ -1,20 +1,24 @@
-"""Streamable HTTP: the MCP endpoint at ``/mcp`` (bearer-token auth) and ``GET /healthz``.
+"""The HTTP front-end: MCP over streamable HTTP at ``/mcp``, forwarded to the home's controller.
 
-``create_app()`` returns a Starlette app for uvicorn (``flow-nexus-server --transport http``):
+``create_app()`` returns a Starlette app for uvicorn (``flow-nexus-server --transport http``). It
+owns no cluster: it checks each request and passes it on over the controller's HTTP socket
+(``controller.channel``), where the SDK's streamable HTTP app serves it; its process may stop
+at any time without touching the work.
 
-- ``/mcp`` is the SDK's streamable HTTP app. With a token, every request must carry
-  ``Authorization: Bearer <token>``; the SDK's bearer middleware answers 401 before the
-  request reaches the MCP session manager, so an unauthenticated request does nothing.
-- DNS-rebinding protection stays on: the ``Host`` header must be one of ``allowed_hosts``
-  (default: the bound host and localhost/127.0.0.1, with the port).
+- Every request to ``/mcp`` and ``/metrics`` must carry ``Authorization: Bearer <token>``
+  (compared in constant time); anything else gets 401 before it is forwarded, so an
+  unauthenticated request does nothing.
+- DNS-rebinding protection: the ``Host`` header must be one of ``allowed_hosts`` (default: the
+  bound host and localhost/127.0.0.1, with the port), else 421; a browser ``Origin`` must match
+  them too, else 403.
 - A request that carries ``access_token`` in its query string is refused (400): only the
   header is accepted, and a URL ends up in logs and shell histories.
 - Request bodies may be up to ``HTTP_MAX_BODY_BYTES`` (room for the largest tool argument); a
   larger one gets 413 with a JSON-RPC error sentence, before the body is read.
-- ``GET /healthz`` answers ``{"status": "ok", "version": ...}`` without auth.
-- The Starlette lifespan enters ``session_manager.run()``, which runs the MCP server's own
-  lifespan: it creates (or adopts) the ``ClusterService`` and closes it (every node stopped)
-  when the app shuts down.
+- ``GET /healthz`` answers ``{"status": "ok", "version": ...}`` without auth; ``GET /metrics``
+  is the controller's Prometheus text.
+- While it runs, the app holds the controller's ``/attach`` stream (so idle clusters are not
+  stopped under it) and starts a new controller if the one it used is gone.
 """
 
 from __future__ import annotations
@@ -25,48 +29,26 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-from mcp.server.auth.provider import AccessToken, TokenVerifier
-from mcp.server.auth.settings import AuthSettings
-from mcp.server.transport_security import TransportSecuritySettings
+import anyio
+import httpx
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers, QueryParams
 from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flow_nexus_server import __version__
 from flow_nexus_server.config import HTTP_MAX_BODY_BYTES, Settings
-from flow_nexus_server.service.clusters import ClusterService
+from flow_nexus_server.controller.channel import ControllerPaths, ControllerUnavailable, ensure_controller
 
 log = logging.getLogger(__name__)
 
 MCP_PATH = "/mcp"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-CLIENT_ID = "operator"
-SCOPE = "cluster"
-
-
-class StaticTokenVerifier(TokenVerifier):
-    """Accepts exactly one shared secret, compared in constant time."""
-
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise ValueError("the bearer token must not be empty")
-        self._token = token.encode("utf-8")
-
-    async def verify_token(self, token: str) -> AccessToken | None:
-        try:
-            given = token.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates and the like: not our token
-            return None
-        if hmac.compare_digest(given, self._token):
-            return AccessToken(token=token, client_id=CLIENT_ID, scopes=[SCOPE])
-        return None
-
-
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 and ``localhost``; anything else (0.0.0.0, ::, a name) is not."""
     name = host.strip().strip("[]").lower()
@@ -91,8 +73,10 @@ def default_allowed_hosts(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(hosts))
 
 
-def transport_security(host: str, port: int, allowed_hosts: Iterable[str] | None = None) -> TransportSecuritySettings:
-    """DNS-rebinding protection on; an allowed host given without a port is allowed on ``port`` too."""
+def allowed_hosts_and_origins(host: str, port: int, allowed_hosts: Iterable[str] | None = None
+                              ) -> tuple[list[str], list[str]]:
+    """Host header values accepted (an allowed host given without a port is allowed on ``port``
+    too), and the browser origins made of them."""
     hosts = default_allowed_hosts(host, port)
     for h in allowed_hosts or ():
         h = h.strip()
@@ -107,18 +91,7 @@ def transport_security(host: str, port: int, allowed_hosts: Iterable[str] | None
             hosts.append(host_port(h, port))
     hosts = list(dict.fromkeys(hosts))
     origins = list(dict.fromkeys(f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")))
-    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
-
-
-def auth_settings(host: str, port: int) -> AuthSettings:
-    """Resource-server settings for a static bearer token: no authorization server, no token resource check."""
-    base = f"http://{host_port(host, port)}"
-    return AuthSettings(
-        issuer_url=base,  # required by the SDK; no OAuth metadata is published (resource_server_url is None)
-        resource_server_url=None,
-        required_scopes=[SCOPE],
-        validate_token_resource=False,
-    )
+    return hosts, origins
 
 
 class GuardRequests:
@@ -156,36 +129,95 @@ async def healthz(_: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "version": __version__})
 
 
+class CheckCaller:
+    """Host / Origin checks and the bearer token, for everything but ``/healthz``."""
+
+    def __init__(self, app: ASGIApp, token: str, hosts: list[str], origins: list[str]) -> None:
+        if not token:
+            raise ValueError("the bearer token must not be empty")
+        self.app, self.token = app, f"Bearer {token}".encode("utf-8")
+        self.hosts, self.origins = set(hosts), set(origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if headers.get("host") not in self.hosts:
+            reply: Response = Response("Invalid Host header", status_code=421)
+        elif headers.get("origin") and headers["origin"] not in self.origins:
+            reply = Response("Invalid Origin header", status_code=403)
+        elif not hmac.compare_digest(headers.get("authorization", "").encode("utf-8", "replace"), self.token):
+            reply = JSONResponse({"error": "invalid_token", "error_description": "Authentication required"},
+                                 status_code=401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        else:
+            await self.app(scope, receive, send)
+            return
+        await reply(scope, receive, send)
+
+
+# Not forwarded: this hop's own connection handling, and the caller's credentials.
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-authorization",
+                "authorization", "host", "content-length"}
+
+
 def create_app(
+    paths: ControllerPaths,
     *,
-    service: ClusterService | None = None,
-    settings: Settings | None = None,
+    settings: Settings,
+    token: str,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
-    token: str | None = None,
     allowed_hosts: Iterable[str] | None = None,
 ) -> Starlette:
-    """The HTTP app. Without ``token`` the MCP endpoint is unauthenticated (the CLI allows that on loopback only)."""
-    from flow_nexus_server.server import build_server
+    """The HTTP front-end app for the controller at ``paths``."""
+    hosts, origins = allowed_hosts_and_origins(host, port, allowed_hosts)
+    client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(paths.http_socket)),
+                               base_url="http://controller", timeout=httpx.Timeout(30.0, read=None))
 
-    if token:
-        mcp = build_server(settings, service, token_verifier=StaticTokenVerifier(token), auth=auth_settings(host, port))
-    else:
-        mcp = build_server(settings, service)
-    security = transport_security(host, port, allowed_hosts)
-    mcp_app = mcp.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=security, host=host,
-                                      max_request_body_size=HTTP_MAX_BODY_BYTES)
+    async def forward(request: Request) -> Response:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        outgoing = client.build_request(request.method, target, headers=headers, content=request.stream())
+        try:
+            answer = await client.send(outgoing, stream=True)
+        except httpx.TransportError:
+            log.warning("the controller of %s did not answer a forwarded request", settings.home, exc_info=True)
+            return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
+                "code": -32603, "message": "the controller that runs the clusters is not reachable; it is being "
+                                           "restarted, try again in a few seconds"}}, status_code=503)
+        kept = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
+        return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=kept,
+                                 background=BackgroundTask(answer.aclose))
+
+    async def stay_attached() -> None:
+        """Hold the controller's /attach stream; start a new controller when it is gone."""
+        while True:
+            try:
+                async with client.stream("GET", "/attach") as stream:
+                    async for _ in stream.aiter_raw():
+                        pass
+            except httpx.HTTPError:
+                pass
+            await anyio.sleep(1.0)
+            try:
+                await anyio.to_thread.run_sync(ensure_controller, settings)
+            except ControllerUnavailable as exc:
+                log.error("%s", exc)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        # A mounted app's own lifespan never runs: enter the session manager (and with it the
-        # MCP server's lifespan, which closes the ClusterService) here.
-        async with mcp.session_manager.run():
-            log.info("MCP streamable HTTP at %s (auth: %s; allowed hosts: %s)",
-                     MCP_PATH, "bearer token" if token else "none", ", ".join(security.allowed_hosts))
+        async with client, anyio.create_task_group() as tg:
+            tg.start_soon(stay_attached)
+            log.info("MCP streamable HTTP at %s, forwarded to the controller of %s (auth: bearer token; allowed "
+                     "hosts: %s)", MCP_PATH, settings.home, ", ".join(hosts))
             yield
+            tg.cancel_scope.cancel()
 
-    app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Mount("/", app=mcp_app)], lifespan=lifespan,
-                    middleware=[Middleware(GuardRequests)])
-    app.state.mcp = mcp
-    return app
+    methods = ["GET", "POST", "DELETE"]
+    return Starlette(
+        routes=[Route("/healthz", healthz, methods=["GET"]), Route(MCP_PATH, forward, methods=methods),
+                Route("/metrics", forward, methods=["GET"])],
+        lifespan=lifespan,
+        middleware=[Middleware(GuardRequests), Middleware(CheckCaller, token=token, hosts=hosts, origins=origins)],
+    )

@@ -14,18 +14,18 @@ from typing import Annotated, Any, Literal, TypeVar
 import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
-from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
+from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
 from flow_nexus_server import __version__
 from flow_nexus_server import replies as r
 from flow_nexus_server.config import MAX_DATASET_CHARS, MAX_UPLOAD_CHARS, Settings
+from flow_nexus_server.controller.core import Controller
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.launchers import LaunchError
 from flow_nexus_server.service.errors import ServiceError
 from flow_nexus_server.service.node_client import NodeRequestError
-from flow_nexus_server.service.monitor import NodeMonitor
 from flow_nexus_server.service import plots, templates
 from flow_nexus_server.service.inference import InferenceService
 from flow_nexus_server.service.training import Quantization, TrainingService, TrainRequest
@@ -44,9 +44,6 @@ INSTRUCTIONS = """\
 Real distributed PyTorch training. Typical flow: neural_cluster_init -> neural_node_deploy
 (count=N) -> neural_cluster_connect -> neural_cluster_status -> neural_cluster_terminate.
 Every figure these tools report was measured on the running node processes."""
-
-EVENT_POLL_S = 0.5  # how often new events are looked for (resource-updated notices)
-MAX_BACKOFF_S = 30.0  # longest wait between retries of a failing background loop
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
@@ -70,65 +67,47 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def build_server(settings: Settings | None = None, service: ClusterService | None = None, *,
-                 token_verifier: Any = None, auth: Any = None) -> MCPServer:
-    """One factory for stdio, HTTP and the in-memory test client."""
-    holder: dict[str, Any] = {}
+                 controller: Controller | None = None, token_verifier: Any = None, auth: Any = None) -> MCPServer:
+    """One factory for the controller process, stdio, HTTP and the in-memory test client.
+
+    With ``controller`` (the controller process) every connection shares its running services;
+    without one, the server's lifespan starts a ``Controller`` and closes it, stopping its nodes,
+    when the client leaves (in-process use)."""
+    bus = controller.bus if controller is not None else InMemorySubscriptionBus()
+    holder: dict[str, Controller | None] = {"ctrl": controller}
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[None]:
-        clusters = service or ClusterService(settings or Settings.from_env())
-        holder["svc"], holder["training"] = clusters, TrainingService(clusters)
-        holder["inference"] = InferenceService(clusters)
-        await anyio.to_thread.run_sync(clusters.recover)
-        await anyio.to_thread.run_sync(holder["training"].recover)
-        monitor = NodeMonitor(clusters)
-        monitor.start()
-        log.info("flow-nexus-server %s ready; state home %s", __version__, clusters.settings.home)
+        if controller is not None:  # entered once per connection: the controller's services outlive it
+            yield None
+            return
+        own = Controller(settings or Settings.from_env(), clusters=service, bus=bus)
+        holder["ctrl"] = own
+        await own.start()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(publish_event_updates, clusters)
+                tg.start_soon(own.publish_event_updates)
                 yield None
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                monitor.stop()
-                holder["training"].close()
-                await anyio.to_thread.run_sync(clusters.close)
-            log.info("flow-nexus-server stopped")
+            await own.aclose(stop_nodes=True)
 
-    bus = InMemorySubscriptionBus()
-
-    async def publish_event_updates(clusters: ClusterService) -> None:
-        """Tell subscribers of session://{id}/events when that session has new events.
-
-        Runs in the lifespan's task group: an exception escaping it would end the server and every
-        node with it, so a failure (a damaged database) is logged and retried with a back-off;
-        only the notifications stop meanwhile."""
-        last: int | None = None  # None until the first read: events from before the start are not news
-        delay = EVENT_POLL_S
-        while True:
-            try:
-                top, sessions = await anyio.to_thread.run_sync(clusters.store.new_event_sessions, last or 0)
-                if last is not None:
-                    for sid in sessions:
-                        await bus.publish(ResourceUpdated(uri=f"session://{sid}/events"))
-                last, delay = top, EVENT_POLL_S
-            except Exception:
-                delay = min(delay * 2, MAX_BACKOFF_S)
-                log.exception("publishing session event notices failed; retrying in %.0f s", delay)
-            await anyio.sleep(delay)
+    def ctrl() -> Controller:
+        c = holder["ctrl"]
+        assert c is not None, "the server's lifespan has not started"
+        return c
 
     def svc() -> ClusterService:
-        return holder["svc"]
+        return ctrl().clusters
 
     def training() -> TrainingService:
-        return holder["training"]
+        return ctrl().training
 
     def inference() -> InferenceService:
-        return holder["inference"]
+        return ctrl().inference
 
     mcp = MCPServer("flow-nexus-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
-                    token_verifier=token_verifier, auth=auth)
+                    token_verifier=token_verifier, auth=auth, subscriptions=bus)
 
     @mcp.tool(title="Create a cluster", annotations=CREATES)
     async def neural_cluster_init(
@@ -149,13 +128,16 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         max_nodes: Annotated[int, Field(ge=1, le=64, description="Most nodes this cluster may hold")] = 8,
         auto_healing: Annotated[bool, Field(description="Replace failed nodes and resume from the last checkpoint")] = False,
         replication_factor: Annotated[int, Field(ge=1, le=8, description="Accepted for compatibility; stored")] = 1,
+        idle_timeout_min: Annotated[float, Field(ge=0, le=10_080, description=(
+            "Stop the cluster by itself after this many minutes with no training session running and no "
+            "MCP client attached to the server (0 = never)"))] = 30,
     ) -> r.ClusterInitReply:
         """Create a cluster record and its directory. No process starts until neural_node_deploy."""
         return await call(
             svc().init_cluster, name=name, topology=topology, architecture=architecture, consensus=consensus,
             launcher=launcher, backend=backend, max_nodes=max_nodes, auto_healing=auto_healing,
             wasm_optimization=wasmOptimization, daa_enabled=daaEnabled,
-            extra={"replication_factor": replication_factor},
+            extra={"replication_factor": replication_factor, "idle_timeout_min": idle_timeout_min},
         )
 
     @mcp.tool(title="Deploy nodes", annotations=CREATES)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,16 +20,44 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
+def home(tmp_path: Path):
+    """A throw-away state home. Afterwards every cluster a controller still runs there is stopped
+    and the controller ends: tests that start stdio or HTTP front-ends leave nothing behind."""
+    path = tmp_path / "home"
+    yield path
+    stop_controller(path)
+
+
+def controller_pid(home: Path) -> int | None:
+    """The pid of the home's running controller (from its lock file), or None."""
+    if not (home / "controller.sock").exists():
+        return None
+    try:
+        pid = int((home / "controller.lock").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def stop_controller(home: Path, timeout: float = 120.0) -> None:
+    """``flow-nexus-server stop --all`` on the home when a controller runs there; waits for it to end."""
+    import time
+
+    pid = controller_pid(home)
+    if pid is None:
+        return
+    subprocess.run([server_command(), "--home", str(home), "stop", "--all"], env=server_env(home),
+                   capture_output=True, timeout=timeout)
+    deadline = time.monotonic() + 30
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def pid_alive(pid: int) -> bool:
     """A process with this pid exists and is not a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 

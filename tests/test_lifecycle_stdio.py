@@ -102,11 +102,16 @@ async def test_full_lifecycle_over_stdio(home):
         assert "terminated" in after and "neural_cluster_init" in after
 
 
-async def test_closing_stdio_stops_the_nodes(home):
+async def test_closing_stdio_leaves_the_cluster_to_the_next_client(home):
     params = StdioServerParameters(command=server_command(), env=server_env(home))
     async with Client(params, read_timeout_seconds=120) as client:
-        cid = (await ok(client, "neural_cluster_init", {"name": "orphans"}))["cluster_id"]
+        cid = (await ok(client, "neural_cluster_init", {"name": "kept"}))["cluster_id"]
         deploy = await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2})
         pids = [n["pid"] for n in deploy["nodes"]]
         assert all(pid_alive(p) for p in pids)
-    assert not any(pid_alive(p) for p in pids), "nodes outlived the server"
+    assert all(pid_alive(p) for p in pids), "closing a front-end stopped nodes"
+    async with Client(params, read_timeout_seconds=120) as client:
+        status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
+        assert sorted(n["pid"] for n in status["nodes"] if n["alive"]) == sorted(pids)
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+    assert not any(pid_alive(p) for p in pids)

@@ -1,11 +1,16 @@
-"""Kill the server with SIGKILL, start it again on the same state home: nothing is forgotten."""
+"""Kill the controller with SIGKILL: the next front-end starts a new one on the same state home,
+which re-attaches the live nodes and marks the dead one lost; nothing is forgotten."""
 
 from __future__ import annotations
 
-from conftest import StdioRpc, pid_alive, start_server
+import os
+import signal
+import time
+
+from conftest import StdioRpc, controller_pid, pid_alive, start_server
 
 
-def test_restart_reattaches_live_nodes_and_marks_dead_ones(home):
+def test_a_killed_controller_is_replaced_and_reattaches_live_nodes(home):
     first = start_server(home)
     try:
         rpc = StdioRpc(first)
@@ -13,20 +18,25 @@ def test_restart_reattaches_live_nodes_and_marks_dead_ones(home):
         cid = rpc.tool("neural_cluster_init", {"name": "survivor"})["cluster_id"]
         nodes = rpc.tool("neural_node_deploy", {"cluster_id": cid, "count": 3})["nodes"]
         rpc.tool("neural_cluster_connect", {"cluster_id": cid})
+        old = controller_pid(home)
+        assert old is not None and old != first.pid, "the stdio server should be a front-end of a controller"
+        os.kill(old, signal.SIGKILL)  # no clean-up runs: the nodes live on
+        deadline = time.monotonic() + 30
+        while pid_alive(old) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.wait(timeout=30) == 0, "the front-end should end with its controller"
     finally:
-        first.kill()  # no clean-up runs: the nodes live on
-        first.wait(timeout=30)
+        if first.poll() is None:
+            first.kill()
     pids = [n["pid"] for n in nodes]
     assert all(pid_alive(p) for p in pids)
-    import os
-    import signal
-
-    os.killpg(pids[2], signal.SIGKILL)  # one node dies while no server watches
+    os.killpg(pids[2], signal.SIGKILL)  # one node dies while no controller watches
 
     second = start_server(home)
     try:
         rpc = StdioRpc(second)
         rpc.initialize()
+        assert controller_pid(home) not in (None, old)
         listed = rpc.tool("neural_cluster_list", {})
         assert [c["cluster_id"] for c in listed["clusters"]] == [cid]
         status = rpc.tool("neural_cluster_status", {"cluster_id": cid})
@@ -34,7 +44,6 @@ def test_restart_reattaches_live_nodes_and_marks_dead_ones(home):
         assert [by_id[n["node_id"]]["alive"] for n in nodes] == [True, True, False]
         assert by_id[nodes[2]["node_id"]]["status"] == "lost"
         assert status["group_state"] == "needs_connect"
-        # The survivors re-form through the restarted rendezvous store.
         conn = rpc.tool("neural_cluster_connect", {"cluster_id": cid})
         assert conn["nodes_connected"] == 2
         term = rpc.tool("neural_cluster_terminate", {"cluster_id": cid})

@@ -8,6 +8,13 @@ headers before any body is read (``workers.http_server`` bounds sizes, time and 
 
 Paths a client names are served and loaded only inside the sandbox and the ``--allowed-root``
 directories (``workers.paths``, set up once in ``serve``).
+
+Started with ``--controller-url`` (or pointed at one by ``POST /lease``), the node pushes its
+health and training progress to the controller every second and holds a lease on it: idle and
+without its controller for the grace period, it stops itself (``workers.telemetry``).
+
+The cluster's first node in rank order also hosts the cluster's rendezvous store (``POST
+/store``, ``workers.rendezvous``), where its control API listens, for as long as it lives.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 from workers import paths
 from workers import protocol as p
 from workers.http_server import BoundedHTTPServer, JSONRequestHandler, RequestError
+from workers.telemetry import TelemetryPusher
 
 log = logging.getLogger("workers.agent")
 
@@ -52,10 +60,12 @@ def rss_bytes() -> int:
 class NodeAgent:
     """State and operations of one node; knows nothing of HTTP."""
 
-    def __init__(self, node_id: str, cluster_id: str, role: p.Role, sandbox: Path, threads: int) -> None:
+    def __init__(self, node_id: str, cluster_id: str, role: p.Role, sandbox: Path, threads: int,
+                 host: str = "127.0.0.1") -> None:
         import torch  # imported here so `--help` stays fast
 
         from workers.group import Membership
+        from workers.rendezvous import HostedStore
 
         torch.set_num_threads(threads)
         self.node_id = node_id
@@ -65,9 +75,12 @@ class NodeAgent:
         self.started = time.time()
         self.runtime_mb = rss_bytes() / 2**20  # this process before any job: what memory_mb does not count
         self.membership = Membership()
+        self.rendezvous = HostedStore(host)  # the cluster's store, when this node is its first
         # One thread runs every torch.distributed call, so collectives never interleave.
         self.dist_thread = ThreadPoolExecutor(1, thread_name_prefix="dist")
         self.stopping = threading.Event()
+        self.telemetry: Any = None  # the TelemetryPusher (workers.telemetry), set by serve()
+        self.jobs = 0  # start_training calls so far: the job number progress carries
         # Training: the current/last job's progress, its stop flag, and the model it left.
         self.sink: Any = None
         self.stop_flag = threading.Event()
@@ -95,6 +108,12 @@ class NodeAgent:
             job_state=self.sink.snapshot(1 << 62).state if self.sink else "idle",
             time=time.time(),
         )
+
+    def host_store(self, req: p.StoreRequest) -> p.StoreReply:
+        try:
+            return self.rendezvous.ensure(req)
+        except (OSError, RuntimeError) as exc:
+            raise RequestError(409, f"this node cannot host the rendezvous store: {exc}") from exc
 
     def join(self, req: p.JoinRequest) -> p.JoinReply:
         ms = self._on_dist_thread(lambda: self.membership.join(req), req.timeout_s * 2)
@@ -166,10 +185,11 @@ class NodeAgent:
         if self.sink is not None and self.sink.snapshot(1 << 62).state in ("preparing", "running"):
             raise RequestError(409, "a training job is already running on this node; stop it first")
         job = self._confine_job(job)
-        self.sink = ProgressSink(job.session_id, job.roles[self.membership.info.rank])
+        self.jobs += 1
+        self.sink = ProgressSink(job.session_id, job.roles[self.membership.info.rank], job=self.jobs)
         self.stop_flag = threading.Event()
         self.dist_thread.submit(self._train, job, self.sink, self.stop_flag)
-        return p.TrainStarted(session_id=job.session_id, state="preparing")
+        return p.TrainStarted(session_id=job.session_id, state="preparing", job=self.jobs)
 
     def _train(self, job: p.TrainJob, sink: Any, stop: threading.Event) -> None:
         from workers.training import run_training
@@ -190,6 +210,11 @@ class NodeAgent:
         if self.sink is None:
             return p.TrainProgress(session_id=None, state="idle", role=self.role)
         return self.sink.snapshot(cursor)
+
+    def lease(self, req: p.LeaseRequest) -> p.HealthReply:
+        """A (new) controller takes this node: telemetry goes to it from now on."""
+        self.telemetry.point_to(req.controller_url)
+        return self.health()
 
     def stop_training(self) -> p.TrainProgress:
         self.stop_flag.set()
@@ -336,6 +361,8 @@ class NodeAgent:
 
     def close(self) -> None:
         self.stopping.set()
+        if self.telemetry is not None:
+            self.telemetry.stop()
         self.stop_flag.set()  # a running job ends at its next stop check
         try:
             self.dist_thread.submit(self.membership.leave).result(timeout=10)
@@ -350,6 +377,7 @@ Route = tuple[type[BaseModel] | None, Callable[..., Any]]
 def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) -> type:
     routes: dict[tuple[str, str], Route] = {
         ("GET", "/health"): (None, agent.health),
+        ("POST", "/store"): (p.StoreRequest, agent.host_store),
         ("POST", "/join"): (p.JoinRequest, agent.join),
         ("POST", "/probe"): (p.ProbeRequest, agent.probe),
         ("POST", "/bench/collectives"): (p.CollectiveBenchRequest, agent.bench_collectives),
@@ -363,6 +391,7 @@ def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) 
         ("POST", "/model/benchmark"): (p.BenchmarkRequest, agent.benchmark),
         ("POST", "/model/export"): (p.ExportRequest, agent.export_model),
         ("POST", "/model/load"): (p.LoadRequest, agent.load_model),
+        ("POST", "/lease"): (p.LeaseRequest, agent.lease),
         ("POST", "/shutdown"): (None, lambda: (on_shutdown(), {"stopping": True})[1]),
     }
 
@@ -423,13 +452,18 @@ def serve(args: argparse.Namespace) -> int:
     sandbox = Path(args.sandbox).resolve()
     sandbox.mkdir(parents=True, exist_ok=True)
     roots = paths.configure(sandbox, args.allowed_root)  # every client-named path stays inside these
-    agent = NodeAgent(args.node_id, args.cluster_id, args.role, sandbox, args.threads)
+    agent = NodeAgent(args.node_id, args.cluster_id, args.role, sandbox, args.threads, host=args.host)
     httpd: BoundedHTTPServer | None = None
 
     def shutdown() -> None:
         # Answer the current request first, then stop serving from another thread.
         threading.Thread(target=lambda: httpd and httpd.shutdown(), daemon=True).start()
 
+    def lease_expired(reason: str) -> None:
+        log.warning("node %s stops itself: %s", args.node_id, reason)
+        shutdown()
+
+    agent.telemetry = TelemetryPusher(agent, args.cluster_id, args.node_id, token, on_expired=lease_expired)
     httpd = BoundedHTTPServer((args.host, args.port), make_handler(agent, token, shutdown))
     signal.signal(signal.SIGTERM, lambda *_: shutdown())
     write_ready_file(sandbox, httpd.server_address[1])
@@ -438,6 +472,8 @@ def serve(args: argparse.Namespace) -> int:
         args.node_id, args.role, args.cluster_id, args.host, httpd.server_address[1], os.getpid(),
         "".join(f", {r}" for r in roots.extra),
     )
+    if args.controller_url:
+        agent.telemetry.point_to(p.LeaseRequest(controller_url=args.controller_url).controller_url)
     try:
         httpd.serve_forever(poll_interval=0.2)
     finally:
@@ -459,6 +495,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
                     help="a directory outside the sandbox whose files clients may name (datasets, models, "
                          "exports, checkpoints); repeatable. Without one, only the sandbox")
+    ap.add_argument("--controller-url", default=None, metavar="URL",
+                    help="the controller to push telemetry to (http://host:port); the node then holds a lease on "
+                         "it and stops itself after FLOW_NEXUS_LEASE_GRACE_S seconds (default 120) without it while "
+                         "idle. Without one: no telemetry, no lease")
     return ap.parse_args(argv)
 
 

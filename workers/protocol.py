@@ -89,6 +89,23 @@ class HealthReply(BaseModel):
     time: float = Field(description="Node wall clock (time.time()) when it answered")
 
 
+class StoreRequest(BaseModel):
+    """Ask the cluster's first node to host its rendezvous store (it keeps the one it has)."""
+
+    port: int | None = Field(None, ge=1, le=65535, description="Listen on this port (the one used before) when it "
+                                                             "is free; otherwise, or without one, the OS picks")
+    bind_host: str | None = Field(None, min_length=1, max_length=255,
+                                  description="Address to listen on; default: the one the control API listens on")
+    advertise_host: str | None = Field(None, min_length=1, max_length=255,
+                                       description="Address the other nodes are told; default: bind_host")
+
+
+class StoreReply(BaseModel):
+    host: str = Field(description="Address the nodes reach the store at")
+    port: int
+    reused: bool = Field(description="True when the node already hosted this store (an earlier generation)")
+
+
 class JoinRequest(BaseModel):
     generation: int = Field(ge=0)
     rank: int = Field(ge=0)
@@ -175,6 +192,7 @@ class TrainJob(BaseModel):
 class TrainStarted(BaseModel):
     session_id: str
     state: JobState
+    job: int = Field(0, description="The node's job number (counts start_training calls); its progress carries it")
 
 
 class MetricSample(BaseModel):
@@ -191,6 +209,8 @@ class MetricSample(BaseModel):
 class TrainProgress(BaseModel):
     session_id: str | None
     state: JobState
+    job: int = Field(0, description="The job number TrainStarted gave (0: no job yet); a restarted session "
+                                    "keeps its session_id but gets a new number")
     role: str = ""
     reporter: bool = Field(False, description="True on the node whose `latest` holds the global metrics")
     epoch: int = 0
@@ -338,3 +358,31 @@ class CollectiveTiming(BaseModel):
 
 class CollectiveBenchReply(BaseModel):
     results: list[CollectiveTiming]
+
+
+# --------------------------------------------------------------------------- node -> controller
+
+TELEMETRY_PATH = "/telemetry"
+"""Nodes POST a TelemetryPush to ``<controller_url>/telemetry/<cluster_id>/<node_id>`` every second."""
+
+
+class TelemetryPush(BaseModel):
+    """A node's heartbeat: its health and its job's progress (samples after ``cursor``)."""
+
+    health: HealthReply
+    progress: TrainProgress
+    cursor: int = Field(0, ge=0, description="The sample cursor the controller last acknowledged for this job "
+                                             "(progress.samples start after it)")
+
+
+class TelemetryAck(BaseModel):
+    """The controller's answer to a push: where the node's next push starts its samples."""
+
+    cursor: int = Field(ge=0)
+
+
+class LeaseRequest(BaseModel):
+    """POST /lease: push telemetry to this controller from now on (a new controller after a restart)."""
+
+    controller_url: str = Field(pattern=r"^http://[^/?#\s]+$", max_length=300,
+                                description="Where the controller listens, e.g. http://127.0.0.1:41234")

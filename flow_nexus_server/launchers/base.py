@@ -26,11 +26,18 @@ class NodeSpec:
     # Directories outside its sandbox whose files clients may name to the node (the server's allowed
     # roots); the node refuses every other path (workers/paths.py). Empty: the sandbox only.
     allowed_roots: tuple[Path, ...] = ()
+    # Where the node pushes its telemetry and holds its lease (service.telemetry); None: neither.
+    controller_url: str | None = None
 
 
 def allowed_root_args(spec: NodeSpec) -> list[str]:
     """``--allowed-root DIR`` for each of the spec's roots, for the agent's command line."""
     return [arg for root in spec.allowed_roots for arg in ("--allowed-root", str(root))]
+
+
+def controller_args(spec: NodeSpec) -> list[str]:
+    """``--controller-url URL`` when the spec names a controller, for the agent's command line."""
+    return ["--controller-url", spec.controller_url] if spec.controller_url else []
 
 
 @dataclass

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, log_tail
+from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, controller_args, log_tail
 from workers.protocol import READY_FILE, TOKEN_ENV
 
 SANDBOX_IN_CONTAINER = "/sandbox"
@@ -54,6 +54,7 @@ class DockerLauncher:
             "--label", f"flow-nexus.cluster={spec.cluster_id}",
             "--label", f"flow-nexus.node={spec.node_id}",
             "--env", TOKEN_ENV,  # name only: the value is taken from this process's environment
+            "--env", "FLOW_NEXUS_LEASE_GRACE_S",  # the node's lease grace, when set here (else unset there)
             "--env", f"OMP_NUM_THREADS={spec.threads}",
             "--volume", f"{spec.sandbox}:{SANDBOX_IN_CONTAINER}",
             "--cpus", f"{spec.num_cpus:g}",
@@ -63,6 +64,7 @@ class DockerLauncher:
             # No --allowed-root: inside the container a node sees its sandbox alone.
             "--sandbox", SANDBOX_IN_CONTAINER, "--threads", str(spec.threads),
             "--host", "127.0.0.1" if self.network == "host" else "0.0.0.0",
+            *controller_args(spec),
         ]
 
     def run_environment(self, spec: NodeSpec) -> dict[str, str]:

@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
 from flow_nexus_server.home import PRIVATE_UMASK, open_private
-from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, allowed_root_args, log_tail
+from flow_nexus_server.launchers.base import (LaunchError, NodeHandle, NodeSpec, allowed_root_args, controller_args,
+                                               log_tail)
 from workers.protocol import READY_FILE, TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class SubprocessLauncher:
             "--sandbox", str(spec.sandbox),
             "--threads", str(spec.threads),
             *allowed_root_args(spec),
+            *controller_args(spec),
         ]
 
     def environment(self, spec: NodeSpec) -> dict[str, str]:
@@ -151,64 +155,96 @@ def terminate_process_group(pid: int, alive: Callable[[], bool], grace_s: float,
     return not alive()
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None when no
-    process, or only a zombie, has this pid. (pid, start time) names one process for good."""
+# A ref names one process for good as (pid, create time). psutil's create time is in seconds
+# since the epoch and follows adjustments of the wall clock (psutil's documentation says so), so
+# two readings are compared with a tolerance; a pid reused within that second is not a real risk.
+PROCESS_REF_SEP = "@"
+CREATE_TIME_TOLERANCE_S = 1.0
+
+
+def process_create_time(pid: int) -> float | None:
+    """psutil's create time of ``pid`` (seconds since the epoch), or None when no process, or
+    only a zombie, has this pid. (pid, create time) names one process for good."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()  # fields[0] is field 3, the state
-    except (OSError, IndexError):
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.Error:
         return None
-    if not fields or fields[0] == b"Z" or len(fields) < 20:
-        return None
-    return int(fields[19])
 
 
-def process_ref(pid: int, start_time: int) -> str:
-    """A launcher ref that survives pid reuse: ``"<pid>:<start time>"``."""
-    return f"{pid}:{start_time}"
+def process_ref(pid: int, create_time: float) -> str:
+    """A launcher ref that survives pid reuse: ``"<pid>@<create time>"``."""
+    return f"{pid}{PROCESS_REF_SEP}{create_time:.3f}"
 
 
-def parse_process_ref(ref: str) -> tuple[int, int] | None:
-    """(pid, start time) from a ``"<pid>:<start time>"`` ref; None for any other form."""
-    pid, sep, start = (ref or "").partition(":")
+def parse_process_ref(ref: str) -> tuple[int, float | None] | None:
+    """(pid, create time) from a ref that names one process; None for any other form (a bare pid).
+
+    Besides ``"<pid>@<create time>"`` this reads ``"<pid>:<start time>"``, the form databases
+    written before psutil hold (start time: clock ticks since boot, Linux), converted to a
+    create time; where it cannot be converted the create time is None (liveness only).
+    """
+    pid, sep, when = (ref or "").partition(PROCESS_REF_SEP)
+    if sep:
+        try:
+            return int(pid), float(when)
+        except ValueError:
+            return None
+    pid, sep, ticks = (ref or "").partition(":")
     if not sep:
         return None
     try:
-        return int(pid), int(start)
+        return int(pid), _ticks_to_create_time(int(ticks))
     except ValueError:
         return None
+
+
+def _ticks_to_create_time(ticks: int) -> float | None:
+    """A start time in clock ticks since boot as psutil's create time (the same sum psutil does
+    on Linux); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK") + psutil.boot_time()
+
+
+def same_process(pid: int, create_time: float | None) -> bool:
+    """True when ``pid`` runs, is not a zombie and was created at ``create_time`` (any time
+    when that is None)."""
+    now = process_create_time(pid)
+    if now is None:
+        return False
+    return create_time is None or abs(now - create_time) <= CREATE_TIME_TOLERANCE_S
 
 
 def node_process_alive(handle: NodeHandle) -> bool:
     """Liveness of a node process that is not (or no longer) our child, from its ref.
 
-    ``"<pid>:<start time>"`` (warm-spawned nodes): the pid runs, is not a zombie and started
-    at that time. A bare pid (cold nodes): the pid runs this node's agent command line.
+    ``"<pid>@<create time>"`` (warm-spawned nodes): that very process runs and is not a zombie.
+    A bare pid (cold nodes): the pid runs this node's agent command line.
     """
     parsed = parse_process_ref(handle.ref)
     if parsed is not None:
-        pid, start = parsed
-        return (handle.pid is None or handle.pid == pid) and process_start_time(pid) == start
+        pid, create_time = parsed
+        return (handle.pid is None or handle.pid == pid) and same_process(pid, create_time)
     return handle.pid is not None and _runs_node(handle.pid, handle.node_id)
 
 
 def _runs_node(pid: int, node_id: str) -> bool:
     """True when ``pid`` is a live process whose command line names ``node_id``."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and node_id in proc.cmdline()
+    except psutil.Error:
         return False
-    return state != b"Z" and node_id.encode() in cmd
 
 
 def pid_exists(pid: int) -> bool:
     """True when a process (not a zombie) with this pid exists."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # a zombie psutil cannot read counts as gone too
         return False
+    except psutil.AccessDenied:  # someone else's process, but it exists
+        return True

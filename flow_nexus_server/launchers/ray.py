@@ -57,7 +57,7 @@ ADDRESS_ENV = "FLOW_NEXUS_RAY_ADDRESS"
 STRATEGY_ENV = "FLOW_NEXUS_RAY_STRATEGY"
 NODE_PORTS_ENV = "FLOW_NEXUS_RAY_NODE_PORTS"
 SHIP_WORKERS_ENV = "FLOW_NEXUS_RAY_SHIP_WORKERS"
-ADVERTISE_ENV = "FLOW_NEXUS_ADVERTISE_HOST"  # read by service/rendezvous.py as well
+ADVERTISE_ENV = "FLOW_NEXUS_ADVERTISE_HOST"  # read by service/rendezvous.py as well (the store's address)
 STRATEGIES = ("PACK", "SPREAD")
 INSTALL_HINT = "pip install 'flow-nexus-server[ray]'"
 NODE_ID_LABEL = "ray.io/node-id"
@@ -160,9 +160,11 @@ class NodeActor:
                 "agent_running": self._thread is not None and self._thread.is_alive(), **(self._started or {})}
 
     def start(self, role: str, sandbox: str, threads: int, token: str, server_ip: str | None,
-              ports: list[int], timeout_s: float, allowed_roots: tuple[str, ...] = ()) -> dict[str, Any]:
+              ports: list[int], timeout_s: float, allowed_roots: tuple[str, ...] = (),
+              controller_url: str | None = None) -> dict[str, Any]:
         """Start the agent; returns once it listens: host, port, pid and where it runs.
-        ``allowed_roots``: directories outside the sandbox whose files clients may name."""
+        ``allowed_roots``: directories outside the sandbox whose files clients may name;
+        ``controller_url``: where the node pushes telemetry and holds its lease."""
         import json
 
         import ray
@@ -191,7 +193,8 @@ class NodeActor:
             args = agent.parse_args([
                 "--node-id", self.node_id, "--cluster-id", self.cluster_id, "--role", role,
                 "--sandbox", str(box), "--threads", str(threads), "--host", host, "--port", str(port),
-                *[arg for root in allowed_roots for arg in ("--allowed-root", root)]])
+                *[arg for root in allowed_roots for arg in ("--allowed-root", root)],
+                *(["--controller-url", controller_url] if controller_url else [])])
             outcome: dict[str, Any] = {}
             os.environ[TOKEN_ENV] = token  # this actor's process only; serve() reads and removes it
             thread = threading.Thread(target=_serve, args=(agent, args, outcome), name="node-agent", daemon=True)
@@ -419,7 +422,7 @@ class RayLauncher:
                 self._entries[spec.node_id].actor = actor
             ref = actor.start.remote(spec.role, str(spec.sandbox), spec.threads, spec.token, self._server_ip,
                                      self.node_ports, max(1.0, deadline - time.monotonic()),
-                                     tuple(str(r) for r in spec.allowed_roots))
+                                     tuple(str(r) for r in spec.allowed_roots), spec.controller_url)
             info = ray.get(ref, timeout=max(1.0, deadline - time.monotonic() + 5))
         except Exception as exc:
             self._discard(ray, spec.node_id, actor)
@@ -433,9 +436,10 @@ class RayLauncher:
         if info["host"] != LOOPBACK and not os.environ.get(ADVERTISE_ENV):
             self._discard(ray, spec.node_id, actor)
             raise LaunchError(
-                f"node {spec.node_id} was placed on Ray node {info['node_ip']}, another host, but this server "
-                f"advertises its rendezvous store on 127.0.0.1 only; set {ADVERTISE_ENV} to an address of this "
-                "host that the Ray nodes reach, and restart the server")
+                f"node {spec.node_id} was placed on Ray node {info['node_ip']}, another host, but nodes on this "
+                "host listen on 127.0.0.1 only, where it could not reach the rendezvous store one of them may "
+                f"host; set {ADVERTISE_ENV} to an address of this host that the Ray nodes reach, and restart the "
+                "server")
         log.info("node %s runs as Ray actor %s (%s) on %s, control API %s:%d",
                  spec.node_id, actor_name(spec.node_id), info["actor_id"], info["node_ip"], info["host"], info["port"])
         return NodeHandle(spec.node_id, info["host"], int(info["port"]), int(info["pid"]), info["actor_id"])

@@ -7,10 +7,14 @@ each node. A forked node is isolated as a cold one is (own session and process g
 sandbox as cwd, ``node.log``, token in its environment only); see ``workers/spawner.py``.
 
 Forked nodes are not this process's children, so a node is named by
-``ref = "<pid>:<start time>"`` (field 22 of /proc/<pid>/stat): liveness checks survive pid
-reuse and a server restart. Where the spawner cannot start, nodes start cold through
-``SubprocessLauncher`` (a warning is logged), with its usual ``ref = "<pid>"``. Both
-launchers accept both forms of ref.
+``ref = "<pid>@<create time>"`` (psutil's): liveness checks survive pid reuse and a server
+restart. Where the spawner cannot start, nodes start cold through ``SubprocessLauncher`` (a
+warning is logged), with its usual ``ref = "<pid>"``. Both launchers accept both forms of ref
+(and the ``"<pid>:<start time>"`` refs of older databases).
+
+Forking a process that has imported torch is only safe on Linux (macOS: frameworks do not
+survive a fork; Windows: no fork), so ``local_launcher`` picks this launcher on Linux only and
+the plain ``SubprocessLauncher`` elsewhere, or wherever ``FLOW_NEXUS_SPAWNER=plain``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from flow_nexus_server.home import PRIVATE_UMASK, open_private
 from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, log_tail
 from flow_nexus_server.launchers.local import (
@@ -36,8 +42,8 @@ from flow_nexus_server.launchers.local import (
     base_environment,
     node_process_alive,
     parse_process_ref,
+    process_create_time,
     process_ref,
-    process_start_time,
     terminate_process_group,
 )
 from workers.protocol import READY_FILE, TOKEN_ENV
@@ -50,6 +56,28 @@ RETRY_AFTER_S = 60.0  # after a failed spawner start, nodes start cold this long
 ADOPT_WAIT_S = 5.0  # the spawner vanished after a spawn request: how long to look for the node
 REAP_WAIT_S = 2.0  # a node that looks gone: how long the spawner may take to reap it (exit code)
 _SUN_PATH_MAX = 100  # bytes; the kernel's limit is 108 with the terminating NUL
+SPAWNER_ENV = "FLOW_NEXUS_SPAWNER"  # "plain": never fork nodes from a warm template
+
+
+def warm_spawner_refusal() -> str | None:
+    """Why nodes must not be forked from a warm template here, or None where they may."""
+    if os.environ.get(SPAWNER_ENV, "").strip().lower() == "plain":
+        return f"{SPAWNER_ENV}=plain"
+    if not hasattr(os, "fork"):
+        return f"{sys.platform} has no fork"
+    if not sys.platform.startswith("linux"):
+        return f"forking a process that has imported torch is unsafe on {sys.platform}"
+    return None
+
+
+def local_launcher(state_dir: Path | str) -> "WarmSubprocessLauncher | SubprocessLauncher":
+    """The launcher for local node processes: warm (forked from a template) where that is safe,
+    else plain (one cold ``python -m workers.agent`` per node), saying so in the log."""
+    refusal = warm_spawner_refusal()
+    if refusal is None:
+        return WarmSubprocessLauncher(state_dir)
+    log.info("local nodes start as plain subprocesses, one cold interpreter each (%s)", refusal)
+    return SubprocessLauncher()
 
 
 class _SpawnerGone(Exception):
@@ -263,7 +291,7 @@ class WarmSubprocessLauncher:
         request = {
             "op": "spawn", "node_id": spec.node_id, "cluster_id": spec.cluster_id, "role": spec.role,
             "sandbox": str(spec.sandbox.resolve()), "threads": spec.threads, "token": spec.token, "env": env,
-            "allowed_roots": [str(r) for r in spec.allowed_roots],
+            "allowed_roots": [str(r) for r in spec.allowed_roots], "controller_url": spec.controller_url,
         }
         try:
             reply = self._request(request)
@@ -278,8 +306,8 @@ class WarmSubprocessLauncher:
             log.warning("starting node %s cold: the warm spawner refused it: %s", spec.node_id, reply["error"])
             return self.cold.launch(spec, timeout_s)
         pid = int(reply["pid"])
-        start_time = reply.get("start_time") or process_start_time(pid)
-        handle = NodeHandle(spec.node_id, "127.0.0.1", 0, pid, process_ref(pid, start_time or 0))
+        create_time = reply.get("create_time") or process_create_time(pid)
+        handle = NodeHandle(spec.node_id, "127.0.0.1", 0, pid, process_ref(pid, create_time or 0))
         log_path = spec.sandbox / NODE_LOG
         deadline = started + timeout_s
         while time.monotonic() < deadline:
@@ -311,16 +339,16 @@ class WarmSubprocessLauncher:
             except (OSError, ValueError, KeyError, TypeError):
                 time.sleep(0.05)
                 continue
-            start_time = process_start_time(pid)
+            create_time = process_create_time(pid)
             try:
-                cwd_ok = Path(os.readlink(f"/proc/{pid}/cwd")) == spec.sandbox.resolve()
-            except OSError:
+                cwd_ok = Path(psutil.Process(pid).cwd()) == spec.sandbox.resolve()
+            except psutil.Error:
                 cwd_ok = False
-            if start_time is None or not cwd_ok:
+            if create_time is None or not cwd_ok:
                 return None
             log.warning("the warm spawner went away while starting node %s; the node (pid %d) runs",
                         spec.node_id, pid)
-            return NodeHandle(spec.node_id, "127.0.0.1", port, pid, process_ref(pid, start_time))
+            return NodeHandle(spec.node_id, "127.0.0.1", port, pid, process_ref(pid, create_time))
         return None
 
     def is_alive(self, handle: NodeHandle) -> tuple[bool, int | None]:

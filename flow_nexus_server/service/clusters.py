@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -28,12 +30,13 @@ from flow_nexus_server.home import prepare_home
 from flow_nexus_server.launchers import LaunchError, NodeHandle, NodeLauncher, NodeSpec
 from flow_nexus_server.launchers.base import log_tail
 from flow_nexus_server.launchers.docker import DockerLauncher, UnavailableLauncher
-from flow_nexus_server.launchers.warm import WarmSubprocessLauncher
+from flow_nexus_server.launchers.warm import local_launcher
 from flow_nexus_server.launchers.local import NODE_LOG
 from flow_nexus_server.service.backend import NodeGpus, check_gpus, check_requested, choose_backend, local_ranks
 from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
-from flow_nexus_server.service.rendezvous import Rendezvous
+from flow_nexus_server.service.telemetry import Directory, Telemetry
+from flow_nexus_server.service.rendezvous import store_on_first_node
 from flow_nexus_server.service.topology import edges as topology_edges
 from flow_nexus_server.store import Cluster, Node, Store, TrainingSession
 from flow_nexus_server.store.db import LIVE_NODE_STATES
@@ -139,20 +142,14 @@ def ray_launcher() -> NodeLauncher:
 
 
 HOST_MEMORY_RESERVE_MB = 512
-STATUS_HEALTH_TIMEOUT_S = 0.5
-STALE_HEALTH_S = 10.0
 
 
 def available_memory_mb() -> float | None:
-    """MemAvailable from /proc/meminfo, in MB (None where it cannot be read)."""
+    """Memory the host can give new processes without swapping, in MB (None where it cannot be read)."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
+        return psutil.virtual_memory().available / 2**20
+    except (OSError, RuntimeError):
         return None
-    return None
 
 
 def check_memory(count: int, per_node_mb: int) -> None:
@@ -187,20 +184,31 @@ def parallel(fn: Callable[[Any], T], items: Iterable[Any]) -> list[T | BaseExcep
     return list(_POOL.map(safe, items))
 
 
+@dataclass(frozen=True)
+class ClusterRows:
+    version: int  # Store.version they were read at
+    cluster: Cluster
+    nodes: list[Node]  # every node, in deploy order
+    sessions: int  # training sessions ever started on the cluster
+
+
 class ClusterService:
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
         prepare_home(settings)  # before the store: the home is 0700 before the database lands in it
         self.store = store or Store(settings.db_url)
         self.launchers: dict[str, NodeLauncher] = {
-            # Forks node agents from a template that has torch imported: ~0.1 s a node, not ~2 s.
-            "subprocess": WarmSubprocessLauncher(settings.home),
+            # On Linux, forks node agents from a template that has torch imported: ~0.1 s a node,
+            # not ~2 s; elsewhere (or FLOW_NEXUS_SPAWNER=plain) one cold process per node.
+            "subprocess": local_launcher(settings.home),
             "docker": DockerLauncher(),
             "ray": ray_launcher(),
         }
-        self.rendezvous = Rendezvous()
-        self.last_seen: dict[str, float] = {}  # node_id -> time of its last health answer
-        self.health_cache: dict[str, p.HealthReply] = {}  # node_id -> that answer
+        # Nodes push their health and progress here every second; status and the monitor read it.
+        self.telemetry = Telemetry(Directory(self._token_of, self._is_live_node), port=settings.telemetry_port)
+        # Told once per node the monitor (or anyone) declares lost: (cluster, node, reason).
+        self.on_node_lost: list[Callable[[Cluster, Node, str], None]] = []
+        self._rows: dict[str, ClusterRows] = {}  # cluster_id -> what status last read of it
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._closed = False
@@ -228,6 +236,34 @@ class ClusterService:
         if node is None:
             raise NotFound(f"node {node_id!r} does not exist; neural_cluster_status lists a cluster's nodes")
         return node
+
+    def rows(self, cluster_id: str) -> ClusterRows:
+        """The cluster's row, its nodes and its session count, re-read from the store only after a
+        write to clusters, nodes or sessions (Store.version): status and the telemetry listener
+        read memory. The rows are shared copies: read them, never change them."""
+        version = self.store.version
+        cached = self._rows.get(cluster_id)
+        if cached is not None and cached.version == version:
+            return cached
+        cluster = self.get_cluster(cluster_id, active=False)
+        nodes = self.store.nodes(cluster_id, live_only=False)
+        with self.store.session() as s:
+            sessions = s.scalar(select(func.count()).select_from(TrainingSession)
+                                .where(TrainingSession.cluster_id == cluster_id)) or 0
+        rows = ClusterRows(version, cluster, nodes, sessions)
+        self._rows[cluster_id] = rows
+        return rows
+
+    def _token_of(self, cluster_id: str) -> str | None:
+        """The token nodes of this cluster push telemetry with; None when it is unknown or terminated."""
+        try:
+            cluster = self.rows(cluster_id).cluster
+        except NotFound:
+            return None
+        return cluster.token if cluster.status != "terminated" else None
+
+    def _is_live_node(self, cluster_id: str, node_id: str) -> bool:
+        return any(n.id == node_id and n.status in LIVE_NODE_STATES for n in self.rows(cluster_id).nodes)
 
     def client(self, cluster: Cluster, node: Node) -> NodeClient:
         assert node.host and node.port
@@ -385,7 +421,7 @@ class ClusterService:
         start = time.monotonic()
         spec = NodeSpec(node.id, cluster.id, node.role, Path(node.sandbox), cluster.token,
                         num_cpus=node.options.get("num_cpus", 1.0), num_gpus=node.options.get("num_gpus", 0.0),
-                        allowed_roots=tuple(self.settings.allowed_roots))
+                        allowed_roots=tuple(self.settings.allowed_roots), controller_url=self.telemetry.url)
         handle = self.launcher(cluster).launch(spec, self.settings.node_start_timeout_s)
         self.store.update(Node, node.id, host=handle.host, port=handle.port, pid=handle.pid,
                           launcher_ref=handle.ref)
@@ -398,7 +434,7 @@ class ClusterService:
         if health.node_id != node.id:
             self.launcher(cluster).terminate(handle, grace_s=1)
             raise LaunchError(f"the process on port {handle.port} answered as {health.node_id}")
-        self.last_seen[node.id] = time.time()
+        self.telemetry.record(cluster.id, health)  # its first heartbeat; pushes follow every second
         # What GPUs a process sees is fixed for its life: kept for the backend choice at connect.
         node.options = {**node.options, "cuda_devices": health.cuda_devices, "cuda_visible": health.cuda_visible}
         self.store.update(Node, node.id, status="running", options=node.options)
@@ -443,7 +479,7 @@ class ClusterService:
     def _form_group(self, cluster: Cluster, nodes: list[Node], topology: str) -> r.ConnectReply:
         ordered = sorted(nodes, key=lambda n: (ROLE_RANK_ORDER.get(n.role, 9), n.seq))
         generation = cluster.generation + 1
-        host, port = self.rendezvous.address(cluster.id, cluster.store_port)
+        host, port = self._store_address(cluster, ordered[0], generation)
         world = len(ordered)
         backend, why = choose_backend(cluster.options.get("backend_requested", "auto"), [
             NodeGpus(n.id, n.host, n.options.get("cuda_devices", 0), n.options.get("cuda_visible")) for n in ordered])
@@ -501,7 +537,8 @@ class ClusterService:
         self.event(cluster.id, "group_formed",
                    f"generation {generation}: {world} node(s) joined over {backend} ({why}), "
                    f"{topology} with {len(out_edges)} edge(s)",
-                   data={"generation": generation, "topology": topology, "backend": backend})
+                   data={"generation": generation, "topology": topology, "backend": backend,
+                         "store": f"{host}:{port}", "store_node": ordered[0].id})
         return r.ConnectReply(
             success=True, cluster_id=cluster.id, topology=topology, backend=backend, generation=generation,
             connections=len(out_edges), nodes_connected=world,
@@ -509,6 +546,18 @@ class ClusterService:
             edges=out_edges, network_health=health,
             join_ms_max=max(j.join_ms for j in joined),  # type: ignore[union-attr]
         )
+
+    def _store_address(self, cluster: Cluster, first: Node, generation: int) -> tuple[str, int]:
+        """The rendezvous store's address, hosted by the first node in rank order (which keeps the store
+        it has; a new first node starts one): the controller holds no store, so training outlives it."""
+        try:
+            return store_on_first_node(self.client(cluster, first), first.host, cluster.store_port)
+        except NodeRequestError as exc:
+            self._mark_needs_connect(cluster, generation, f"the first node could not host the rendezvous store: {exc}")
+            raise ServiceError(
+                f"forming generation {generation} of cluster {cluster.id} failed: the first node could not host "
+                f"the rendezvous store ({exc}). Check it with neural_node_logs, remove it with neural_node_remove, "
+                "then reconnect") from exc
 
     def _mark_needs_connect(self, cluster: Cluster, generation: int, reason: str) -> None:
         with self.store.session() as s:
@@ -564,37 +613,35 @@ class ClusterService:
 
     # ------------------------------------------------------------------ status
     def status(self, cluster_id: str) -> r.ClusterStatusReply:
-        cluster = self.get_cluster(cluster_id, active=False)
-        all_nodes = self.store.nodes(cluster_id, live_only=False)
+        """The cluster as the controller knows it: the store's records and the nodes' last pushes
+        (service.telemetry). No node is called: a slow node cannot slow status down."""
+        rows = self.rows(cluster_id)
+        cluster, all_nodes = rows.cluster, rows.nodes
         live = [n for n in all_nodes if n.status in LIVE_NODE_STATES]
-        healths = dict(zip([n.id for n in live], parallel(lambda n: self._probe_health(cluster, n), live)))
-        cluster = self.get_cluster(cluster_id, active=False)  # probing may have changed it
         topo = cluster.connected_topology or cluster.topology
         formed = cluster.status in ("connected", "training")
         edge_list = topology_edges(topo, len(live)) if formed else []
         now = time.time()
         node_rows = []
-        for node in self.store.nodes(cluster_id, live_only=False):
-            h = healths.get(node.id)
-            healthy = isinstance(h, p.HealthReply)
-            seen = self.last_seen.get(node.id)
+        for node in all_nodes:
+            is_live = node.status in LIVE_NODE_STATES
+            report = self.telemetry.report(node.id) if is_live else None
+            h = report.health if report is not None else None
             node_rows.append(r.NodeStatus(
                 node_id=node.id, sandbox_id=Path(node.sandbox).name, role=node.role, status=node.status,
-                alive=healthy, pid=node.pid,
-                rss_mb=round(h.rss_bytes / 2**20, 1) if healthy else None,
-                rank=node.rank if node.status in LIVE_NODE_STATES else None,
-                generation=node.generation if node.status in LIVE_NODE_STATES else None,
-                last_heartbeat=seen, heartbeat_age_s=round(now - seen, 3) if seen else None,
+                alive=is_live and self.telemetry.fresh(report, now), pid=node.pid,
+                rss_mb=round(h.rss_bytes / 2**20, 1) if h else None,
+                rank=node.rank if is_live else None,
+                generation=node.generation if is_live else None,
+                last_heartbeat=report.seen if report else None,
+                heartbeat_age_s=round(now - report.seen, 3) if report else None,
                 connections=sum(1 for a, b in edge_list if node.rank in (a, b)) if formed else 0,
                 capabilities=node.capabilities, error=node.error,
                 metrics={"uptime_s": round(h.uptime_s, 1), "torch_threads": h.torch_threads,
                          "job_state": h.job_state, "cuda_devices": h.cuda_devices,
-                         "device": h.group.device if h.group else None} if healthy else {},
+                         "device": h.group.device if h.group else None} if h else {},
             ))
         net = cluster.options.get("network", {})
-        with self.store.session() as s:
-            sessions = s.scalar(select(func.count()).select_from(TrainingSession)
-                                .where(TrainingSession.cluster_id == cluster_id)) or 0
         if cluster.status == "terminated":
             state, msg = "not_connected", "the cluster is terminated"
         elif formed:
@@ -614,47 +661,35 @@ class ClusterService:
             features=r.Features(
                 daa_enabled=bool(cluster.options.get("daaEnabled")),
                 wasm_enabled=bool(cluster.options.get("wasmOptimization")),
-                nodes_deployed=len(live), connections_active=len(edge_list), training_sessions=sessions,
+                nodes_deployed=len(live), connections_active=len(edge_list), training_sessions=rows.sessions,
             ),
             options=cluster.options,
         )
 
-    def _probe_health(self, cluster: Cluster, node: Node) -> p.HealthReply | str:
-        """Live health of one node; a dead process marks the node failed (with the reason)."""
-        alive, code = self.launcher(cluster).is_alive(self.handle(node))
-        if not alive:
-            reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
-            self.node_lost(cluster, node, reason)
-            return reason
-        try:
-            # Short timeout: status must not wait on a slow node; the monitor's last answer stands in.
-            h = self.client(cluster, node).health(timeout=STATUS_HEALTH_TIMEOUT_S)
-        except NodeRequestError as exc:
-            cached = self.health_cache.get(node.id)
-            seen = self.last_seen.get(node.id, 0)
-            if cached is not None and time.time() - seen < STALE_HEALTH_S:
-                return cached  # heartbeat_age_s in the reply shows how old it is
-            return str(exc)
-        self.last_seen[node.id] = time.time()
-        self.health_cache[node.id] = h
-        return h
-
     def node_lost(self, cluster: Cluster, node: Node, reason: str) -> None:
-        """Record a node that died or went silent (once, whoever noticed first)."""
+        """Record a node that died or went silent, once: one node_failed event, then the
+        ``on_node_lost`` listeners (a running session fails, heals or hands over raft)."""
         with self.lock(cluster.id):
             current = self.store.node(node.id)
             if current is None or current.status not in LIVE_NODE_STATES:
                 return
             self.store.update(Node, node.id, status="failed", error=reason, stopped_at=time.time())
+            self.telemetry.forget(node.id)
             self.event(cluster.id, "node_failed", f"node {node.id} ({node.role}) failed: {reason}", node_id=node.id)
             c = self.get_cluster(cluster.id, active=False)
             if c.status in ("connected", "training"):
                 self.store.update(Cluster, cluster.id, status="needs_connect",
                                   needs_connect_reason=f"node {node.id} failed ({reason})")
+        for listener in self.on_node_lost:
+            try:
+                listener(cluster, current, reason)
+            except Exception:
+                log.exception("a listener of lost node %s failed", node.id)
 
     # ----------------------------------------------------------------- recover
     def recover(self) -> None:
-        """After a server restart: re-attach to nodes still alive, mark the others lost."""
+        """After a server restart: re-attach to nodes still alive, mark the others lost. Nothing of the
+        rendezvous is restarted: the first node still hosts the store, and a re-form asks it again."""
         with self.store.session() as s:
             clusters = list(s.scalars(select(Cluster).where(Cluster.status != "terminated")))
         for cluster in clusters:
@@ -665,9 +700,9 @@ class ClusterService:
             for node in nodes:
                 ok = self.launcher(cluster).is_alive(self.handle(node))[0] and node.port is not None
                 if ok:
-                    try:
-                        self.client(cluster, node).health(timeout=3)
-                        self.last_seen[node.id] = time.time()
+                    try:  # the node pushes its telemetry here from now on (and its lease is on us)
+                        lease = p.LeaseRequest(controller_url=self.telemetry.url)
+                        self.telemetry.record(cluster.id, self.client(cluster, node).lease(lease))
                     except NodeRequestError:
                         ok = False
                 if ok:
@@ -675,13 +710,6 @@ class ClusterService:
                 else:
                     self.store.update(Node, node.id, status="lost", stopped_at=time.time(),
                                       error="not found alive when the server restarted")
-            if alive and cluster.store_port:
-                try:  # nodes re-form through the same address they already know
-                    self.rendezvous.address(cluster.id, cluster.store_port)
-                except Exception as exc:
-                    log.warning("could not restart the rendezvous store of %s on port %s: %s",
-                                cluster.id, cluster.store_port, exc)
-                    self.store.update(Cluster, cluster.id, store_port=None)
             lost = len(nodes) - len(alive)
             if lost and cluster.status in ("connected", "training"):
                 self.store.update(Cluster, cluster.id, status="needs_connect",
@@ -718,6 +746,7 @@ class ClusterService:
             if not gone:
                 raise ServiceError(f"node {node_id} (pid {node.pid}) could not be stopped; it is still running")
             self.store.update(Node, node_id, status="removed", stopped_at=time.time(), rank=None)
+            self.telemetry.forget(node_id)
             self.event(cluster.id, "node_removed", f"node {node_id} removed", node_id=node_id)
             group = self._after_membership_change(cluster.id, f"node {node_id} removed")
             return r.NodeRemoveReply(success=True, cluster_id=cluster.id, node_id=node_id, pid=node.pid,
@@ -787,8 +816,8 @@ class ClusterService:
                     log.error("stopping %s failed", node.id, exc_info=gone)
                 self.store.update(Node, node.id, status="stopped" if ok else "lost", stopped_at=time.time(),
                                   error=None if ok else "could not verify the process stopped")
+                self.telemetry.forget(node.id)
                 out.append(r.TerminatedNode(node_id=node.id, pid=node.pid, process_gone=ok))
-            self.rendezvous.close(cluster_id)
             all_gone = all(n.process_gone for n in out)
             self.store.update(Cluster, cluster_id, status="terminated", terminated_at=time.time())
             self.event(cluster_id, "cluster_terminated", f"{reason}: {len(out)} node(s) stopped")
@@ -798,20 +827,22 @@ class ClusterService:
             return r.TerminateReply(success=all_gone, cluster_id=cluster_id, status="terminated",
                                     nodes_terminated=sum(n.process_gone for n in out), nodes=out, message=msg)
 
-    def close(self) -> None:
-        """Server shutdown: stop every node this store says is live, so no process is orphaned."""
+    def close(self, stop_nodes: bool = True) -> None:
+        """Shutdown. ``stop_nodes``: stop every node this store says is live (an in-process server);
+        without it nodes run on for the next controller to re-attach (their lease ends them if none
+        comes)."""
         if self._closed:
             return
         self._closed = True
         with self.store.session() as s:
             ids = list(s.scalars(select(Cluster.id).where(Cluster.status != "terminated")))
-        for cluster_id in ids:
+        for cluster_id in ids if stop_nodes else []:
             try:
                 if self.store.nodes(cluster_id):
                     self.terminate(cluster_id, reason="server shut down")
             except Exception:
                 log.exception("stopping cluster %s at shutdown failed", cluster_id)
-        self.rendezvous.close_all()
+        self.telemetry.close()  # nodes left running lose their lease unless a controller takes them
         for launcher in self.launchers.values():
             close = getattr(launcher, "close", None)
             if close is not None:

@@ -1,8 +1,11 @@
 """Training sessions: validate, start on every node, watch until done, keep the figures.
 
-A session's watcher is a thread owned by the service (not by the MCP request that started
-it): it polls each node's progress, stores the reporting node's metric samples as a time
-series, tracks checkpoints, and ends the session when every node is done or one fails.
+Nodes push their progress to the controller every second (service.telemetry); ``on_progress``
+stores the reporting node's metric samples as a time series and tracks checkpoints. A session's
+watcher is a thread owned by the service (not by the MCP request that started it): it reads the
+pushed progress and ends the session when every node is done or one fails. It never judges a
+node's liveness: the monitor does (service.monitor), and a lost node of a running session
+reaches the watcher through ClusterService.on_node_lost, which fails, heals or hands raft over.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from flow_nexus_server import replies as r
 from flow_nexus_server.service.budget import check_training_memory
 from flow_nexus_server.service.clusters import ClusterService, parallel
 from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
-from flow_nexus_server.service.node_client import NodeRequestError
 from flow_nexus_server.service.paths import check_dataset_spec, under_allowed_root
 from flow_nexus_server.store import Checkpoint, Cluster, MetricSample, Node, TrainingSession
 from workers import protocol as p
@@ -32,7 +34,10 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 MAX_RESTARTS = 3
 TERMINAL = ("completed", "failed", "stopped")
-UNREACHABLE_LIMIT_S = 30.0  # a node that does not answer this long fails the session
+# A survivor reports "connection closed by peer" about as soon as a peer dies; the monitor names
+# the dead node within about a second (its process check). Wait this long for that verdict before
+# failing the session on the survivor's error alone, so healing and raft can act on the node.
+LOST_VERDICT_WAIT_S = 3.0
 MAX_BACKOFF_S = 30.0  # longest wait between retries of a failing watcher pass
 WATCH_GIVE_UP_S = 300.0  # a watcher failing this long marks its session failed
 
@@ -93,7 +98,7 @@ class NodeView:
     node: Node
     cursor: int = 0
     snapshot: p.TrainProgress | None = None
-    last_answer: float = field(default_factory=time.time)
+    job: int | None = None  # the node's job number for this session (None: take the first pushed)
 
 
 @dataclass
@@ -111,6 +116,8 @@ class LiveSession:
     lost: Node | None = None  # the node whose loss ended (or interrupted) the session
     restarts: int = 0
     done: threading.Event = field(default_factory=threading.Event)
+    lost_seen: threading.Event = field(default_factory=threading.Event)  # set with ``lost``
+    lock: threading.Lock = field(default_factory=threading.Lock)  # pushes vs. a restart swapping nodes
 
     def reporter(self) -> NodeView | None:
         return next((v for v in self.nodes if v.snapshot and v.snapshot.reporter), None)
@@ -163,6 +170,8 @@ class TrainingService:
         self.live: dict[str, LiveSession] = {}
         self.by_cluster: dict[str, str] = {}  # cluster_id -> most recent session_id
         self._closed = threading.Event()
+        clusters.telemetry.on_progress = self.on_progress
+        clusters.on_node_lost.append(self._node_lost)
 
     # ------------------------------------------------------------------ start
     def start_from_dict(self, cluster_id: str, args: dict[str, Any]) -> r.TrainStartReply:
@@ -251,7 +260,8 @@ class TrainingService:
                 c = s.get(Cluster, cluster_id)
                 c.status = "training"
                 c.options = {**c.options, "quantization": req.quantization.model_dump() if req.quantization else None}
-            live = LiveSession(session_id, cluster_id, mode, time.time(), [NodeView(n) for n in nodes], job=job)
+            views = [NodeView(n, job=t.job) for n, t in zip(nodes, started)]  # type: ignore[union-attr]
+            live = LiveSession(session_id, cluster_id, mode, time.time(), views, job=job)
             self.live[session_id] = live
             self.by_cluster[cluster_id] = session_id
             svc.event(cluster_id, "session_started",
@@ -300,21 +310,15 @@ class TrainingService:
             time.sleep(delay)
 
     def _watch_once(self, live: LiveSession) -> bool:
-        """One pass over the session's nodes; True once the session has ended."""
+        """One look at the session's pushed progress; True once the session has ended."""
         cluster = self.clusters.get_cluster(live.cluster_id, active=False)
-        launcher = self.clusters.launcher(cluster)
-        for view in live.nodes:
-            self._poll(cluster, live, view, launcher)
         states = [v.snapshot.state if v.snapshot else "preparing" for v in live.nodes]
         failed = next((v for v in live.nodes if v.snapshot and v.snapshot.state == "failed"), None)
         if live.error is None and failed is not None:
-            live.error = f"node {failed.node.id} ({failed.node.role}) failed: {failed.snapshot.error}"
-            # A survivor often reports "connection closed by peer" before the dead peer's exit
-            # is seen: look for the node that really died, so healing/takeover can act on it.
-            live.lost = self._find_dead(cluster, live, launcher)
-            if live.lost is not None:
-                live.error = (f"node {live.lost.id} ({live.lost.role}, rank {live.lost.rank}) died"
-                              f"{self._why_lost(live.lost)}; {live.error}")
+            # A survivor often reports "connection closed by peer" before the monitor has named
+            # the node that died: wait for that verdict, so healing/takeover can act on it.
+            live.lost_seen.wait(LOST_VERDICT_WAIT_S)
+            self._fail(live, f"node {failed.node.id} ({failed.node.role}) failed: {failed.snapshot.error}")
         if live.error is not None:
             can_restart = live.lost is not None and live.restarts < MAX_RESTARTS and not live.stop_requested
             if can_restart and cluster.auto_healing and self._heal(live, cluster):
@@ -329,10 +333,13 @@ class TrainingService:
             return True
         return False
 
-    def _why_lost(self, node: Node) -> str:
-        """' (<reason>)' when the server recorded why it lost the node (the monitor stopped it...)."""
-        current = self.store.node(node.id)
-        return f" ({current.error})" if current is not None and current.error else ""
+    def _node_lost(self, cluster: Cluster, node: Node, reason: str) -> None:
+        """ClusterService.on_node_lost: the monitor declared ``node`` lost; a running session on it
+        ends, heals or hands raft over (its watcher acts on ``live.lost``)."""
+        live = self.live.get(self.by_cluster.get(cluster.id, ""))
+        if live is None or live.status != "running" or not any(v.node.id == node.id for v in live.nodes):
+            return
+        self._lose(live, node, f"node {node.id} ({node.role}, rank {node.rank}) lost: {reason}")
 
     def _give_up(self, live: LiveSession, exc: Exception) -> None:
         """The session cannot be followed any more: mark it failed (in memory at least)."""
@@ -410,8 +417,16 @@ class TrainingService:
             raise ServiceError("restarting the session failed on " + "; ".join(bad))
         with self.store.session() as s:
             s.get(Cluster, live.cluster_id).status = "training"
-        live.job, live.nodes, live.restarts = job, [NodeView(n) for n in nodes], live.restarts + 1
-        live.error, live.lost, live.last_event_epoch = None, None, 0
+        with live.lock:
+            live.job, live.restarts = job, live.restarts + 1
+            live.nodes = [NodeView(n, job=t.job) for n, t in zip(nodes, started)]  # type: ignore[union-attr]
+            live.error, live.lost, live.last_event_epoch = None, None, 0
+            live.lost_seen.clear()
+        for node in nodes:  # lost while restarting: the monitor's verdict came before these views
+            current = self.store.node(node.id)
+            if current is None or current.status not in ("starting", "running"):
+                self._lose(live, node, f"node {node.id} ({node.role}, rank {node.rank}) lost: "
+                                       f"{current.error if current else 'removed'}")
         return nodes, job
 
     def _stop_and_wait(self, cluster: Cluster, nodes: list[Node], timeout: float) -> None:
@@ -425,36 +440,34 @@ class TrainingService:
             time.sleep(0.5)
         raise ServiceError(f"the surviving nodes did not leave the session within {timeout:.0f} s")
 
-    def _poll(self, cluster: Cluster, live: LiveSession, view: NodeView, launcher: Any) -> None:
+    def on_progress(self, cluster_id: str, node_id: str, snap: p.TrainProgress, cursor: int) -> int | None:
+        """A node's pushed progress (service.telemetry, on its listener's thread): applied to the
+        running session it belongs to. Returns the sample cursor to acknowledge; None when no
+        session here follows that job."""
+        live = self.live.get(self.by_cluster.get(cluster_id, ""))
+        if live is None or live.status != "running" or snap.session_id != live.session_id:
+            return None
+        with live.lock:
+            view = next((v for v in live.nodes if v.node.id == node_id), None)
+            if view is None or (view.job is not None and snap.job != view.job):
+                return None  # a node the session no longer runs on, or an earlier start of it
+            view.job = snap.job
+            if cursor != view.cursor:
+                # The node pushed from another cursor (a new controller, a restarted session):
+                # take the rest, but not its samples; it sends them again from ours.
+                snap = snap.model_copy(update={"samples": []})
+            self._apply_progress(live, view, snap)
+            return view.cursor
+
+    def _apply_progress(self, live: LiveSession, view: NodeView, snap: p.TrainProgress) -> None:
+        """Store what a progress snapshot brings: samples (reporter), epoch events, local loss, checkpoints."""
         node = view.node
-        alive, code = launcher.is_alive(self.clusters.handle(node))
-        if not alive:
-            reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
-            self._lose(live, node,
-                       f"node {node.id} ({node.role}, rank {node.rank}) died: {reason}{self._why_lost(node)}")
-            self.clusters.node_lost(cluster, node, reason)
-            return
-        current = self.store.node(node.id)
-        if current is not None and current.status not in ("starting", "running"):
-            # The monitor found it hung (no answer for too long) or it was removed.
-            self._lose(live, node, f"node {node.id} ({node.role}, rank {node.rank}) {current.status}: {current.error}")
-            return
-        try:
-            snap = self.clusters.client(cluster, node).training_status(view.cursor)
-        except NodeRequestError as exc:
-            if time.time() - view.last_answer > UNREACHABLE_LIMIT_S:
-                live.error = live.error or f"node {node.id} stopped answering: {exc}"
-            return
-        view.last_answer = time.time()
-        self.clusters.last_seen[node.id] = view.last_answer
-        if snap.session_id != live.session_id:
-            return  # still answering about an older job
         if snap.reporter and snap.samples:
             with self.store.session() as s:
                 s.add_all(MetricSample(session_id=live.session_id, node_id=node.id, seq=m.seq, time=m.time, epoch=m.epoch,
                                        step=m.step, name=m.name, value=m.value) for m in snap.samples)
             view.cursor = snap.samples[-1].seq
-            # One event per finished epoch/round, from the samples (polls may skip epochs).
+            # One event per finished epoch/round, from the samples (a push may hold several epochs).
             by_epoch: dict[int, dict[str, float]] = {}
             for m in snap.samples:
                 by_epoch.setdefault(m.epoch, {})[m.name] = m.value
@@ -478,32 +491,23 @@ class TrainingService:
         known = set(view.snapshot.checkpoints) if view.snapshot else set()
         for path in snap.checkpoints:
             if path not in known:
-                # The file's own epoch: one poll may see several checkpoints (e056, e058, e060).
+                # The file's own epoch: one push may bring several checkpoints (e056, e058, e060).
                 self._record_checkpoint(live, node, path, p.checkpoint_epoch(path) or snap.epoch)
         # Samples were consumed: keep the snapshot without them (the cursor moved on).
         view.snapshot = snap.model_copy(update={"samples": []})
 
-    def _find_dead(self, cluster: Cluster, live: LiveSession, launcher: Any, grace_s: float = 3.0) -> Node | None:
-        """The session's node whose process is gone (or the monitor marked lost), waiting ``grace_s``."""
-        deadline = time.time() + grace_s
-        while True:
-            for view in live.nodes:
-                node = view.node
-                alive, code = launcher.is_alive(self.clusters.handle(node))
-                current = self.store.node(node.id)
-                if not alive or (current is not None and current.status not in ("starting", "running")):
-                    if not alive:
-                        reason = f"process {node.pid} exited" + (f" with code {code}" if code is not None else "")
-                        self.clusters.node_lost(cluster, node, reason)
-                    return node
-            if time.time() >= deadline:
-                return None
-            time.sleep(0.1)
-
     @staticmethod
     def _lose(live: LiveSession, node: Node, message: str) -> None:
+        """The session lost ``node`` (the first loss names the error)."""
         if live.error is None:
             live.error, live.lost = message, node
+        live.lost_seen.set()
+
+    @staticmethod
+    def _fail(live: LiveSession, message: str) -> None:
+        """The session fails with ``message`` unless a loss already explains it."""
+        if live.error is None:
+            live.error = message
 
     def _record_checkpoint(self, live: LiveSession, node: Node, path: str, epoch: int) -> None:
         with self.store.session() as s:
@@ -661,9 +665,13 @@ class TrainingService:
                     cursors = dict(s.execute(select(MetricSample.node_id, func.max(MetricSample.seq))
                                              .where(MetricSample.session_id == row.id)
                                              .group_by(MetricSample.node_id)).all())
+                    recorded = set(s.scalars(select(Checkpoint.path).where(Checkpoint.session_id == row.id)))
                     s.get(Cluster, row.cluster_id).status = "training"
-                live = LiveSession(row.id, row.cluster_id, row.config.get("mode", "?"), row.created_at,
-                                   [NodeView(n, cursor=cursors.get(n.id) or 0) for n in nodes])
+                # Progress shows at once; checkpoints saved while no controller watched are still news.
+                views = [NodeView(n, cursor=cursors.get(n.id) or 0, job=x.job, snapshot=x.model_copy(update={
+                    "samples": [], "checkpoints": [c for c in x.checkpoints if c in recorded]}))
+                    for n, x in zip(nodes, snaps)]  # type: ignore[union-attr]
+                live = LiveSession(row.id, row.cluster_id, row.config.get("mode", "?"), row.created_at, views)
                 self.live[row.id] = live
                 self.by_cluster[row.cluster_id] = row.id
                 self.clusters.event(row.cluster_id, "session_reattached", f"session {row.id} is watched again",
