@@ -131,7 +131,7 @@ async def test_lifecycle_with_the_sdk_client(http_server, mode):
 
         metrics = httpx.get(f"{http_server.base}/metrics", headers={"Authorization": f"Bearer {http_server.token}"})
         assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-        assert f'flow_nexus_node_up{{' in metrics.text and deploy["nodes"][0]["node_id"] in metrics.text
+        assert 'flow_nexus_node_up{' in metrics.text and deploy["nodes"][0]["node_id"] in metrics.text
         assert httpx.get(f"{http_server.base}/metrics").status_code == 401
 
         term = await call_ok(client, "neural_cluster_terminate", {"cluster_id": cid})

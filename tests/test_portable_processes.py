@@ -21,7 +21,7 @@ from flow_nexus_server.launchers import NodeHandle, SubprocessLauncher
 from flow_nexus_server.launchers.local import node_process_alive, pid_exists, process_create_time, process_ref
 from flow_nexus_server.launchers.warm import WarmSubprocessLauncher, local_launcher
 from flow_nexus_server.server import build_server
-from flow_nexus_server.service.clusters import available_memory_mb
+from flow_nexus_server.service.nodes import available_memory_mb
 from workers.training.common import rss_mb
 
 NODE_ID = "node_portable1"

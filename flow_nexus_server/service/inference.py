@@ -20,7 +20,8 @@ import numpy as np
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.launchers import NodeSpec
-from flow_nexus_server.service.clusters import ClusterService, parallel
+from flow_nexus_server.service.clusters import ClusterService
+from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.errors import NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
 from flow_nexus_server.service.paths import under_allowed_root

@@ -18,7 +18,8 @@ import time
 from sqlalchemy import select
 
 from flow_nexus_server.service.budget import node_memory_mb, over_memory
-from flow_nexus_server.service.clusters import ClusterService, parallel
+from flow_nexus_server.service.clusters import ClusterService
+from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.telemetry import NODE_SILENT_S
 from flow_nexus_server.store import Cluster, Node, TrainingSession
 

@@ -23,7 +23,8 @@ from sqlalchemy import func, select
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service.budget import check_training_memory
-from flow_nexus_server.service.clusters import ClusterService, parallel
+from flow_nexus_server.service.clusters import ClusterService
+from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
 from flow_nexus_server.service.paths import check_dataset_spec, under_allowed_root
 from flow_nexus_server.store import Checkpoint, Cluster, MetricSample, Node, TrainingSession

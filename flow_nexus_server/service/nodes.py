@@ -1,0 +1,271 @@
+"""Node registry: launches nodes (deploy, replace), stops and removes them, records a lost one
+(once, for the one monitor loop in ``service.monitor``), and re-attaches live ones after a
+controller restart.
+
+A mixin of ``ClusterService`` (``service.clusters``): it uses the service's store, launchers,
+node clients, locks, events and group manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import func, select
+
+from flow_nexus_server import replies as r
+from flow_nexus_server.launchers import LaunchError, NodeLauncher, NodeSpec
+from flow_nexus_server.launchers.docker import UnavailableLauncher
+from flow_nexus_server.service.backend import check_gpus
+from flow_nexus_server.service.errors import Conflict, ServiceError
+from flow_nexus_server.service.node_client import NodeRequestError
+from flow_nexus_server.service.parallel import parallel
+from flow_nexus_server.store import Cluster, Node
+from flow_nexus_server.store.db import LIVE_NODE_STATES
+from workers import protocol as p
+
+log = logging.getLogger(__name__)
+
+HOST_MEMORY_RESERVE_MB = 512
+
+
+def ray_launcher() -> NodeLauncher:
+    try:
+        from flow_nexus_server.launchers.ray import RayLauncher
+    except ImportError:
+        return UnavailableLauncher("ray", "Ray is not installed; install it with pip install 'flow-nexus-server[ray]'")
+    return RayLauncher()
+
+
+def available_memory_mb() -> float | None:
+    """Memory the host can give new processes without swapping, in MB (None where it cannot be read)."""
+    try:
+        return psutil.virtual_memory().available / 2**20
+    except (OSError, RuntimeError):
+        return None
+
+
+def check_memory(count: int, per_node_mb: int) -> None:
+    """Refuse a deploy the host cannot hold, with the numbers."""
+    available = available_memory_mb()
+    if available is None:
+        return
+    need = count * per_node_mb
+    if need > available - HOST_MEMORY_RESERVE_MB:
+        raise ServiceError(
+            f"deploying {count} node(s) needs {count} x {per_node_mb} MB = {need} MB, but the host has "
+            f"{available:.0f} MB available and keeps {HOST_MEMORY_RESERVE_MB} MB in reserve; deploy fewer nodes "
+            "or ask for less memory_mb"
+        )
+
+
+class NodeRegistry:
+    # ------------------------------------------------------------------ deploy
+    def deploy_nodes(self, cluster_id: str, *, role: str, count: int, model: str,
+                     capabilities: list[str], autonomy: float, template: str,
+                     layers: list[dict[str, Any]] | None,
+                     options: dict[str, Any] | None = None, memory_mb: int | None = None,
+                     num_cpus: float = 1.0, num_gpus: float = 0.0) -> r.DeployReply:
+        with self.lock(cluster_id):
+            cluster = self.get_cluster(cluster_id)
+            check_gpus(num_gpus, cluster.launcher)
+            check_memory(count, memory_mb or self.settings.limits.node_memory_mb)
+            live = self.store.nodes(cluster_id)
+            if len(live) + count > cluster.max_nodes:
+                raise ServiceError(
+                    f"cluster {cluster_id} has {len(live)} of at most {cluster.max_nodes} nodes; "
+                    f"deploying {count} more would exceed max_nodes. Remove nodes with "
+                    "neural_node_remove or create a cluster with a larger max_nodes"
+                )
+            total = self._live_node_count()
+            if total + count > self.settings.limits.max_node_processes:
+                raise ServiceError(
+                    f"{total} node processes run on this host, the limit is "
+                    f"{self.settings.limits.max_node_processes} (FLOW_NEXUS_MAX_NODE_PROCESSES); "
+                    "terminate a cluster first"
+                )
+            with self.store.session() as s:
+                seq0 = s.scalar(select(func.coalesce(func.max(Node.seq), -1)).where(Node.cluster_id == cluster_id)) + 1
+            nodes = []
+            for i in range(count):
+                node_id = "node_" + secrets.token_hex(4)
+                sandbox = Path(cluster.directory) / "nodes" / node_id
+                nodes.append(Node(
+                    id=node_id, cluster_id=cluster_id, seq=seq0 + i, role=role, status="starting",
+                    model=model, capabilities=capabilities, layers=layers,
+                    options={"autonomy": autonomy, "template": template, "num_cpus": num_cpus,
+                             "num_gpus": num_gpus, "memory_mb": memory_mb or self.settings.limits.node_memory_mb,
+                             **(options or {})},
+                    sandbox=str(sandbox), created_at=time.time(),
+                ))
+            with self.store.session() as s:
+                s.add_all(nodes)
+            results = parallel(lambda n: self._start_node(cluster, n), nodes)
+            infos = [self._node_info(n, res) for n, res in zip(nodes, results)]
+            failed = [i for i in infos if i.status == "failed"]
+            ok = [i for i in infos if i.status == "deployed"]
+            group = self._after_membership_change(cluster_id, f"{len(ok)} node(s) deployed") if ok else \
+                r.GroupChange(action="none", generation=cluster.generation, message="no node joined")
+            cluster = self.get_cluster(cluster_id)
+            if failed:
+                detail = "; ".join(f"{i.node_id}: {i.error}" for i in failed)
+                kept = f" Nodes started: {', '.join(i.node_id for i in ok)}." if ok else ""
+                raise ServiceError(f"{len(failed)} of {count} node(s) failed to deploy: {detail}.{kept}")
+            first = infos[0]
+            return r.DeployReply(
+                success=True, cluster_id=cluster_id, node_id=first.node_id, sandbox_id=first.sandbox_id,
+                role=role, status=first.status, capabilities=capabilities, nodes=infos,
+                cluster_status=cluster.status, group=group,
+            )
+
+    def replace_node(self, cluster_id: str, dead: Node) -> Node:
+        """Start a node that takes a lost node's place: same role, options and position (so same shard)."""
+        cluster = self.get_cluster(cluster_id)
+        node_id = "node_" + secrets.token_hex(4)
+        node = Node(id=node_id, cluster_id=cluster_id, seq=dead.seq, role=dead.role, status="starting",
+                    model=dead.model, capabilities=dead.capabilities, layers=dead.layers,
+                    options={**dead.options, "replaces": dead.id},
+                    sandbox=str(Path(cluster.directory) / "nodes" / node_id), created_at=time.time())
+        with self.store.session() as s:
+            s.add(node)
+        try:
+            startup = self._start_node(cluster, node)
+        except Exception as exc:
+            self._node_info(node, exc)
+            raise ServiceError(f"the replacement for {dead.id} failed to start: {exc}") from exc
+        self._node_info(node, startup)
+        self.event(cluster_id, "node_replaced", f"node {node_id} replaces {dead.id} ({dead.role})", node_id=node_id)
+        return self.get_node(node_id)
+
+    def _start_node(self, cluster: Cluster, node: Node) -> float:
+        """Launch one node and wait for its health check; returns the start-up time."""
+        start = time.monotonic()
+        spec = NodeSpec(node.id, cluster.id, node.role, Path(node.sandbox), cluster.token,
+                        num_cpus=node.options.get("num_cpus", 1.0), num_gpus=node.options.get("num_gpus", 0.0),
+                        allowed_roots=tuple(self.settings.allowed_roots), controller_url=self.telemetry.url)
+        handle = self.launcher(cluster).launch(spec, self.settings.node_start_timeout_s)
+        self.store.update(Node, node.id, host=handle.host, port=handle.port, pid=handle.pid,
+                          launcher_ref=handle.ref)
+        node.host, node.port, node.pid = handle.host, handle.port, handle.pid
+        try:
+            health = self.client(cluster, node).health(timeout=10)
+        except NodeRequestError as exc:
+            self.launcher(cluster).terminate(handle, grace_s=1)
+            raise LaunchError(f"it started but failed its health check: {exc}") from exc
+        if health.node_id != node.id:
+            self.launcher(cluster).terminate(handle, grace_s=1)
+            raise LaunchError(f"the process on port {handle.port} answered as {health.node_id}")
+        self.telemetry.record(cluster.id, health)  # its first heartbeat; pushes follow every second
+        # What GPUs a process sees is fixed for its life: kept for the backend choice at connect.
+        node.options = {**node.options, "cuda_devices": health.cuda_devices, "cuda_visible": health.cuda_visible}
+        self.store.update(Node, node.id, status="running", options=node.options)
+        return time.monotonic() - start
+
+    def _node_info(self, node: Node, result: float | BaseException) -> r.NodeInfo:
+        if isinstance(result, BaseException):
+            error = str(result) if isinstance(result, (LaunchError, NodeRequestError)) else \
+                f"{type(result).__name__}: {result}"
+            if not isinstance(result, (LaunchError, NodeRequestError)):
+                log.error("deploying %s failed", node.id, exc_info=result)
+            self.store.update(Node, node.id, status="failed", error=error, stopped_at=time.time())
+            self.event(node.cluster_id, "node_failed", f"node {node.id} failed to deploy: {error}", node_id=node.id)
+            status, startup, err = "failed", None, error
+        else:
+            self.event(node.cluster_id, "node_deployed", f"node {node.id} ({node.role}) is up, pid {node.pid}",
+                       node_id=node.id, data={"startup_s": result})
+            status, startup, err = "deployed", result, None
+        return r.NodeInfo(
+            node_id=node.id, sandbox_id=Path(node.sandbox).name, sandbox_path=node.sandbox, role=node.role,
+            status=status, capabilities=node.capabilities, model=node.model,
+            autonomy=node.options.get("autonomy", 0.8), pid=node.pid, startup_s=startup, error=err,
+        )
+
+    def _live_node_count(self) -> int:
+        with self.store.session() as s:
+            return s.scalar(select(func.count()).select_from(Node).where(Node.status.in_(LIVE_NODE_STATES))) or 0
+
+    # ------------------------------------------------------------------ remove
+    def remove_node(self, node_id: str) -> r.NodeRemoveReply:
+        node = self.get_node(node_id)
+        with self.lock(node.cluster_id):
+            cluster = self.get_cluster(node.cluster_id)
+            node = self.get_node(node_id)
+            if cluster.status == "training":
+                raise Conflict(f"cluster {cluster.id} is training; stop the session before removing nodes")
+            if node.status not in LIVE_NODE_STATES:
+                raise Conflict(f"node {node_id} is already {node.status}; nothing to remove")
+            gone = self._stop_node(cluster, node)
+            if not gone:
+                raise ServiceError(f"node {node_id} (pid {node.pid}) could not be stopped; it is still running")
+            self.store.update(Node, node_id, status="removed", stopped_at=time.time(), rank=None)
+            self.telemetry.forget(node_id)
+            self.event(cluster.id, "node_removed", f"node {node_id} removed", node_id=node_id)
+            group = self._after_membership_change(cluster.id, f"node {node_id} removed")
+            return r.NodeRemoveReply(success=True, cluster_id=cluster.id, node_id=node_id, pid=node.pid,
+                                     process_gone=True, cluster_status=self.get_cluster(cluster.id).status,
+                                     group=group)
+
+    def _stop_node(self, cluster: Cluster, node: Node) -> bool:
+        """Ask the node to shut down, then make sure: SIGTERM, SIGKILL. True once it is gone."""
+        launcher = self.launcher(cluster)
+        if node.host and node.port and launcher.is_alive(self.handle(node))[0]:
+            try:
+                self.client(cluster, node).shutdown()
+            except NodeRequestError as exc:
+                log.info("graceful shutdown of %s failed (%s); signalling it", node.id, exc)
+        return launcher.terminate(self.handle(node), grace_s=5)
+
+    def node_lost(self, cluster: Cluster, node: Node, reason: str) -> None:
+        """Record a node that died or went silent, once: one node_failed event, then the
+        ``on_node_lost`` listeners (a running session fails, heals or hands over raft)."""
+        with self.lock(cluster.id):
+            current = self.store.node(node.id)
+            if current is None or current.status not in LIVE_NODE_STATES:
+                return
+            self.store.update(Node, node.id, status="failed", error=reason, stopped_at=time.time())
+            self.telemetry.forget(node.id)
+            self.event(cluster.id, "node_failed", f"node {node.id} ({node.role}) failed: {reason}", node_id=node.id)
+            c = self.get_cluster(cluster.id, active=False)
+            if c.status in ("connected", "training"):
+                self.store.update(Cluster, cluster.id, status="needs_connect",
+                                  needs_connect_reason=f"node {node.id} failed ({reason})")
+        for listener in self.on_node_lost:
+            try:
+                listener(cluster, current, reason)
+            except Exception:
+                log.exception("a listener of lost node %s failed", node.id)
+
+    # ----------------------------------------------------------------- recover
+    def recover(self) -> None:
+        """After a server restart: re-attach to nodes still alive, mark the others lost. Nothing of the
+        rendezvous is restarted: the first node still hosts the store, and a re-form asks it again."""
+        with self.store.session() as s:
+            clusters = list(s.scalars(select(Cluster).where(Cluster.status != "terminated")))
+        for cluster in clusters:
+            nodes = self.store.nodes(cluster.id)
+            if not nodes:
+                continue
+            alive = []
+            for node in nodes:
+                ok = self.launcher(cluster).is_alive(self.handle(node))[0] and node.port is not None
+                if ok:
+                    try:  # the node pushes its telemetry here from now on (and its lease is on us)
+                        lease = p.LeaseRequest(controller_url=self.telemetry.url)
+                        self.telemetry.record(cluster.id, self.client(cluster, node).lease(lease))
+                    except NodeRequestError:
+                        ok = False
+                if ok:
+                    alive.append(node)
+                else:
+                    self.store.update(Node, node.id, status="lost", stopped_at=time.time(),
+                                      error="not found alive when the server restarted")
+            lost = len(nodes) - len(alive)
+            if lost and cluster.status in ("connected", "training"):
+                self.store.update(Cluster, cluster.id, status="needs_connect",
+                                  needs_connect_reason=f"{lost} node(s) lost while the server was down")
+            self.event(cluster.id, "server_reattached",
+                       f"server restarted: {len(alive)} node(s) re-attached, {lost} lost")
