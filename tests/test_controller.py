@@ -147,3 +147,25 @@ async def test_one_process_per_call_like_the_inspector_cli(home):
     assert pred["examples"] == 1 and pred["nodes_used"] == 2
     assert (await one_call("neural_cluster_terminate", {"cluster_id": cid}))["success"]
     assert not any(pid_alive(p) for p in pids)
+
+
+async def test_an_in_process_server_leaves_no_session_running(home):
+    """In-process (no controller), closing the server stops its nodes: the running session ends
+    'stopped' and the cluster 'terminated' in the store, not 'running'."""
+    from flow_nexus_server.config import Settings
+    from flow_nexus_server.server import build_server
+    from flow_nexus_server.store import Cluster, Store, TrainingSession
+
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "closing", "architecture": "mlp"}))["cluster_id"]
+        pids = [n["pid"] for n in (await ok(client, "neural_node_deploy", {"cluster_id": cid}))["nodes"]]
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        sid = (await ok(client, "neural_train_distributed", {"cluster_id": cid, **TRAIN}))["session_id"]
+    assert not any(pid_alive(p) for p in pids)
+    store = Store(Settings.from_env(home).db_url)
+    try:
+        with store.session() as s:
+            assert s.get(TrainingSession, sid).status == "stopped"
+            assert s.get(Cluster, cid).status == "terminated"
+    finally:
+        store.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import anyio
+from sqlalchemy import select
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 
 from flow_nexus_server import __version__
@@ -19,6 +20,7 @@ from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.inference import InferenceService
 from flow_nexus_server.service.monitor import NodeMonitor
 from flow_nexus_server.service.training import TrainingService
+from flow_nexus_server.store import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,22 @@ class Controller:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
+            if stop_nodes:  # sessions end 'stopped' and clusters 'terminated': no state left untrue
+                await anyio.to_thread.run_sync(self._terminate_all)
             self.monitor.stop()
             self.training.close()
             await anyio.to_thread.run_sync(lambda: self.clusters.close(stop_nodes=stop_nodes))
         log.info("flow-nexus-server stopped%s", "" if stop_nodes else " (nodes left running)")
+
+    def _terminate_all(self) -> None:
+        with self.clusters.store.session() as s:
+            ids = list(s.scalars(select(Cluster.id).where(Cluster.status != "terminated")))
+        for cluster_id in ids:
+            try:
+                if self.clusters.store.nodes(cluster_id):
+                    self.training.terminate_cluster(cluster_id)
+            except Exception:
+                log.exception("stopping cluster %s at shutdown failed", cluster_id)
 
     async def publish_event_updates(self) -> None:
         """Tell subscribers of session://{id}/events when that session has new events.
