@@ -1,4 +1,5 @@
-"""The local channel between front-ends and the controller.
+"""The local channel between front-ends and the controller: the front-end side (kept free of
+the MCP SDK and torch so that a front-end starts in a fraction of a second).
 
 Files in the state home (0700, so only its owner reaches them):
 
@@ -22,19 +23,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import anyio
-import httpx
-from anyio.streams.buffered import BufferedByteReceiveStream
-from mcp.server import MCPServer
-from mcp.server.stdio import stdio_server
+from typing import TYPE_CHECKING, Any
 
 from flow_nexus_server.config import Settings
 
+if TYPE_CHECKING:
+    import httpx
+
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20  # one JSON-RPC line; stdio has no limit, HTTP front-ends cap at 32 MiB
 START_TIMEOUT_S = 60.0
 
 
@@ -57,45 +54,6 @@ class ControllerPaths:
     @property
     def stderr(self) -> Path:
         return self.home / "controller.stderr"
-
-
-# ---------------------------------------------------------------- controller side
-class _SocketLines:
-    """What ``stdio_server`` reads lines from and writes lines to, over a socket instead of fds 0/1."""
-
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
-        self.stream = stream
-        self.buffered = BufferedByteReceiveStream(stream)
-
-    def __aiter__(self) -> "_SocketLines":
-        return self
-
-    async def __anext__(self) -> str:
-        try:
-            line = await self.buffered.receive_until(b"\n", MAX_MESSAGE_BYTES)
-        except anyio.DelimiterNotFound:
-            log.warning("a front-end sent a message over %d bytes; closing its connection", MAX_MESSAGE_BYTES)
-            raise StopAsyncIteration from None
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise StopAsyncIteration from None
-        return line.decode("utf-8", errors="replace")
-
-    async def write(self, text: str) -> None:
-        try:
-            await self.stream.send(text.encode("utf-8"))
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass  # the front-end left; its session ends when the read side sees EOF
-
-    async def flush(self) -> None:
-        pass
-
-
-async def serve_mcp_connection(mcp: MCPServer, stream: anyio.abc.ByteStream) -> None:
-    """One front-end's MCP session, until it disconnects."""
-    lines = _SocketLines(stream)
-    server = mcp._lowlevel_server  # what MCPServer.run_stdio_async drives too, over other streams
-    async with stream, stdio_server(stdin=lines, stdout=lines) as (read, write):  # type: ignore[arg-type]
-        await server.run(read, write, server.create_initialization_options())
 
 
 # ---------------------------------------------------------------- front-end side
@@ -179,8 +137,10 @@ def relay_stdio(paths: ControllerPaths) -> int:
             view = view[os.write(1, view):]
 
 
-def control_client(paths: ControllerPaths, timeout_s: float = 60.0) -> httpx.Client:
+def control_client(paths: ControllerPaths, timeout_s: float = 60.0) -> "httpx.Client":
     """HTTP over the controller's second socket (status, stop, metrics)."""
+    import httpx  # here, not at the top: a stdio front-end starts without it (and without mcp)
+
     return httpx.Client(transport=httpx.HTTPTransport(uds=str(paths.http_socket)), base_url="http://controller",
                         timeout=timeout_s)
 

@@ -28,7 +28,9 @@ from typing import Any
 
 import anyio
 import uvicorn
+from anyio.streams.buffered import BufferedByteReceiveStream
 from mcp.server import MCPServer
+from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from sqlalchemy import select
 from starlette.applications import Starlette
@@ -37,13 +39,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from flow_nexus_server.config import HTTP_MAX_BODY_BYTES, Settings
-from flow_nexus_server.controller.channel import ControllerPaths, serve_mcp_connection
+from flow_nexus_server.controller.channel import ControllerPaths
 from flow_nexus_server.controller.core import Controller
 from flow_nexus_server.store import Cluster, Node, TrainingSession
 from flow_nexus_server.store.db import LIVE_NODE_STATES
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE_BYTES = 64 << 20  # one JSON-RPC line; stdio has no limit, HTTP front-ends cap at 32 MiB
 DEFAULT_IDLE_TIMEOUT_MIN = 30.0
 POLICY_EVERY_S = 1.0
 ATTACH_BEAT_S = 5.0
@@ -73,6 +76,44 @@ class Frontends:
             self.count -= 1
             if self.count == 0:
                 self.none_since = time.monotonic()
+
+
+class _SocketLines:
+    """What ``stdio_server`` reads lines from and writes lines to, over a socket instead of fds 0/1."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.buffered = BufferedByteReceiveStream(stream)
+
+    def __aiter__(self) -> "_SocketLines":
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            line = await self.buffered.receive_until(b"\n", MAX_MESSAGE_BYTES)
+        except anyio.DelimiterNotFound:
+            log.warning("a front-end sent a message over %d bytes; closing its connection", MAX_MESSAGE_BYTES)
+            raise StopAsyncIteration from None
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise StopAsyncIteration from None
+        return line.decode("utf-8", errors="replace")
+
+    async def write(self, text: str) -> None:
+        try:
+            await self.stream.send(text.encode("utf-8"))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass  # the front-end left; its session ends when the read side sees EOF
+
+    async def flush(self) -> None:
+        pass
+
+
+async def serve_mcp_connection(mcp: MCPServer, stream: anyio.abc.ByteStream) -> None:
+    """One front-end's MCP session, until it disconnects."""
+    lines = _SocketLines(stream)
+    server = mcp._lowlevel_server  # what MCPServer.run_stdio_async drives too, over other streams
+    async with stream, stdio_server(stdin=lines, stdout=lines) as (read, write):  # type: ignore[arg-type]
+        await server.run(read, write, server.create_initialization_options())
 
 
 def live_work(ctrl: Controller) -> tuple[list[Cluster], set[str]]:
