@@ -24,11 +24,12 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 # The server's own files directly in the home: no client may read or overwrite them.
 HTTP_TOKEN_FILE = "http-token"  # the HTTP front-end's generated bearer token
-STATE_FILE_PREFIXES = ("state.db", "server.log", "spawner", HTTP_TOKEN_FILE)
+STATE_FILE_PREFIXES = ("state.db", "server.log", "spawner", "controller", HTTP_TOKEN_FILE)
 
 
 def is_state_file(path: Path, home: Path) -> bool:
-    """True for the database, its -wal/-shm, the server and spawner logs and socket in ``home``."""
+    """True for the server's own files in ``home``: the database (and -wal/-shm), logs, the spawner's and
+    controller's sockets, lock and stderr, the HTTP token."""
     return path.parent == home and path.name.startswith(STATE_FILE_PREFIXES)
 
 
