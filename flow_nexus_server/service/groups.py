@@ -75,6 +75,8 @@ class GroupManager:
                 f"forming generation {generation} of cluster {cluster.id} failed: {'; '.join(errors)}. "
                 "Check the node with neural_node_logs, remove it with neural_node_remove, then reconnect"
             )
+        for node, reply in zip(ordered, joined):
+            self.telemetry.note_group(node.id, reply.group)  # type: ignore[union-attr]
         edge_list = topology_edges(topology, world)
         probe = p.ProbeRequest(generation=generation, edges=edge_list)
         probed = parallel(lambda n: self.client(cluster, n).probe(probe), ordered)

@@ -79,6 +79,14 @@ class Telemetry:
         with self._lock:
             self._reports[health.node_id] = NodeReport(cluster_id, at or time.time(), health)
 
+    def note_group(self, node_id: str, group: p.GroupInfo | None) -> None:
+        """The group a node just joined (its join reply), so status shows it before the next push."""
+        with self._lock:
+            old = self._reports.get(node_id)
+            if old is not None:
+                self._reports[node_id] = NodeReport(old.cluster_id, old.seen,
+                                                    old.health.model_copy(update={"group": group}))
+
     def report(self, node_id: str) -> NodeReport | None:
         return self._reports.get(node_id)
 
