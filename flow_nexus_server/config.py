@@ -25,6 +25,9 @@ MAX_UPLOAD_CHARS = 4 * -(-(8 << 20) // 3)  # neural_node_upload content: 8 MiB a
 HTTP_MAX_BODY_BYTES = 32 << 20
 
 
+DEFAULT_IDLE_TIMEOUT_MIN = 30.0  # neural_cluster_init's idle_timeout_min when a cluster has none
+
+
 @dataclass(frozen=True)
 class Limits:
     """Ceilings that protect the host; each is overridable by an environment variable."""

@@ -4,33 +4,49 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
 from sqlalchemy import select
 
-from flow_nexus_server.config import Settings
+from flow_nexus_server.config import DEFAULT_IDLE_TIMEOUT_MIN, Settings
 from flow_nexus_server.controller.channel import (ControllerPaths, ControllerUnavailable, control_request,
                                                   ensure_controller, running)
 
 
+def store_view(store: Any, home: Path) -> dict[str, Any]:
+    """The home's live clusters with their nodes, and its running sessions, as the store records
+    them: what ``status`` shows (the controller adds its pid and attached front-ends)."""
+    from flow_nexus_server.store import Cluster, Node, TrainingSession
+
+    with store.session() as s:
+        clusters = list(s.scalars(select(Cluster).where(Cluster.status != "terminated").order_by(Cluster.created_at)))
+        nodes = list(s.scalars(select(Node).where(Node.cluster_id.in_([c.id for c in clusters])).order_by(Node.seq)))
+        sessions = list(s.scalars(select(TrainingSession).where(TrainingSession.status == "running")))
+    return {
+        "controller_pid": None, "home": str(home), "frontends": 0,
+        "clusters": [{
+            "cluster_id": c.id, "name": c.name, "status": c.status, "launcher": c.launcher,
+            "idle_timeout_min": c.options.get("idle_timeout_min", DEFAULT_IDLE_TIMEOUT_MIN),
+            "nodes": [{"node_id": n.id, "role": n.role, "status": n.status, "pid": n.pid, "rank": n.rank}
+                      for n in nodes if n.cluster_id == c.id],
+        } for c in clusters],
+        "sessions": [{"session_id": t.id, "cluster_id": t.cluster_id, "status": t.status} for t in sessions],
+    }
+
+
 def _stored_view(settings: Settings) -> dict[str, Any]:
     """Without a controller: what the store says (clusters are then re-attached by the next one)."""
-    from flow_nexus_server.store import Cluster, Node, Store
+    from flow_nexus_server.store import Store
 
     if not (settings.home / "state.db").exists() and settings.db_url.startswith("sqlite"):
-        return {"controller_pid": None, "home": str(settings.home), "clusters": [], "sessions": []}
+        return {"controller_pid": None, "home": str(settings.home), "frontends": 0, "clusters": [], "sessions": []}
     store = Store(settings.db_url)
     try:
-        with store.session() as s:
-            clusters = list(s.scalars(select(Cluster).where(Cluster.status != "terminated")))
-            nodes = list(s.scalars(select(Node).where(Node.cluster_id.in_([c.id for c in clusters]))))
+        return store_view(store, settings.home)
     finally:
         store.close()
-    return {"controller_pid": None, "home": str(settings.home), "frontends": 0, "sessions": [], "clusters": [
-        {"cluster_id": c.id, "name": c.name, "status": c.status, "launcher": c.launcher,
-         "nodes": [{"node_id": n.id, "role": n.role, "status": n.status, "pid": n.pid, "rank": n.rank}
-                   for n in nodes if n.cluster_id == c.id]} for c in clusters]}
 
 
 def status_command(settings: Settings, *, as_json: bool) -> int:

@@ -38,8 +38,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
-from flow_nexus_server.config import HTTP_MAX_BODY_BYTES, Settings
+from flow_nexus_server.config import DEFAULT_IDLE_TIMEOUT_MIN, HTTP_MAX_BODY_BYTES, Settings
 from flow_nexus_server.controller.channel import ControllerPaths
+from flow_nexus_server.controller.commands import store_view
 from flow_nexus_server.controller.core import Controller
 from flow_nexus_server.store import Cluster, Node, TrainingSession
 from flow_nexus_server.store.db import LIVE_NODE_STATES
@@ -47,7 +48,6 @@ from flow_nexus_server.store.db import LIVE_NODE_STATES
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20  # one JSON-RPC line; stdio has no limit, HTTP front-ends cap at 32 MiB
-DEFAULT_IDLE_TIMEOUT_MIN = 30.0
 POLICY_EVERY_S = 1.0
 ATTACH_BEAT_S = 5.0
 
@@ -156,22 +156,8 @@ class IdlePolicy:
 
 def status_payload(ctrl: Controller, frontends: Frontends) -> dict[str, Any]:
     """What ``flow-nexus-server status`` shows: this controller, its clusters, nodes and sessions."""
-    with ctrl.clusters.store.session() as s:
-        clusters = list(s.scalars(select(Cluster).where(Cluster.status != "terminated").order_by(Cluster.created_at)))
-        nodes = list(s.scalars(select(Node).where(Node.cluster_id.in_([c.id for c in clusters])).order_by(Node.seq)))
-        sessions = list(s.scalars(select(TrainingSession).where(TrainingSession.status == "running")))
-    return {
-        "controller_pid": os.getpid(),
-        "home": str(ctrl.settings.home),
-        "frontends": frontends.count,
-        "clusters": [{
-            "cluster_id": c.id, "name": c.name, "status": c.status, "launcher": c.launcher,
-            "idle_timeout_min": c.options.get("idle_timeout_min", DEFAULT_IDLE_TIMEOUT_MIN),
-            "nodes": [{"node_id": n.id, "role": n.role, "status": n.status, "pid": n.pid, "rank": n.rank}
-                      for n in nodes if n.cluster_id == c.id],
-        } for c in clusters],
-        "sessions": [{"session_id": t.id, "cluster_id": t.cluster_id, "status": t.status} for t in sessions],
-    }
+    view = store_view(ctrl.clusters.store, ctrl.settings.home)
+    return {**view, "controller_pid": os.getpid(), "frontends": frontends.count}
 
 
 def control_app(ctrl: Controller, mcp: MCPServer, frontends: Frontends, stop: anyio.Event) -> Starlette:
