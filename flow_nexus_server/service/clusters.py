@@ -115,6 +115,11 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
         self._rows[cluster_id] = rows
         return rows
 
+    def rows_cached(self, cluster_id: str) -> bool:
+        """Whether status can answer from memory alone (no store read)."""
+        cached = self._rows.get(cluster_id)
+        return cached is not None and cached.version == self.store.version
+
     def _token_of(self, cluster_id: str) -> str | None:
         """The token nodes of this cluster push telemetry with; None when it is unknown or terminated."""
         try:
