@@ -97,7 +97,7 @@ async def run_demo(console: Any, home: str) -> int:
         for col in ("examples", "local loss", "mean step ms", "MB sent", "comm s", "RSS MB"):
             table.add_column(col, justify="right")
         for nid in workers:
-            s = live["nodes"].get(nid, {})
+            s = next((n["metrics"] for n in status["nodes"] if n["node_id"] == nid), {})
             table.add_row(nid, f"{s.get('samples_processed', 0):,.0f}", f"{s.get('local_loss', float('nan')):.3f}",
                           f"{s.get('mean_step_ms', float('nan')):.2f}", f"{s.get('bytes_sent', 0) / 2**20:.1f}",
                           f"{s.get('comm_s', 0):.2f}", f"{s.get('rss_mb', 0):.0f}")

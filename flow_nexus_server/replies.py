@@ -249,7 +249,8 @@ class TrainingLive(BaseModel):
     elapsed_s: float
     eta_s: float | None = Field(None, description="Remaining time extrapolated from measured progress")
     metrics: dict[str, float] = Field(description="Latest global metrics from the reporting node")
-    nodes: dict[str, dict[str, float]] = Field(description="Per-node measured stats, by node id")
+    nodes: dict[str, dict[str, float]] | None = Field(None, description=(
+        "Per-node measured stats, by node id (in neural_cluster_status they are in each node's `metrics`)"))
     checkpoints: list[str]
     error: str | None = None
     restarts: int = Field(0, description="Times auto_healing replaced a lost node and resumed")

@@ -43,7 +43,8 @@ async def test_federated_tweet_polarity(home):
             status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
             live = status["training"]
             seen_progress.append(live["progress_pct"])
-            worker_stats.update({n: s for n, s in live["nodes"].items() if n in workers and s.get("samples_processed")})
+            worker_stats.update({n["node_id"]: n["metrics"] for n in status["nodes"]
+                                 if n["node_id"] in workers and n["metrics"].get("samples_processed")})
             if live["status"] != "running":
                 break
             await anyio.sleep(2)

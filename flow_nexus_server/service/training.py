@@ -631,8 +631,9 @@ class TrainingService:
             node.metrics.update(live.nodes.get(node.node_id, {}))
             if node.node_id in live.reputation:
                 node.metrics["reputation"] = live.reputation[node.node_id]
+        # Each node's stats are in its row; carried once, the reply is smaller to send and to validate.
         return reply.model_copy(update={
-            "training": live, "training_progress": live.progress_pct, "current_epoch": live.epoch,
+            "training": live.model_copy(update={"nodes": None}), "training_progress": live.progress_pct, "current_epoch": live.epoch,
             "current_loss": live.metrics.get("loss"),
             "global_accuracy": live.metrics.get("val_accuracy", live.metrics.get("accuracy")),
         })
