@@ -52,6 +52,9 @@ class Settings:
     # Where nodes push telemetry (service.telemetry); 0: a port the OS picks.
     telemetry_port: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_TELEMETRY_PORT", 0))
     limits: Limits = field(default_factory=Limits)
+    # How much local nodes lower their CPU priority (nice 0-19; 0 = none), so the controller and
+    # front-ends answer promptly while nodes keep every core busy (workers/priority.py).
+    node_nice: int = field(default_factory=lambda: _int_env("FLOW_NEXUS_NODE_NICE", 10))
 
     @property
     def allowed_roots(self) -> list[Path]:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 from workers import paths
 from workers import protocol as p
 from workers.http_server import BoundedHTTPServer, JSONRequestHandler, RequestError
+from workers.priority import lower_cpu_priority, priority_from_environment
 from workers.telemetry import TelemetryPusher
 
 log = logging.getLogger("workers.agent")
@@ -515,6 +516,7 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,  # a forked node drops the handlers it inherited from the spawner
     )
+    lower_cpu_priority(priority_from_environment())
     code = serve(args)
     logging.shutdown()
     return code

@@ -28,6 +28,8 @@ class NodeSpec:
     allowed_roots: tuple[Path, ...] = ()
     # Where the node pushes its telemetry and holds its lease (service.telemetry); None: neither.
     controller_url: str | None = None
+    # Nice increment a local node applies to itself (workers/priority.py); 0: normal priority.
+    cpu_nice: int = 0
 
 
 def allowed_root_args(spec: NodeSpec) -> list[str]:

@@ -18,6 +18,7 @@ import psutil
 from flow_nexus_server.home import PRIVATE_UMASK, open_private
 from flow_nexus_server.launchers.base import (LaunchError, NodeHandle, NodeSpec, allowed_root_args, controller_args,
                                                log_tail)
+from workers.priority import NICE_ENV
 from workers.protocol import READY_FILE, TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class SubprocessLauncher:
         env = base_environment()
         env[TOKEN_ENV] = spec.token  # environment, not argv: `ps` must not show it
         env["OMP_NUM_THREADS"] = str(spec.threads)
+        env[NICE_ENV] = str(spec.cpu_nice)
         return env
 
     def launch(self, spec: NodeSpec, timeout_s: float) -> NodeHandle:

@@ -146,7 +146,8 @@ class NodeRegistry:
         start = time.monotonic()
         spec = NodeSpec(node.id, cluster.id, node.role, Path(node.sandbox), cluster.token,
                         num_cpus=node.options.get("num_cpus", 1.0), num_gpus=node.options.get("num_gpus", 0.0),
-                        allowed_roots=tuple(self.settings.allowed_roots), controller_url=self.telemetry.url)
+                        allowed_roots=tuple(self.settings.allowed_roots), controller_url=self.telemetry.url,
+                        cpu_nice=self.settings.node_nice)
         handle = self.launcher(cluster).launch(spec, self.settings.node_start_timeout_s)
         self.store.update(Node, node.id, host=handle.host, port=handle.port, pid=handle.pid,
                           launcher_ref=handle.ref)
