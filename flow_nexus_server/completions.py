@@ -1,5 +1,6 @@
 """MCP argument completion (``completion/complete``): the ids in the store that start with what
-the user typed, newest first, for the prompt and resource-template arguments that take an id."""
+the user typed, newest first, for the prompt and resource-template arguments that take an id;
+and the built-in dataset names for the synchronous-training prompt."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mcp.types import Completion, CompletionArgument, CompletionContext, PromptR
 
 from flow_nexus_server.service.templates import catalog
 from flow_nexus_server.store import Checkpoint, Cluster, Node, Store, TrainingSession
+from workers.protocol import BUILTIN_DATASETS
 
 MAX_VALUES = 100  # the most values one completion may carry (MCP spec)
 
@@ -28,6 +30,14 @@ ID_TABLES: dict[str, tuple[type, ...]] = {
 
 def template_ids(prefix: str) -> list[str]:
     return [tid for tid in catalog() if tid.startswith(prefix)]
+
+
+def builtin_datasets(ref: PromptReference | ResourceTemplateReference,
+                     argument: CompletionArgument) -> Completion | None:
+    """The built-in dataset names, for the prompt that trains on one (elsewhere a dataset is a file name)."""
+    if not (isinstance(ref, PromptReference) and ref.name == "synchronous_training" and argument.name == "dataset"):
+        return None
+    return Completion(values=[name for name in BUILTIN_DATASETS if name.startswith(argument.value)])
 
 
 def complete_ids(store: Store, argument: CompletionArgument, context: CompletionContext | None) -> Completion:
@@ -48,5 +58,5 @@ def register(mcp: MCPServer, store: Callable[[], Store]) -> None:
     async def complete(ref: PromptReference | ResourceTemplateReference, argument: CompletionArgument,
                        context: CompletionContext | None) -> Completion | None:
         if argument.name != "template_id" and argument.name not in ID_TABLES:
-            return None  # not an id: nothing to offer
+            return builtin_datasets(ref, argument)
         return await anyio.to_thread.run_sync(functools.partial(complete_ids, store(), argument, context))

@@ -102,7 +102,8 @@ def evaluate_and_export(
         f"Measure the model {model_id}, export it, and serve the export from a cluster. \"<...>\" stands for a "
         f"value an earlier reply returned.\n" + steps(
             call("neural_performance_benchmark", model_id=model_id, benchmark_type="comprehensive")
-            + ": latency p50/p95/p99, throughput, model size and memory (add input_data with labels for accuracy).",
+            + ": latency p50/p95/p99, throughput, model size, memory, and accuracy on the held-out split (or on "
+              "labelled input_data).",
             call("neural_model_export", model_id=model_id, format="safetensors")
             + ": keep the reply's directory (weights, config, label map, model card).",
             *serving,
@@ -125,7 +126,9 @@ def deploy_template(
             call("neural_cluster_terminate", cluster_id="<cluster_id>") + ": stops every node when you are done."))
 
 
-def diagnose_node(node_id: Annotated[str, Field(min_length=1, max_length=64, description="The node to look at")]) -> str:
+def diagnose_node(
+    node_id: Annotated[str, Field(min_length=1, max_length=64, description="The node to look at")],
+) -> str:
     return (
         f"Find out why node {node_id} misbehaves and get its cluster going again.\n" + steps(
             call("neural_node_logs", node_id=node_id, tail=200) + ": the end of its log (tracebacks, refusals).",

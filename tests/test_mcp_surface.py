@@ -10,13 +10,15 @@ import re
 import jsonschema
 import pytest
 from mcp import Client, MCPError
-from mcp.types import PromptReference, ResourceTemplateReference
+from mcp.types import CompletionArgument, CompletionContext, PromptReference, ResourceTemplateReference
 
 from conftest import ok
+from flow_nexus_server.completions import MAX_VALUES, complete_ids
 from flow_nexus_server.config import Settings
 from flow_nexus_server.log_level import PACKAGE_LOGGER
 from flow_nexus_server.prompts import BUILTIN_ARCHITECTURE
 from flow_nexus_server.server import build_server
+from flow_nexus_server.store import Checkpoint, Cluster, Store, TrainingSession
 from workers.protocol import BUILTIN_DATASETS
 
 pytestmark = pytest.mark.anyio
@@ -125,3 +127,34 @@ async def test_completion_offers_store_ids_newest_first(home):
         diagnose = PromptReference(type="ref/prompt", name="diagnose_node")
         assert await values(diagnose, "node_id", "", {"cluster_id": first}) == []
         assert await values(evaluate, "nodes", "") == []  # not an id
+
+        synchronous = PromptReference(type="ref/prompt", name="synchronous_training")
+        assert await values(synchronous, "dataset", "tweet") == ["tweet-sentiment", "tweet-polarity"]
+        federated = PromptReference(type="ref/prompt", name="federated_private_data")
+        assert await values(federated, "dataset", "") == []  # a file name of the user's own
+
+
+def test_completion_is_capped_and_narrowed_by_the_chosen_cluster(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    with store.session() as s:
+        for cid in ("dnc_a", "dnc_b"):
+            s.add(Cluster(id=cid, name=cid, status="connected", topology="mesh", architecture="mlp",
+                          consensus="proof-of-learning", launcher="subprocess", backend="gloo", max_nodes=1,
+                          auto_healing=False, token="t", directory=str(tmp_path), created_at=100.0))
+        for i in range(MAX_VALUES + 5):
+            s.add(TrainingSession(id=f"train_{i:03d}", cluster_id="dnc_a", status="completed", config={},
+                                  created_at=1000.0 + i))
+    with store.session() as s:  # after the sessions they belong to (no ORM relationship orders the inserts)
+        s.add(Checkpoint(id="ckpt_1", session_id="train_000", cluster_id="dnc_a", node_id="node_1", path="x",
+                         epoch=1, created_at=5000.0))
+        s.add(Checkpoint(id="ckpt_gone", session_id="train_000", cluster_id="dnc_a", node_id="node_1", path="y",
+                         epoch=2, created_at=6000.0, deleted=True))
+    sessions = complete_ids(store, CompletionArgument(name="job_id", value="train_"), None)
+    assert len(sessions.values) == MAX_VALUES and sessions.has_more
+    assert sessions.values[0] == f"train_{MAX_VALUES + 4:03d}"  # newest first
+    in_b = complete_ids(store, CompletionArgument(name="session_id", value=""),
+                        CompletionContext(arguments={"cluster_id": "dnc_b"}))
+    assert in_b.values == [] and not in_b.has_more
+    models = complete_ids(store, CompletionArgument(name="model_id", value=""), None)
+    assert models.values[0] == "ckpt_1" and "ckpt_gone" not in models.values  # a checkpoint newer than the clusters
+    store.close()
