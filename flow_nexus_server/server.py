@@ -19,6 +19,7 @@ from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
 from flow_nexus_server import __version__
+from flow_nexus_server import completions, log_level, prompts
 from flow_nexus_server import replies as r
 from flow_nexus_server.config import MAX_DATASET_CHARS, MAX_UPLOAD_CHARS, Settings
 from flow_nexus_server.controller.core import Controller
@@ -468,5 +469,8 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
         Train with dataset=<file_name> and each node reads the file of that name in its own sandbox."""
         return await call(svc().upload, node_id, file_name, content, encoding)
 
+    prompts.register(mcp)
+    completions.register(mcp, lambda: svc().store)
+    log_level.register(mcp)
     flatten_output_schemas(mcp)
     return mcp

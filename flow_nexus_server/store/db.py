@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import create_engine, event, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from flow_nexus_server.store.tables import Base, Cluster, Event, Node, TrainingSession
+from flow_nexus_server.store.tables import Base, Checkpoint, Cluster, Event, Node, TrainingSession
 
 # Rows whose every change moves Store.version: what in-memory reads (status) keep copies of.
 VERSIONED = (Cluster, Node, TrainingSession)
@@ -99,6 +99,22 @@ class Store:
             rows = s.execute(select(Event.id, Event.session_id).where(Event.id > after_id)).all()
         top = max((row[0] for row in rows), default=after_id)
         return top, {row[1] for row in rows if row[1]}
+
+    def recent_ids(self, *tables: type, prefix: str = "", cluster_id: str | None = None,
+                   limit: int = 100) -> list[str]:
+        """Ids of rows of ``tables`` starting with ``prefix``, newest first: argument completion.
+        ``cluster_id`` keeps the rows of that cluster (tables with a cluster_id column); deleted
+        checkpoints are left out."""
+        found: list[tuple[float, str]] = []
+        with self.session() as s:
+            for table in tables:
+                q = select(table.created_at, table.id).where(table.id.startswith(prefix, autoescape=True))
+                if cluster_id is not None and hasattr(table, "cluster_id"):
+                    q = q.where(table.cluster_id == cluster_id)
+                if table is Checkpoint:
+                    q = q.where(Checkpoint.deleted.is_(False))
+                found += s.execute(q.order_by(table.created_at.desc()).limit(limit)).all()
+        return [row_id for _, row_id in sorted(found, reverse=True)[:limit]]
 
     def close(self) -> None:
         self.engine.dispose()
