@@ -143,6 +143,8 @@ class ProbeReply(BaseModel):
 
 
 class ErrorReply(BaseModel):
+    """The body of every error reply (any status but 200): one sentence for the caller."""
+
     error: str
 
 
@@ -358,6 +360,18 @@ class CollectiveTiming(BaseModel):
 
 class CollectiveBenchReply(BaseModel):
     results: list[CollectiveTiming]
+
+
+class LeaveReply(BaseModel):
+    """POST /leave: the node has left its process group (or was in none)."""
+
+    left: bool
+
+
+class ShutdownReply(BaseModel):
+    """POST /shutdown: the node answers first, then stops serving."""
+
+    stopping: bool
 
 
 # --------------------------------------------------------------------------- node -> controller
