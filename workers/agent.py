@@ -4,7 +4,8 @@ Started by a launcher as ``python -m workers.agent --node-id ... --sandbox DIR``
 cluster token in the environment (``FLOW_NEXUS_NODE_TOKEN``), never on the command line.
 Once listening it writes ``agent.json`` (port, pid) into its sandbox so the launcher can
 find it. Every request must carry ``Authorization: Bearer <token>``; it is checked from the
-headers before any body is read (``workers.http_server`` bounds sizes, time and threads).
+headers before any body is read (``workers.http_server`` bounds sizes, time and threads). The
+endpoints are the rows of ``workers.api.NODE_API``, each served by the ``NodeAgent`` method of its name.
 
 Paths a client names are served and loaded only inside the sandbox and the ``--allowed-root``
 directories (``workers.paths``, set up once in ``serve``).
@@ -409,7 +410,7 @@ def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) 
 def _int_params(query: str, names: tuple[str, ...]) -> dict[str, int]:
     """The named integer parameters of a query string; an absent one is 0."""
     given = parse_qs(query, keep_blank_values=True)
-    params = {}
+    params: dict[str, int] = {}
     for name in names:
         try:
             params[name] = int(given.get(name, ["0"])[0])
