@@ -1,7 +1,8 @@
 """Writes (or checks) the public contract as JSON Schema files under ``schemas/``.
 
 ``schemas/tools/<tool>.json`` holds each tool's input and output schema and annotations, as
-tools/list publishes them; ``schemas/node-api/<Model>.json`` holds the node control API.
+tools/list publishes them; ``schemas/node-api/`` holds the node control API: ``endpoints.json``,
+the endpoint table (``workers.api``), and ``<Model>.json`` for each model it names.
 """
 
 from __future__ import annotations
@@ -11,19 +12,10 @@ import sys
 from pathlib import Path
 
 import anyio
-from pydantic import BaseModel
 
-from workers import protocol
+from workers import api
 
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "schemas"
-NODE_API_MODELS: list[type[BaseModel]] = [
-    protocol.HealthReply, protocol.StoreRequest, protocol.StoreReply, protocol.JoinRequest, protocol.JoinReply,
-    protocol.ProbeRequest, protocol.ProbeReply, protocol.ErrorReply, protocol.TrainJob, protocol.TrainStarted,
-    protocol.TrainProgress, protocol.DatasetCheck, protocol.ModelInfo,
-    protocol.PredictRequest, protocol.PredictReply, protocol.BenchmarkRequest, protocol.BenchmarkReply,
-    protocol.ExportRequest, protocol.ExportReply, protocol.LoadRequest, protocol.CollectiveBenchRequest,
-    protocol.CollectiveBenchReply, protocol.LeaseRequest, protocol.TelemetryPush, protocol.TelemetryAck,
-]
 
 
 def render() -> dict[str, str]:
@@ -42,8 +34,9 @@ def render() -> dict[str, str]:
             "outputSchema": tool.output_schema,
         }
         files[f"tools/{tool.name}.json"] = _dump(doc)
-    for model in NODE_API_MODELS:
+    for model in api.models():
         files[f"node-api/{model.__name__}.json"] = _dump(model.model_json_schema())
+    files["node-api/endpoints.json"] = _dump(api.describe())
     return files
 
 

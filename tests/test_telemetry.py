@@ -19,6 +19,7 @@ import httpx
 import pytest
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from conftest import ok, pid_alive
 from flow_nexus_server.config import Settings
@@ -28,7 +29,7 @@ from flow_nexus_server.service.metrics import render_metrics
 from flow_nexus_server.service.node_client import NodeClient
 from flow_nexus_server.service.telemetry import NODE_SILENT_S
 from flow_nexus_server.service.training import TrainingService
-from flow_nexus_server.store import Node
+from flow_nexus_server.store import Event, Node
 from workers import protocol as p
 
 GRACE_S = 3.0
@@ -100,7 +101,9 @@ async def test_status_reads_pushes_and_the_monitor_alone_declares_a_frozen_node_
         finally:
             if pid_alive(frozen["pid"]):
                 os.kill(frozen["pid"], signal.SIGKILL)
-        failed = [e for e in service.store.events(cid, limit=500) if e.kind == "node_failed"]
+        with service.store.session() as db:
+            failed = list(db.scalars(select(Event).where(Event.cluster_id == cid, Event.kind == "node_failed")
+                                     .order_by(Event.id)))
         assert [e.node_id for e in failed] == [frozen["node_id"]], [e.message for e in failed]
         row = next(n for n in status["nodes"] if n["node_id"] == other["node_id"])
         assert row["alive"] and row["status"] == "running"

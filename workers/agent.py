@@ -4,7 +4,8 @@ Started by a launcher as ``python -m workers.agent --node-id ... --sandbox DIR``
 cluster token in the environment (``FLOW_NEXUS_NODE_TOKEN``), never on the command line.
 Once listening it writes ``agent.json`` (port, pid) into its sandbox so the launcher can
 find it. Every request must carry ``Authorization: Bearer <token>``; it is checked from the
-headers before any body is read (``workers.http_server`` bounds sizes, time and threads).
+headers before any body is read (``workers.http_server`` bounds sizes, time and threads). The
+endpoints are the rows of ``workers.api.NODE_API``, each served by the ``NodeAgent`` method of its name.
 
 Paths a client names are served and loaded only inside the sandbox and the ``--allowed-root``
 directories (``workers.paths``, set up once in ``serve``).
@@ -31,10 +32,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ValidationError
 
-from workers import paths
+from workers import api, paths
 from workers import protocol as p
 from workers.http_server import BoundedHTTPServer, JSONRequestHandler, RequestError
 from workers.priority import lower_cpu_priority, priority_from_environment
@@ -133,6 +135,7 @@ class NodeAgent:
         """Cheap checks before a session starts: the data loads here and the model can take it."""
         from workers.data import DatasetError, load_dataset
         from workers.models import ModelError, check_compatible
+        from workers.training.setup import _is_private as is_private  # the rule training applies
 
         self._confine_job(job)
         try:
@@ -142,7 +145,7 @@ class NodeAgent:
             return p.DatasetCheck(ok=False, error=str(exc))
         return p.DatasetCheck(
             ok=True, dataset=ds.name, kind=ds.kind, examples=len(ds), num_classes=ds.num_classes,
-            label_names=list(ds.label_names)[:50], private=self._is_private(job.dataset),
+            label_names=list(ds.label_names)[:50], private=is_private(job.dataset, self.sandbox),
             **self._memory_estimate(job, ds),
         )
 
@@ -168,15 +171,6 @@ class NodeAgent:
                   for name, value in (("resume_from", job.resume_from), ("checkpoint_dir", job.checkpoint_dir))
                   if value}
         return job.model_copy(update=update) if update else job
-
-    def _is_private(self, spec: str) -> bool:
-        """A relative path that exists in this node's sandbox is data only this node holds."""
-        if spec.lstrip().startswith(("{", "[")) or Path(spec).is_absolute():
-            return False
-        try:
-            return any(self.sandbox.glob(spec))
-        except (ValueError, NotImplementedError):
-            return False
 
     def start_training(self, job: p.TrainJob) -> p.TrainStarted:
         from workers.training import ProgressSink
@@ -345,9 +339,9 @@ class NodeAgent:
         results = self._on_dist_thread(lambda: bench_collectives(self.membership.require(req.generation), req), 300)
         return p.CollectiveBenchReply(results=results)
 
-    def leave(self) -> dict[str, Any]:
+    def leave(self) -> p.LeaveReply:
         self._on_dist_thread(self.membership.leave, 30)
-        return {"left": True}
+        return p.LeaveReply(left=True)
 
     def _on_dist_thread(self, fn: Callable[[], Any], timeout: float) -> Any:
         from workers.group import GroupError
@@ -372,28 +366,17 @@ class NodeAgent:
         self.dist_thread.shutdown(wait=False, cancel_futures=True)
 
 
-Route = tuple[type[BaseModel] | None, Callable[..., Any]]
-
-
 def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) -> type:
-    routes: dict[tuple[str, str], Route] = {
-        ("GET", "/health"): (None, agent.health),
-        ("POST", "/store"): (p.StoreRequest, agent.host_store),
-        ("POST", "/join"): (p.JoinRequest, agent.join),
-        ("POST", "/probe"): (p.ProbeRequest, agent.probe),
-        ("POST", "/bench/collectives"): (p.CollectiveBenchRequest, agent.bench_collectives),
-        ("POST", "/leave"): (None, agent.leave),
-        ("POST", "/train/validate"): (p.TrainJob, agent.validate_job),
-        ("POST", "/train"): (p.TrainJob, agent.start_training),
-        ("GET", "/train/status"): (None, agent.training_status),
-        ("POST", "/train/stop"): (None, agent.stop_training),
-        ("GET", "/model"): (None, agent.model_info),
-        ("POST", "/predict"): (p.PredictRequest, agent.predict),
-        ("POST", "/model/benchmark"): (p.BenchmarkRequest, agent.benchmark),
-        ("POST", "/model/export"): (p.ExportRequest, agent.export_model),
-        ("POST", "/model/load"): (p.LoadRequest, agent.load_model),
-        ("POST", "/lease"): (p.LeaseRequest, agent.lease),
-        ("POST", "/shutdown"): (None, lambda: (on_shutdown(), {"stopping": True})[1]),
+    """The request handler class: routes every endpoint of ``workers.api.NODE_API`` to the agent
+    method of its name (``shutdown`` to ``on_shutdown``)."""
+
+    def shutdown() -> p.ShutdownReply:
+        on_shutdown()
+        return p.ShutdownReply(stopping=True)
+
+    routes: dict[tuple[str, str], tuple[api.Endpoint[Any], Callable[..., Any]]] = {
+        (ep.method, ep.path): (ep, shutdown if ep is api.SHUTDOWN else getattr(agent, ep.name))
+        for ep in api.NODE_API
     }
 
     class Handler(JSONRequestHandler):
@@ -401,19 +384,17 @@ def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) 
 
         def respond(self, method: str) -> None:
             self._check_token()  # from the headers alone: an unauthenticated body is never read
-            path, _, query = self.path.partition("?")
-            route = routes.get((method, path))
+            target = urlsplit(self.path)
+            route = routes.get((method, target.path))
             if route is None:
-                raise RequestError(404, f"no endpoint {method} {path}")
-            model, fn = route
-            body = self.read_body(required=model is not None)
+                raise RequestError(404, f"no endpoint {method} {target.path}")
+            endpoint, serve = route
+            body = self.read_body(required=endpoint.request is not None)
             try:
-                if model is not None:
-                    result = fn(model.model_validate_json(body or b"{}"))
-                elif path == "/train/status":
-                    result = fn(_int_param(query, "cursor"))
+                if endpoint.request is not None:
+                    result = serve(endpoint.request.model_validate_json(body or b"{}"))
                 else:
-                    result = fn()
+                    result = serve(**_int_params(target.query, endpoint.query))
             except ValidationError as exc:
                 raise RequestError(400, f"invalid request: {exc.errors(include_url=False)}") from exc
             payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
@@ -427,15 +408,16 @@ def make_handler(agent: NodeAgent, token: str, on_shutdown: Callable[[], None]) 
     return Handler
 
 
-def _int_param(query: str, name: str) -> int:
-    for part in query.split("&"):
-        key, _, value = part.partition("=")
-        if key == name:
-            try:
-                return int(value)
-            except ValueError as exc:
-                raise RequestError(400, f"query parameter {name} must be an integer") from exc
-    return 0
+def _int_params(query: str, names: tuple[str, ...]) -> dict[str, int]:
+    """The named integer parameters of a query string; an absent one is 0."""
+    given = parse_qs(query, keep_blank_values=True)
+    params: dict[str, int] = {}
+    for name in names:
+        try:
+            params[name] = int(given.get(name, ["0"])[0])
+        except ValueError as exc:
+            raise RequestError(400, f"query parameter {name} must be an integer") from exc
+    return params
 
 
 def write_ready_file(sandbox: Path, port: int) -> None:

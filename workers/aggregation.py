@@ -2,11 +2,9 @@
 
 Following Flower's *Strategy* idea, every rule is a small pure function over a stack of
 client updates ``W`` of shape ``(n, d)``: one row per client, all layers flattened and
-concatenated (see :func:`flatten_state`). Nothing here touches the network or mutates its
-inputs.
+concatenated. Nothing here touches the network or mutates its inputs.
 
-Rules (formulae as in the project notes, section 4; ``m_i`` = client weight, usually its
-number of training examples):
+Rules (the textbook formulae; ``m_i`` = client weight, usually its number of training examples):
 
 * ``fedavg``        w = sum_i m_i w_i / sum_i m_i
 * ``median``        w[c] = median_i w_i[c]                       (unweighted)
@@ -51,17 +49,14 @@ import torch
 __all__ = [
     "AggregationError",
     "RULES",
-    "StateSpec",
     "aggregate",
     "coordinate_median",
     "fedavg",
-    "flatten_state",
     "krum",
     "krum_scores",
     "multi_krum",
     "reputation_update",
     "trimmed_mean",
-    "unflatten_state",
 ]
 
 
@@ -464,88 +459,6 @@ def aggregate(
     else:
         out = agg64.astype(s.out_dtype)
     return out, info
-
-
-# --------------------------------------------------------------------------- state dicts
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """How :func:`flatten_state` laid a state_dict out; :func:`unflatten_state` inverts it.
-
-    ``keys`` is the original key order, ``entries`` the flattened floating-point tensors
-    (name, shape, dtype, slice), ``fixed`` every other value (integer/bool/complex buffers
-    such as ``num_batches_tracked``, non-tensor extra state), copied as is.
-    """
-
-    keys: tuple[str, ...]
-    entries: tuple[_Entry, ...]
-    fixed: Mapping[str, Any]
-    size: int
-
-
-def flatten_state(
-    state_dict: Mapping[str, Any], dtype: np.dtype | type = np.float64
-) -> tuple[np.ndarray, StateSpec]:
-    """Concatenate the floating-point tensors of ``state_dict`` into one 1-D numpy vector.
-
-    ``dtype`` is the vector's dtype: float64 (default) holds float16/bfloat16/float32/float64
-    values exactly, so the round trip through :func:`unflatten_state` is exact; float32 halves
-    the memory and is exact for float32 and narrower models. Non-float entries are kept in the
-    returned spec and restored as they were.
-    """
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise AggregationError(f"flatten_state dtype must be float32 or float64; got {dt}")
-    keys: list[str] = []
-    entries: list[_Entry] = []
-    fixed: dict[str, Any] = {}
-    parts: list[np.ndarray] = []
-    pos = 0
-    for name, value in state_dict.items():
-        keys.append(name)
-        if torch.is_tensor(value) and value.is_floating_point():
-            t = value.detach().cpu().reshape(-1)
-            arr = t.to(torch.float64 if dt == np.float64 else torch.float32).numpy()
-            parts.append(arr)
-            entries.append(_Entry(name, tuple(value.shape), value.dtype, pos, pos + arr.size))
-            pos += arr.size
-        elif torch.is_tensor(value):
-            fixed[name] = value.detach().cpu().clone()
-        else:
-            fixed[name] = value
-    vec = np.concatenate(parts).astype(dt, copy=False) if parts else np.zeros(0, dtype=dt)
-    return vec, StateSpec(tuple(keys), tuple(entries), fixed, pos)
-
-
-def unflatten_state(vec: Any, spec: StateSpec) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`flatten_state`: a CPU state_dict with the original keys, shapes and
-    dtypes; non-float entries are copies of those recorded in ``spec``."""
-    v = _to_numpy(vec)
-    if v.ndim != 1 or v.shape[0] != spec.size:
-        raise AggregationError(
-            f"vector has shape {tuple(v.shape)} but the state spec needs ({spec.size},)"
-        )
-    by_name = {e.name: e for e in spec.entries}
-    out: dict[str, Any] = {}
-    for name in spec.keys:
-        e = by_name.get(name)
-        if e is None:
-            val = spec.fixed[name]
-            out[name] = val.clone() if torch.is_tensor(val) else val
-        else:
-            chunk = np.ascontiguousarray(v[e.start : e.stop])
-            out[name] = torch.from_numpy(chunk.copy()).to(e.dtype).reshape(e.shape)
-    return out
 
 
 # --------------------------------------------------------------------------- reputation

@@ -2,7 +2,7 @@
 
 :class:`TopologyReducer` averages a float tensor across a set of ranks with real
 ``torch.distributed`` traffic, routed the way the cluster's topology says
-(see ``design.md``, "What the parameters mean here"):
+(README, "What the parameters mean here"):
 
 * ``mesh``          ``dist.all_reduce`` (SUM) on the reducer's group, then divide.
 * ``ring``          explicit ring all-reduce along the order of ``ranks``: reduce-scatter, then

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class _Stream:
     def __init__(self, sock: socket.socket, head: bytes) -> None:
         self.sock = sock
         self.buf = bytearray(head)
+        self.out = bytearray()  # a reply being written: sent by flush, headers and body together
 
     def readline(self, limit: int = -1) -> bytes:
         # The whole head is in the buffer, so header lines never wait on the socket.
@@ -78,11 +80,14 @@ class _Stream:
         return data
 
     def write(self, data: bytes) -> int:
-        self.sock.sendall(data)
+        self.out += data
         return len(data)
 
     def flush(self) -> None:
-        pass
+        # Small request/reply pairs: one send, not one for the head and one for the body.
+        if self.out:
+            data, self.out = bytes(self.out), bytearray()
+            self.sock.sendall(data)
 
     def leftover(self) -> bytes:
         """Bytes already received beyond this request (the start of the next one)."""
@@ -310,7 +315,7 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
         except (TimeoutError, ConnectionError):
             self.close_connection = True  # the client stalled or left in the middle of its body
         except Exception:
-            path = self.path.partition("?")[0]
+            path = urlsplit(self.path).path
             log.exception("request %s %s failed", method, path)
             self.reply_json(500, {"error": f"internal error on node {self.node_id} while handling {method} {path}; "
                                            "see the node's log (neural_node_logs)"})
@@ -337,6 +342,7 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
                                     f"{self.max_body_bytes >> 20} MiB")
         if self.headers.get("Expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
         body = self.rfile.read(length) if length else b""
         self.body_read = True
         return body
@@ -351,10 +357,9 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if status >= 400 and not self.body_read:
             self.send_header("Connection", "close")  # also sets close_connection
-        # (end_headers would flush the headers alone)
-        head = b"".join(self._headers_buffer) + b"\r\n"
-        self._headers_buffer = []
-        self.wfile.write(head + data)
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()  # one send for head and body (http.server's error paths never flush)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (bad request line, too many headers, unknown method) as JSON."""

@@ -8,8 +8,7 @@ Everything here works on a *trained model* object described structurally by
 * :func:`parse_inputs` turns a prediction payload (one example or a batch, bare or inside an
   object with optional labels) into the model's input form, with errors that say which example
   is wrong and what the model takes.
-* :func:`predict_proba` returns softmax class probabilities ``(n, classes)``; :func:`predict`
-  adds predicted labels, confidences and, when labels were sent, the accuracy.
+* :func:`predict_proba` returns softmax class probabilities ``(n, classes)``.
 * :func:`quantize_dynamic_int8` makes an int8 dynamically quantized CPU copy of a model;
   :func:`model_size_bytes` measures a model's serialised ``state_dict``.
 * :func:`latency_profile` and :func:`throughput` time the whole serving path (parse, tokenise,
@@ -31,7 +30,6 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,12 +45,10 @@ __all__ = [
     "INPUT_KEYS",
     "LABEL_KEYS",
     "InferenceError",
-    "Prediction",
     "TrainedLike",
     "latency_profile",
     "model_size_bytes",
     "parse_inputs",
-    "predict",
     "predict_proba",
     "quantize_dynamic_int8",
     "throughput",
@@ -553,63 +549,6 @@ def predict_proba(trained: TrainedLike, inputs: Any, *, local: bool = False, bat
     _check_servable(trained)
     x, _ = parse_inputs(inputs, trained.task, trained.label_names)
     return _forward_proba(trained, _pick_model(trained, local, model), x, batch_size)
-
-
-@dataclass
-class Prediction:
-    """One node's answer for a batch."""
-
-    probabilities: np.ndarray  # (n, classes) float64
-    predictions: list[int]
-    labels: list[str]  # label names of the predictions
-    confidence: list[float]  # probability of the predicted class
-    true_labels: list[int] | None = None
-    accuracy: float | None = None  # only when labels were sent
-    label_names: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "predictions": self.predictions,
-            "labels": self.labels,
-            "confidence": self.confidence,
-            "probabilities": self.probabilities.tolist(),
-            "label_names": self.label_names,
-        }
-        if self.true_labels is not None:
-            d["true_labels"] = self.true_labels
-            d["accuracy"] = self.accuracy
-        return d
-
-
-def _names(trained: TrainedLike, classes: int) -> list[str]:
-    names = list(trained.label_names or [])
-    if len(names) != classes:
-        if names:
-            log.warning("model has %d outputs but %d label names; using class indices",
-                        classes, len(names))
-        names = [str(i) for i in range(classes)]
-    return names
-
-
-def predict(trained: TrainedLike, payload: Any, *, local: bool = False, batch_size: int = 256,
-            model: nn.Module | None = None) -> Prediction:
-    """Probabilities plus predicted classes, their names and confidences; the accuracy too
-    when the payload carried labels."""
-    _check_servable(trained)
-    x, y = parse_inputs(payload, trained.task, trained.label_names)
-    proba = _forward_proba(trained, _pick_model(trained, local, model), x, batch_size)
-    pred = proba.argmax(axis=1)
-    names = _names(trained, proba.shape[1])
-    acc = float(np.mean(pred == np.asarray(y))) if y is not None else None
-    return Prediction(
-        probabilities=proba,
-        predictions=[int(p) for p in pred],
-        labels=[names[int(p)] for p in pred],
-        confidence=[float(c) for c in proba[np.arange(len(pred)), pred]],
-        true_labels=y,
-        accuracy=acc,
-        label_names=names,
-    )
 
 
 # --------------------------------------------------------------------------------------

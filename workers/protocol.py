@@ -143,6 +143,8 @@ class ProbeReply(BaseModel):
 
 
 class ErrorReply(BaseModel):
+    """The body of every error reply (any status but 200): one sentence for the caller."""
+
     error: str
 
 
@@ -175,7 +177,7 @@ class TrainJob(BaseModel):
     max_checkpoints: int = Field(3, ge=1)
     resume_from: str | None = None
     roles: list[Role] = Field(description="roles[rank] for every rank of the group")
-    consensus: Consensus = Field("proof-of-learning", description="How updates are agreed on (design.md)")
+    consensus: Consensus = Field("proof-of-learning", description="How updates are agreed on (README, What the parameters mean here)")
     aggregation_rule: AggregationRule = Field("fedavg", description="Rule the aggregator (or hub) applies")
     byzantine_f: int = Field(1, ge=0, description="Assumed number of Byzantine nodes (Krum / Multi-Krum)")
     trim_beta: float = Field(0.2, ge=0, lt=0.5, description="Trimmed-mean fraction cut on each side")
@@ -358,6 +360,18 @@ class CollectiveTiming(BaseModel):
 
 class CollectiveBenchReply(BaseModel):
     results: list[CollectiveTiming]
+
+
+class LeaveReply(BaseModel):
+    """POST /leave: the node has left its process group (or was in none)."""
+
+    left: bool
+
+
+class ShutdownReply(BaseModel):
+    """POST /shutdown: the node answers first, then stops serving."""
+
+    stopping: bool
 
 
 # --------------------------------------------------------------------------- node -> controller

@@ -23,12 +23,12 @@ import time
 from typing import Callable, Protocol
 from urllib.parse import urlsplit
 
+from workers import api
 from workers import protocol as p
 
 log = logging.getLogger(__name__)
 
 PUSH_INTERVAL_S = 1.0
-PUSH_TIMEOUT_S = 2.0
 GRACE_ENV = "FLOW_NEXUS_LEASE_GRACE_S"
 DEFAULT_GRACE_S = 120.0
 MAX_PUSH_SAMPLES = 2000  # a push stays small; the rest follows in the next pushes
@@ -58,7 +58,7 @@ class TelemetryPusher:
     def __init__(self, agent: Reporting, cluster_id: str, node_id: str, token: str,
                  on_expired: Callable[[str], None], grace_s: float | None = None) -> None:
         self.agent = agent
-        self.path = f"{p.TELEMETRY_PATH}/{cluster_id}/{node_id}"
+        self.path = api.TELEMETRY.path.format(cluster_id=cluster_id, node_id=node_id)
         self.token = token
         self.on_expired = on_expired
         self.grace_s = lease_grace_s() if grace_s is None else grace_s
@@ -162,7 +162,7 @@ class TelemetryPusher:
         if self._conn is None:
             url = urlsplit(self.controller_url)
             self._conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80,
-                                                    timeout=PUSH_TIMEOUT_S)
+                                                    timeout=api.TELEMETRY.timeout_for(None))
         self._conn.request("POST", self.path, body=body, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         reply = self._conn.getresponse()

@@ -1,13 +1,17 @@
-"""HTTP client for the node control API (token on every request)."""
+"""HTTP client for the node control API (token on every request); paths and timeouts come from
+the endpoint table in ``workers.api``."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
+from urllib.parse import urlencode
 
 import httpx
 from pydantic import BaseModel
 
+from workers import api
 from workers import protocol as p
+from workers.api import Endpoint
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -26,83 +30,79 @@ _HTTP = httpx.Client(trust_env=False, limits=httpx.Limits(max_connections=200, m
 
 
 class NodeClient:
+    """Calls one node's control API; each method is a row of the endpoint table (workers.api)."""
+
     def __init__(self, node_id: str, host: str, port: int, token: str) -> None:
         self.node_id = node_id
         self.base = f"http://{host}:{port}"
-        self._headers = {"Authorization": f"Bearer {token}"}
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
-    def call(self, method: str, path: str, reply: type[M] | None, body: BaseModel | None = None,
-             timeout: float = 10.0) -> Any:
+    def call(self, endpoint: Endpoint[M], body: BaseModel | None = None, query: dict[str, int] | None = None,
+             timeout: float | None = None) -> M:
+        """The endpoint's reply; ``timeout`` overrides the table's."""
+        target = endpoint.path + (f"?{urlencode(query)}" if query else "")
+        wait = endpoint.timeout_for(body) if timeout is None else timeout
         try:
-            r = _HTTP.request(
-                method,
-                self.base + path,
-                content=body.model_dump_json() if body is not None else None,
-                headers={**self._headers, "Content-Type": "application/json"},
-                timeout=timeout,
-            )
+            r = _HTTP.request(endpoint.method, self.base + target,
+                              content=body.model_dump_json() if body is not None else None,
+                              headers=self._headers, timeout=wait)
         except httpx.TimeoutException as exc:
-            raise NodeRequestError(self.node_id, f"no answer to {path} within {timeout:.0f} s") from exc
+            raise NodeRequestError(self.node_id, f"no answer to {target} within {wait:.0f} s") from exc
         except httpx.HTTPError as exc:
             raise NodeRequestError(self.node_id, f"cannot reach the control API ({exc})") from exc
         if r.status_code != 200:
             try:
-                detail = r.json().get("error", r.text)
+                detail = api.ERROR_REPLY.model_validate_json(r.content).error
             except ValueError:
                 detail = r.text
             raise NodeRequestError(self.node_id, detail, r.status_code)
-        data = r.json()
-        return reply.model_validate(data) if reply is not None else data
+        return endpoint.reply.model_validate_json(r.content)
 
-    def health(self, timeout: float = 3.0) -> p.HealthReply:
-        return self.call("GET", "/health", p.HealthReply, timeout=timeout)
+    def health(self, timeout: float | None = None) -> p.HealthReply:
+        return self.call(api.HEALTH, timeout=timeout)
 
     def host_store(self, req: p.StoreRequest) -> p.StoreReply:
-        # A node that cannot listen where asked says so within about 15 s (workers.rendezvous).
-        return self.call("POST", "/store", p.StoreReply, req, timeout=30)
+        return self.call(api.HOST_STORE, req)
 
     def lease(self, req: p.LeaseRequest) -> p.HealthReply:
         """Point the node's telemetry (and its lease) at this controller; its health comes back."""
-        return self.call("POST", "/lease", p.HealthReply, req, timeout=3)
+        return self.call(api.LEASE, req)
 
     def join(self, req: p.JoinRequest) -> p.JoinReply:
-        return self.call("POST", "/join", p.JoinReply, req, timeout=req.timeout_s * 2 + 5)
+        return self.call(api.JOIN, req)
 
-    def probe(self, req: p.ProbeRequest, timeout: float = 120.0) -> p.ProbeReply:
-        return self.call("POST", "/probe", p.ProbeReply, req, timeout=timeout)
+    def probe(self, req: p.ProbeRequest) -> p.ProbeReply:
+        return self.call(api.PROBE, req)
 
     def validate_job(self, job: p.TrainJob) -> p.DatasetCheck:
-        return self.call("POST", "/train/validate", p.DatasetCheck, job, timeout=120)
+        return self.call(api.VALIDATE_JOB, job)
 
     def start_training(self, job: p.TrainJob) -> p.TrainStarted:
-        return self.call("POST", "/train", p.TrainStarted, job, timeout=30)
+        return self.call(api.START_TRAINING, job)
 
-    def training_status(self, cursor: int = 0, timeout: float = 5.0) -> p.TrainProgress:
-        return self.call("GET", f"/train/status?cursor={cursor}", p.TrainProgress, timeout=timeout)
+    def training_status(self, cursor: int = 0) -> p.TrainProgress:
+        return self.call(api.TRAINING_STATUS, query={"cursor": cursor})
 
     def stop_training(self) -> p.TrainProgress:
-        return self.call("POST", "/train/stop", p.TrainProgress, timeout=10)
+        return self.call(api.STOP_TRAINING)
 
-    def model_info(self, timeout: float = 5.0) -> p.ModelInfo:
-        return self.call("GET", "/model", p.ModelInfo, timeout=timeout)
+    def model_info(self) -> p.ModelInfo:
+        return self.call(api.MODEL_INFO)
 
-    def predict(self, req: p.PredictRequest, timeout: float = 60.0) -> p.PredictReply:
-        return self.call("POST", "/predict", p.PredictReply, req, timeout=timeout)
+    def predict(self, req: p.PredictRequest) -> p.PredictReply:
+        return self.call(api.PREDICT, req)
 
     def benchmark(self, req: p.BenchmarkRequest) -> p.BenchmarkReply:
-        return self.call("POST", "/model/benchmark", p.BenchmarkReply, req, timeout=300)
+        return self.call(api.BENCHMARK, req)
 
     def export_model(self, req: p.ExportRequest) -> p.ExportReply:
-        return self.call("POST", "/model/export", p.ExportReply, req, timeout=300)
+        return self.call(api.EXPORT_MODEL, req)
 
     def load_model(self, req: p.LoadRequest) -> p.ModelInfo:
-        return self.call("POST", "/model/load", p.ModelInfo, req, timeout=300)
+        return self.call(api.LOAD_MODEL, req)
 
     def bench_collectives(self, req: p.CollectiveBenchRequest) -> p.CollectiveBenchReply:
-        return self.call("POST", "/bench/collectives", p.CollectiveBenchReply, req, timeout=300)
-
-    def leave(self) -> None:
-        self.call("POST", "/leave", None, timeout=35)
+        return self.call(api.BENCH_COLLECTIVES, req)
 
     def shutdown(self) -> None:
-        self.call("POST", "/shutdown", None, timeout=5)
+        self.call(api.SHUTDOWN)

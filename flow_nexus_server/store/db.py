@@ -81,12 +81,6 @@ class Store:
             s.add(Event(cluster_id=cluster_id, kind=kind, message=message, node_id=node_id,
                         session_id=session_id, data=data))
 
-    def events(self, cluster_id: str, after_id: int = 0, limit: int = 100) -> list[Event]:
-        with self.session() as s:
-            q = (select(Event).where(Event.cluster_id == cluster_id, Event.id > after_id)
-                 .order_by(Event.id).limit(limit))
-            return list(s.scalars(q))
-
     def session_events(self, session_id: str, after_id: int = 0, limit: int = 200) -> list[Event]:
         with self.session() as s:
             q = (select(Event).where(Event.session_id == session_id, Event.id > after_id)
