@@ -40,6 +40,7 @@ POLARITY_MIN_CONFIDENCE = 0.9
 
 
 def builtin_key(spec: str) -> str | None:
+    """The built-in dataset ``spec`` names (case and ``_``/``-`` ignored), else None."""
     key = spec.strip().lower().replace("_", "-")
     return key if key in BUILTIN_DATASETS else None
 

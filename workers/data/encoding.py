@@ -78,6 +78,7 @@ def _encode_labels(raw: Sequence[Any], where: str) -> tuple[np.ndarray, list[str
 
 
 def is_float(s: str) -> bool:
+    """Whether ``s`` parses as a number."""
     try:
         float(s)
         return True
@@ -115,6 +116,8 @@ def numeric_features(rows: Any, where: str) -> tuple[np.ndarray, Kind]:
 
 
 def labelled(name: str, kind: Kind, X: Any, raw_labels: Sequence[Any] | None, where: str) -> Dataset:
+    """A checked dataset of features ``X`` and raw labels; text without labels becomes a
+    language-modelling corpus."""
     if raw_labels is None:
         if kind != "text":
             raise DatasetError(f"{where}: no labels found; numeric features need a label for every example")

@@ -48,6 +48,7 @@ def _read_text(path: Path) -> str:
 
 
 def has_glob(s: str) -> bool:
+    """Whether ``s`` holds a glob pattern character."""
     return any(c in s for c in "*?[")
 
 
@@ -76,6 +77,7 @@ def resolve_paths(spec: str, sandbox: Path | None) -> list[Path]:
 
 
 def load_files(paths: list[Path], name: str) -> Dataset:
+    """One dataset from files of one format (CSV/TSV, JSON Lines, one JSON, text lines)."""
     formats = {p: _file_format(p) for p in paths}
     unknown = [p for p, f in formats.items() if f is None]
     if unknown:

@@ -42,6 +42,7 @@ def _first_key(obj: dict[str, Any], keys: Iterable[str]) -> str | None:
 
 
 def from_json_object(obj: Any, name: str, where: str) -> Dataset:
+    """A dataset from a JSON object holding features (``X``) and labels (``y``)."""
     if not isinstance(obj, dict):
         raise DatasetError(
             f"{where}: expected a JSON object like {{\"X\": [[...], ...], \"y\": [...]}}, "
@@ -75,6 +76,7 @@ def from_json_object(obj: Any, name: str, where: str) -> Dataset:
 
 
 def load_inline(spec: str) -> Dataset:
+    """A dataset from inline JSON: an object with features and labels, or a list of records."""
     try:
         obj = json.loads(spec)
     except json.JSONDecodeError as e:
@@ -98,6 +100,7 @@ def _pick_column(header: list[str], candidates: Sequence[str]) -> int | None:
 
 
 def parse_csv(text: str, where: str, delimiter: str) -> tuple[list[str] | None, list[list[str]]]:
+    """(header or None, non-blank rows) of delimited ``text``."""
     rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if any(c.strip() for c in r)]
     if not rows:
         raise DatasetError(f"{where}: no rows")
@@ -116,6 +119,8 @@ def parse_csv(text: str, where: str, delimiter: str) -> tuple[list[str] | None, 
 
 
 def table_dataset(header: list[str] | None, rows: list[list[str]], name: str, where: str) -> Dataset:
+    """A dataset from table rows: a ``text`` column gives text, otherwise numeric features; the
+    label column is named or last."""
     if not rows:
         raise DatasetError(f"{where}: no rows (only a header)")
     width = len(header) if header is not None else len(rows[0])
@@ -159,6 +164,7 @@ def table_dataset(header: list[str] | None, rows: list[list[str]], name: str, wh
 
 
 def jsonl_records(text: str, where: str) -> list[dict[str, Any]]:
+    """The JSON objects of the non-blank lines of ``text``."""
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -176,6 +182,7 @@ def jsonl_records(text: str, where: str) -> list[dict[str, Any]]:
 
 
 def records_dataset(records: list[dict[str, Any]], name: str, where: str) -> Dataset:
+    """A dataset from records keyed like the first one: ``text`` or ``features``, and a label key."""
     first = records[0]
     tkey = _first_key(first, JSONL_TEXT_KEYS)
     fkey = None if tkey is not None else _first_key(first, JSONL_FEATURE_KEYS)
@@ -210,6 +217,8 @@ _TAB_LABEL = re.compile(r"^([^\t]{1,50})\t(.*\S.*)$")
 
 
 def txt_dataset(lines: list[str], name: str, where: str) -> Dataset:
+    """``label<TAB>text`` lines (2 to n/2 distinct labels) as a classification set, other lines
+    as a language-modelling corpus."""
     lines = [ln.rstrip("\r\n") for ln in lines if ln.strip()]
     if not lines:
         raise DatasetError(f"{where}: no rows (the file is empty)")

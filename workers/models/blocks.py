@@ -16,6 +16,7 @@ from .task import PAD_ID
 
 
 def ceil_sqrt(n: int) -> int:
+    """Side of the smallest square grid that holds ``n`` values."""
     return math.isqrt(n - 1) + 1 if n > 1 else 1
 
 
@@ -44,6 +45,7 @@ def text_mask(ids: torch.Tensor) -> torch.Tensor:
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the sequence of ``h`` (B, L, D), counting only positions where ``mask`` is true."""
     if mask is None:
         return h.mean(dim=1)
     m = mask.unsqueeze(-1).to(h.dtype)
@@ -51,6 +53,7 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def masked_max(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Max over the sequence of ``h`` (B, L, D), ignoring positions where ``mask`` is false."""
     if mask is None:
         return h.amax(dim=1)
     return h.masked_fill(~mask.unsqueeze(-1), torch.finfo(h.dtype).min).amax(dim=1)
@@ -66,10 +69,12 @@ def packed_lengths(mask: torch.Tensor) -> torch.Tensor | None:
 
 
 def rnn_cls(cell: str) -> type[nn.RNNBase]:
+    """The torch RNN class of a cell name: ``gru``, else LSTM."""
     return nn.GRU if cell == "gru" else nn.LSTM
 
 
 def run_rnn(rnn: nn.RNNBase, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Outputs of ``rnn`` over ``x``, packed so padding past ``lengths`` is skipped."""
     if lengths is None:
         return rnn(x)[0]
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -79,17 +84,20 @@ def run_rnn(rnn: nn.RNNBase, x: torch.Tensor, lengths: torch.Tensor | None) -> t
 
 
 def checkpointed(use_ckpt: bool, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, recomputed in the backward pass when ``use_ckpt`` (saves memory)."""
     if use_ckpt:
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     return fn(*args, **kwargs)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 8, 4 or 1 groups, whichever divides ``channels`` first."""
     groups = 8 if channels % 8 == 0 else (4 if channels % 4 == 0 else 1)
     return nn.GroupNorm(groups, channels)
 
 
 def init_embedding(emb: nn.Embedding) -> None:
+    """Small normal weights, and a zero vector for the padding id."""
     nn.init.normal_(emb.weight, std=0.02)
     if emb.padding_idx is not None:
         with torch.no_grad():

@@ -21,6 +21,8 @@ class Stage(nn.Module):
 
 
 class EmbedStage(Stage):
+    """Token embedding, plus a learned positional embedding when ``n_pos`` > 0."""
+
     def __init__(self, vocab: int, dim: int, n_pos: int, padding: bool, dropout: float) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab, dim, padding_idx=PAD_ID if padding else None)
@@ -39,6 +41,8 @@ class EmbedStage(Stage):
 
 
 class EncoderStage(Stage):
+    """A transformer encoder stack (padding-masked, or causal for lm)."""
+
     def __init__(self, stack: EncoderStack) -> None:
         super().__init__()
         self.stack = stack
@@ -48,6 +52,8 @@ class EncoderStage(Stage):
 
 
 class RecurrentStage(Stage):
+    """An LSTM/GRU over the sequence, packed by the padding mask."""
+
     def __init__(self, rnn: nn.RNNBase) -> None:
         super().__init__()
         self.rnn = rnn

@@ -94,6 +94,7 @@ def check_compatible(architecture: str, task_kind: str) -> None:
 
 
 def validate_task(task: TaskInfo) -> None:
+    """Raise :class:`ModelError` when ``task`` is inconsistent (shape, vocabulary, classes)."""
     if task.kind not in TASK_KINDS:
         raise ModelError(f"unknown dataset kind {task.kind!r}; expected one of {', '.join(TASK_KINDS)}")
     shape = tuple(task.input_shape)
@@ -119,10 +120,12 @@ def validate_task(task: TaskInfo) -> None:
 
 
 def out_classes(task: TaskInfo) -> int:
+    """Width of the output layer: the vocabulary for lm, else the classes."""
     return task.vocab_size if task.kind == "lm" else task.num_classes
 
 
 def task_max_len(task: TaskInfo) -> int:
+    """Positional table size: the task's ``max_len``, or ``DEFAULT_MAX_LEN`` with a warning."""
     if task.max_len > 0:
         return task.max_len
     log.warning("%s task has no max_len; using %d positions", task.kind, DEFAULT_MAX_LEN)
