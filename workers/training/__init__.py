@@ -12,6 +12,12 @@ leads; versions commit on a majority of acknowledgements, replicas in ``<sandbox
 and gossip (neighbour averaging without an aggregator: ``gossip``). ``adversary`` simulates
 Byzantine workers for robustness tests. Progress is reported through a
 thread-safe :class:`ProgressSink`; checkpoints are read back with :func:`load_checkpoint`.
+
+Where things live: ``engine`` (the order of work), ``modes`` (mode -> groups, device, loop),
+``loop`` (the epoch loop and its step strategies' interface), ``sync`` / ``ps`` /
+``robust_sync`` (step strategies), ``federated`` (the round loop), ``commit`` (its commit
+rules), ``gossip``, ``consensus`` (rules, reputation, raft replica), ``runtime`` (per-rank
+state and epoch-boundary work), ``setup`` (roles, data, vocabulary).
 """
 
 from .checkpoint import checkpoint_name, load_checkpoint, session_checkpoints

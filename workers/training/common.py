@@ -131,6 +131,30 @@ def grad_norm(params: list[torch.Tensor], clip: float | None) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
 
 
+# --------------------------------------------------------------------------- flat weights
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every floating tensor of the model's state, each once (tied weights counted once)."""
+    return list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+
+
+def flat_weights(model: nn.Module) -> torch.Tensor:
+    """The model's floating state as one float32 vector (what federated modes exchange)."""
+    with torch.no_grad():
+        return torch.cat([t.detach().reshape(-1).float() for t in _tensors(model)])
+
+
+def set_weights(model: nn.Module, flat: torch.Tensor) -> None:
+    """Load a vector made by :func:`flat_weights` back into the model."""
+    with torch.no_grad():
+        off = 0
+        for t in _tensors(model):
+            k = t.numel()
+            t.copy_(flat[off : off + k].view_as(t))
+            off += k
+
+
 # --------------------------------------------------------------------------- data
 
 

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from workers.comm import TopologyReducer
 from workers.models import build_model
 from workers.protocol import TrainJob
 
 from .checkpoint import load_state, read_checkpoint, resolve_resume
 from .common import TrainedModel, TrainingError, rss_mb
-from .coord import Coordinator, agree, all_gather_json, destroy_group, error_of, new_group, pg_timeout
+from .coord import Coordinator, agree, all_gather_json, destroy_group, error_of
+from .modes import TrainingMode, training_mode
 from .progress import ProgressSink
 from .runtime import Ctx
 from .setup import (Plan, encode_local, encode_validation, finish_setup, global_setup, make_plan, read_local,
@@ -123,8 +123,8 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
     sink.log(f"{plan.role} rank {rank}/{world} ({node_id}): {job.mode} training of {job.architecture}/{job.model} "
              f"on {job.dataset[:80]}")
 
-    if any(b.kind != "honest" for b in getattr(job, "behaviors", None) or []) and not (
-            job.mode == "federated" or plan.consensus == "byzantine"):
+    mode = training_mode(job.mode, plan.consensus)
+    if any(b.kind != "honest" for b in getattr(job, "behaviors", None) or []) and not mode.adversaries:
         sink.log("behaviors (adversary simulation) apply to federated training and to sync training with "
                  "consensus 'byzantine'; they are ignored in this mode")
 
@@ -189,12 +189,18 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
                  f"validation {'windows' if setup.kind == 'lm' else 'examples'} here{tail}")
 
     # 6. groups, same order on every rank
-    _make_groups(plan, groups)
+    mode.make_groups(plan, groups)
 
     # 7. the mode
     ctx = Ctx(job=job, plan=plan, setup=setup, sink=sink, stop=stop, coord=coord, sandbox=sandbox, data=enc,
               model=model, start=start, ckpt=ckpt, groups=groups, judge_val=judge_val,
-              device=_compute_device(job, plan, sink), node_id=node_id)
+              device=_compute_device(mode, plan, sink), node_id=node_id)
+    return _run_mode(ctx, mode)
+
+
+def _run_mode(ctx: Ctx, mode: TrainingMode) -> tuple[TrainedModel | None, str]:
+    """Step 7: the mode's loop on the ranks that take part; the others wait for its outcome."""
+    job, plan, sink, coord, rank = ctx.job, ctx.plan, ctx.sink, ctx.coord, ctx.plan.rank
     sink.set_state("running")
     if not plan.is_active:
         sink.log(f"no part for role {plan.role} in {job.mode} training; waiting for the training ranks")
@@ -205,26 +211,7 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
         dist.barrier()
         return None, "stopped" if status == "stopped" else "completed"
     try:
-        if job.mode == "sync" and plan.consensus == "byzantine":
-            from .robust_sync import run_sync_robust
-
-            result: TrainedModel | None = run_sync_robust(ctx)
-        elif job.mode == "sync":
-            from .sync import run_sync
-
-            result = run_sync(ctx)
-        elif job.mode == "parameter_server":
-            from .ps import run_parameter_server
-
-            result = run_parameter_server(ctx)
-        elif plan.consensus == "gossip":
-            from .gossip import run_gossip
-
-            result = run_gossip(ctx)
-        else:
-            from .federated import run_federated
-
-            result = run_federated(ctx)
+        result = mode.loop(ctx)
     except Exception as exc:
         if isinstance(exc, (TrainingError, ValueError)):
             coord.set_done(f"failed: {error_of(exc)[1]}")
@@ -245,12 +232,12 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
     return result, state
 
 
-def _compute_device(job: TrainJob, plan: Plan, sink: ProgressSink) -> torch.device:
-    """The GPU pinned at join (nccl groups) for plain synchronous data parallel, else CPU. The
-    other modes exchange whole models through CPU code paths, so they compute on CPU."""
+def _compute_device(mode: TrainingMode, plan: Plan, sink: ProgressSink) -> torch.device:
+    """The GPU pinned at join (nccl groups) for the modes that use it, else CPU."""
+    job = plan.job
     if "nccl" not in dist.get_backend():
         return torch.device("cpu")
-    if job.mode == "sync" and plan.consensus != "byzantine":
+    if mode.uses_gpu:
         device = torch.device("cuda", torch.cuda.current_device())
         if plan.is_worker:
             sink.log(f"computing on {device} ({torch.cuda.get_device_name(device)}); gradients over NCCL")
@@ -259,27 +246,6 @@ def _compute_device(job: TrainJob, plan: Plan, sink: ProgressSink) -> torch.devi
         sink.log(f"{job.mode} training{' with byzantine consensus' if job.mode == 'sync' else ''} computes "
                  "on CPU over gloo; the GPUs serve plain synchronous data parallel")
     return torch.device("cpu")
-
-
-def _make_groups(plan: Plan, groups: dict[str, Any]) -> None:
-    """Every rank creates the same groups in the same order (dist.new_group is collective)."""
-    job = plan.job
-    if job.mode == "sync" and plan.consensus == "byzantine":
-        groups["active"] = new_group(plan.active)  # workers + hub: no DDP, no topology reducer
-    elif job.mode == "sync":
-        groups["workers"] = new_group(plan.workers)
-        groups["active"] = groups["workers"]
-        groups["reducer"] = TopologyReducer(job.topology, ranks=plan.workers, hub=plan.workers[0],
-                                            timeout=pg_timeout())
-    elif job.mode == "parameter_server":
-        groups["active"] = new_group(plan.active)
-        groups["ps"] = {p: new_group([p] + plan.workers) for p in plan.ps}
-        if len(plan.ps) > 1:
-            groups["ps_all"] = new_group(plan.ps)
-    else:
-        groups["active"] = new_group(plan.active)
-        if len(plan.workers) > 1:
-            groups["workers"] = new_group(plan.workers)
 
 
 __all__ = ["run_training"]

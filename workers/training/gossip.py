@@ -29,9 +29,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .adversary import behavior_of, corrupt_weights, describe, is_honest
-from .common import Sums, TrainedModel, evaluate, make_optimizer
+from .common import Sums, TrainedModel, evaluate, flat_weights, make_optimizer, set_weights
 from .consensus import gossip_neighbours, mixing_weights
-from .federated import _local_training, flat_weights, set_weights
+from .federated import local_training
 from .runtime import Ctx
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def run_gossip(ctx: Ctx) -> TrainedModel:
         ctx.sink.update(epoch=rnd)
         t_round = time.perf_counter()
         local = Sums(ctx.num_classes)
-        _local_training(ctx, model, opt, rnd, local, worker_group, spe, accum)
+        local_training(ctx, model, opt, rnd, local, worker_group, spe, accum)
         ctx.coord.barrier(f"gossip-{rnd}", workers)  # uneven shards: wait on the store
         if rnd == job.rounds or ctx.stop.is_set():
             local_model = copy.deepcopy(model)

@@ -28,10 +28,11 @@ import torch.distributed as dist
 from workers.aggregation import AggregationError, aggregate
 
 from .adversary import HONEST, behavior_of, corrupt_gradient, describe, is_honest
-from .common import Sums, TrainedModel, epoch_order, grad_norm, make_optimizer
+from .common import TrainedModel, flat_weights, grad_norm, make_optimizer, set_weights
 from .consensus import WEIGHTED_RULES, Reputation, resolve_rule, rule_kwargs
 from .coord import agree, error_of
-from .federated import FAILED, _failed_info, flat_weights, set_weights
+from .federated import FAILED, failed_info
+from .loop import StepStrategy, run_epochs
 from .runtime import Ctx
 
 log = logging.getLogger(__name__)
@@ -52,117 +53,122 @@ def _set_grad(params: list[torch.Tensor], flat: torch.Tensor) -> None:
 
 def run_sync_robust(ctx: Ctx) -> TrainedModel:
     job, plan = ctx.job, ctx.plan
-    group = ctx.groups["active"]  # workers + hub
-    members = sorted(plan.active)
-    hub = plan.aggregator
-    assert hub is not None
-    is_hub, is_worker = plan.rank == hub, plan.is_worker
-    workers = plan.workers
-    model = ctx.model
-    model.train()
-    params = list(model.parameters())
-    d = sum(p.numel() for p in params)
-    rule, note = resolve_rule(job, len(workers))
-    kwargs = rule_kwargs(job)
-    behavior = behavior_of(job, plan.rank) if is_worker else HONEST
-    opt = make_optimizer(job.optimizer, params, job.learning_rate)
-    ctx.restore_optimizer(opt)
+    strategy = RobustGradientStep(ctx)
+    workers, hub = plan.workers, strategy.hub
     spe, accum = ctx.steps_per_epoch(ctx.setup.worker_train_sizes)
-    widx = plan.worker_index if is_worker else len(workers)
+    strategy.per_step = float(job.batch_size * accum)
+    widx = plan.worker_index if plan.is_worker else len(workers)
     torch.manual_seed(job.seed * 1_000_003 + widx + 1)
     step = (ctx.start - 1) * spe
     ctx.sink.update(total_epochs=job.epochs, total_steps=spe * job.epochs, step=step, epoch=ctx.start - 1)
-    if ctx.is_reporter or is_hub:
-        ctx.say(f"sync data parallel with byzantine consensus over workers {workers}: {rule} of the gradients "
-                f"at hub rank {hub}, {spe} steps per epoch of {accum} x {job.batch_size} per worker")
-        if note and is_hub:
-            ctx.say(note)
-    if not is_honest(behavior):
-        ctx.say(f"ADVERSARY SIMULATION: this worker sends corrupted gradients ({describe(behavior)}); "
+    if ctx.is_reporter or strategy.is_hub:
+        ctx.say(f"sync data parallel with byzantine consensus over workers {workers}: {strategy.rule} of the "
+                f"gradients at hub rank {hub}, {spe} steps per epoch of {accum} x {job.batch_size} per worker")
+        if strategy.note and strategy.is_hub:
+            ctx.say(strategy.note)
+    if not is_honest(strategy.behavior):
+        ctx.say(f"ADVERSARY SIMULATION: this worker sends corrupted gradients ({describe(strategy.behavior)}); "
                 "its own computation stays honest")
     ctx.report_baseline()
-    reputation = Reputation(list(workers)) if is_hub else None
-    if reputation is not None:
-        reputation.report(ctx.sink)
+    if strategy.reputation is not None:
+        strategy.reputation.report(ctx.sink)
+    w0 = flat_weights(ctx.model)
+    dist.broadcast(w0, src=hub, group=strategy.group)  # one starting point (builds are seeded anyway)
+    set_weights(ctx.model, w0)
+    run_epochs(ctx, strategy, spe, accum, step)
+    return ctx.trained(ctx.model)
 
-    w0 = flat_weights(model)
-    dist.broadcast(w0, src=hub, group=group)  # one starting point (builds are seeded anyway)
-    set_weights(model, w0)
-    n = len(ctx.data.train) if (is_worker and ctx.data is not None) else 0
-    per_step = float(job.batch_size * accum)
-    for epoch in range(ctx.start, job.epochs + 1):
-        ctx.epoch = epoch
-        ctx.sink.update(epoch=epoch)
-        order = epoch_order(n, job.seed, epoch, widx) if is_worker else None
-        local = Sums(ctx.num_classes)
-        rejected: Counter[int] = Counter()
-        suspicious: Counter[int] = Counter()
-        t_epoch = time.perf_counter()
-        for s in range(spe):
-            t0 = time.perf_counter()
-            ctx.schedule_lr(opt, step, spe * job.epochs)
-            opt.zero_grad(set_to_none=True)
-            if is_worker:
-                ctx.forward_backward(model, order, s * accum, accum, local)
-            g = _flat_grad(params)
-            if not is_honest(behavior):
-                g = corrupt_gradient(g, behavior, seed=job.seed, rank=plan.rank, when=step)
-            table = [torch.empty_like(g) for _ in members] if is_hub else None
-            tc = time.perf_counter()
-            dist.gather(g, gather_list=table, dst=hub, group=group)
-            status = 0.0
-            err = None
-            if is_hub:
-                assert table is not None and reputation is not None
-                ctx.bytes_received += (len(members) - 1) * d * 4
-                rows = torch.stack([table[members.index(r)] for r in workers]).numpy()
-                counts = np.full(len(workers), per_step)
-                weights = (reputation.weights(counts) if (job.reputation_weighting and rule in WEIGHTED_RULES)
-                           else counts)
-                info: dict[str, Any] = {}
-                try:
-                    new, info = aggregate(rule, rows, weights=weights, **kwargs)
-                    if not np.isfinite(new).all():
-                        raise AggregationError(f"the {rule} aggregate of the gradients holds NaN or inf values")
-                except AggregationError as exc:
-                    err, status, new = error_of(exc), FAILED, np.zeros(d, dtype=np.float32)
-                    info = _failed_info(torch.from_numpy(rows))
-                if info:
-                    for r in reputation.observe(info, rule):
-                        suspicious[r] += 1
-                    for i in info.get("rejected") or []:
-                        rejected[workers[i]] += 1
-                robust = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32))
-            else:
-                ctx.bytes_sent += d * 4
-                robust = torch.empty(d)
-            payload = torch.cat([robust, torch.tensor([status])])
-            dist.broadcast(payload, src=hub, group=group)
-            ctx.comm_s += time.perf_counter() - tc
-            if is_hub:
-                ctx.bytes_sent += (len(members) - 1) * payload.numel() * 4
-            else:
-                ctx.bytes_received += payload.numel() * 4
-            if float(payload[d]) >= FAILED:
-                agree(err, None, group)  # every member raises the hub's error
-            _set_grad(params, payload[:d])
-            local.add_gnorm(grad_norm(params, job.grad_clip))
-            opt.step()
-            step += 1
-            if ctx.finish_step(step, t0, group):
-                break
-        seconds = time.perf_counter() - t_epoch
-        glob = ctx.epoch_sums(local, group, model if is_worker and ctx.data is not None else None)
-        final = ctx.stopped or epoch == job.epochs
-        if reputation is not None:
-            reputation.report(ctx.sink)
-            ctx.say(f"epoch {epoch}: {rule} over {spe} steps; updates rejected per worker {dict(sorted(rejected.items()))}, "
-                    f"suspicious {dict(sorted(suspicious.items()))}; reputation {reputation.text()}")
-        ctx.epoch_end(epoch, step, glob, seconds, local if is_worker else None, model, opt, final)
-        if ctx.stopped:
-            ctx.say(f"stopped after epoch {epoch} (step {step})")
-            break
-    return ctx.trained(model)
+
+class RobustGradientStep(StepStrategy):
+    """Gather every member's flat gradient at the hub, which applies the robust rule and
+    broadcasts the result; every member loads it, clips and steps its own optimizer."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        job, plan = ctx.job, ctx.plan
+        self.group = ctx.groups["active"]  # workers + hub
+        self.members = sorted(plan.active)
+        assert plan.aggregator is not None
+        self.hub = plan.aggregator
+        self.is_hub = plan.rank == self.hub
+        self.trains = plan.is_worker
+        model = ctx.model
+        model.train()
+        self.checkpoint_model = model
+        self.params = list(model.parameters())
+        self.d = sum(p.numel() for p in self.params)
+        self.rule, self.note = resolve_rule(job, len(plan.workers))
+        self.kwargs = rule_kwargs(job)
+        self.behavior = behavior_of(job, plan.rank) if plan.is_worker else HONEST
+        self.optimizer = make_optimizer(job.optimizer, self.params, job.learning_rate)
+        ctx.restore_optimizer(self.optimizer)
+        self.reputation = Reputation(list(plan.workers)) if self.is_hub else None
+        self.per_step = float(job.batch_size)  # examples per step and worker (set with the accumulation)
+        self.rejected: Counter[int] = Counter()
+        self.suspicious: Counter[int] = Counter()
+
+    def apply(self, ctx: Ctx, step: int) -> float:
+        job, d, members = ctx.job, self.d, self.members
+        g = _flat_grad(self.params)
+        if not is_honest(self.behavior):
+            g = corrupt_gradient(g, self.behavior, seed=job.seed, rank=ctx.plan.rank, when=step)
+        table = [torch.empty_like(g) for _ in members] if self.is_hub else None
+        tc = time.perf_counter()
+        dist.gather(g, gather_list=table, dst=self.hub, group=self.group)
+        status, err = 0.0, None
+        if self.is_hub:
+            assert table is not None
+            ctx.bytes_received += (len(members) - 1) * d * 4
+            robust, status, err = self._aggregate(ctx, table)
+        else:
+            ctx.bytes_sent += d * 4
+            robust = torch.empty(d)
+        payload = torch.cat([robust, torch.tensor([status])])
+        dist.broadcast(payload, src=self.hub, group=self.group)
+        ctx.comm_s += time.perf_counter() - tc
+        if self.is_hub:
+            ctx.bytes_sent += (len(members) - 1) * payload.numel() * 4
+        else:
+            ctx.bytes_received += payload.numel() * 4
+        if float(payload[d]) >= FAILED:
+            agree(err, None, self.group)  # every member raises the hub's error
+        _set_grad(self.params, payload[:d])
+        gnorm = grad_norm(self.params, job.grad_clip)
+        assert self.optimizer is not None
+        self.optimizer.step()
+        return gnorm
+
+    def _aggregate(self, ctx: Ctx, table: list[torch.Tensor]) -> tuple[torch.Tensor, float, Any]:
+        """The hub: (robust gradient, status, error) from the gathered gradients."""
+        workers, reputation, rule = ctx.plan.workers, self.reputation, self.rule
+        assert reputation is not None
+        rows = torch.stack([table[self.members.index(r)] for r in workers]).numpy()
+        counts = np.full(len(workers), self.per_step)
+        weights = (reputation.weights(counts) if (ctx.job.reputation_weighting and rule in WEIGHTED_RULES)
+                   else counts)
+        status, err = 0.0, None
+        info: dict[str, Any] = {}
+        try:
+            new, info = aggregate(rule, rows, weights=weights, **self.kwargs)
+            if not np.isfinite(new).all():
+                raise AggregationError(f"the {rule} aggregate of the gradients holds NaN or inf values")
+        except AggregationError as exc:
+            err, status, new = error_of(exc), FAILED, np.zeros(self.d, dtype=np.float32)
+            info = failed_info(torch.from_numpy(rows))
+        if info:
+            for r in reputation.observe(info, rule):
+                self.suspicious[r] += 1
+            for i in info.get("rejected") or []:
+                self.rejected[workers[i]] += 1
+        return torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32)), status, err
+
+    def before_epoch_end(self, ctx: Ctx, epoch: int, spe: int) -> None:
+        if self.reputation is not None:
+            self.reputation.report(ctx.sink)
+            ctx.say(f"epoch {epoch}: {self.rule} over {spe} steps; updates rejected per worker "
+                    f"{dict(sorted(self.rejected.items()))}, suspicious {dict(sorted(self.suspicious.items()))}; "
+                    f"reputation {self.reputation.text()}")
+        self.rejected.clear()
+        self.suspicious.clear()
 
 
 __all__ = ["run_sync_robust"]
