@@ -135,7 +135,7 @@ class NodeAgent:
         """Cheap checks before a session starts: the data loads here and the model can take it."""
         from workers.data import DatasetError, load_dataset
         from workers.models import ModelError, check_compatible
-        from workers.training.setup import _is_private as is_private  # the rule training applies
+        from workers.training.setup import is_private_dataset as is_private  # the rule training applies
 
         self._confine_job(job)
         try:

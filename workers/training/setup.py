@@ -179,7 +179,7 @@ class LocalData:
     """The whole validation split, kept by a rank that judges candidate models."""
 
 
-def _is_private(spec: str, sandbox: Path) -> bool:
+def is_private_dataset(spec: str, sandbox: Path) -> bool:
     """A relative path (or glob) that exists inside this node's sandbox is this node's own data."""
     s = spec.strip()
     if not s or s.startswith("{") or os.path.isabs(os.path.expanduser(s)):
@@ -202,7 +202,7 @@ def read_local(plan: Plan, sandbox: Path, say: Any) -> tuple[LocalData, dict[str
     """Phase 1 on a worker: load, split, shard; returns the data and its summary."""
     job = plan.job
     ds = load_dataset(job.dataset, sandbox)
-    private = _is_private(job.dataset, sandbox)
+    private = is_private_dataset(job.dataset, sandbox)
     labelled = ds.y is not None
     n_workers, index = len(plan.workers), plan.worker_index
     if len(ds) < 2:
