@@ -182,7 +182,7 @@ class NodeAgent:
 
         if self.membership.info is None:
             raise RequestError(409, "this node has not joined a process group; connect the cluster first")
-        if self.sink is not None and self.sink.snapshot(1 << 62).state in ("preparing", "running"):
+        if self.sink is not None and self.sink.snapshot(1 << 62).state in p.BUSY_JOB_STATES:
             raise RequestError(409, "a training job is already running on this node; stop it first")
         job = self._confine_job(job)
         self.jobs += 1
@@ -200,7 +200,7 @@ class NodeAgent:
             if result is not None:
                 self._serve(result, job.model_dump(), f"training session {job.session_id}")
             state = sink.snapshot(1 << 62).state
-            if state not in ("completed", "stopped", "failed"):
+            if state not in p.ENDED_JOB_STATES:
                 sink.set_state("stopped" if stop.is_set() else "completed")
         except Exception as exc:
             log.exception("training session %s failed", job.session_id)
@@ -339,7 +339,7 @@ class NodeAgent:
     def bench_collectives(self, req: p.CollectiveBenchRequest) -> p.CollectiveBenchReply:
         from workers.group import bench_collectives
 
-        if self.sink is not None and self.sink.snapshot(1 << 62).state in ("preparing", "running"):
+        if self.sink is not None and self.sink.snapshot(1 << 62).state in p.BUSY_JOB_STATES:
             raise RequestError(409, "a training job is running on this node; benchmark the links after it")
         results = self._on_dist_thread(lambda: bench_collectives(self.membership.require(req.generation), req), 300)
         return p.CollectiveBenchReply(results=results)
