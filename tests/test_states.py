@@ -1,14 +1,20 @@
 """Cluster, node and session states: each table lets its legal moves through, refuses the rest
 without writing anything, and gives terminal states no way out; the stored values stay the
-plain strings older state.db files hold."""
+plain strings older state.db files hold. Last, a finished session's elapsed time stops growing."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import anyio
 import pytest
+from mcp import Client
 from sqlalchemy import text
 
+from conftest import ok
+from flow_nexus_server.config import Settings
+from flow_nexus_server.server import build_server
 from flow_nexus_server.states import (CLUSTER_MOVES, NODE_MOVES, SESSION_MOVES, ClusterState, IllegalTransition,
                                       NodeState, SessionState, is_terminal, move, transition)
 from flow_nexus_server.store import Cluster, Node, Store, TrainingSession
@@ -127,3 +133,26 @@ def test_stored_values_stay_the_plain_strings(store):
     store.update(Node, nid, status=NodeState.LOST)
     assert raw_status(store, "clusters", cid) == "needs_connect" and raw_status(store, "nodes", nid) == "lost"
     assert [n.id for n in store.nodes(cid)] == []  # the live-node query matches on the stored strings
+
+
+# ------------------------------------------------------------- elapsed after the end
+
+@pytest.mark.anyio
+async def test_elapsed_stops_growing_once_the_session_ended(home):
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "elapsed", "architecture": "mlp"}))["cluster_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker"})
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        run = await ok(client, "neural_train_distributed", {
+            "cluster_id": cid, "dataset": "digits", "epochs": 1, "wait": True})
+        assert run["status"] == "completed", run
+        first = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
+        await anyio.sleep(2.5)
+        later = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
+        assert later["live"]["elapsed_s"] == first["live"]["elapsed_s"] == run["result"]["elapsed_s"]
+        assert later["final_metrics"]["elapsed_s"] == later["live"]["elapsed_s"]
+        # elapsed = end - start: no more than the recorded span of the session, and well short of now
+        span = later["finished_at"] - later["created_at"]
+        assert later["live"]["elapsed_s"] <= span + 0.01
+        assert time.time() - later["created_at"] >= later["live"]["elapsed_s"] + 2.5
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})

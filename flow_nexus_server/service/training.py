@@ -111,6 +111,7 @@ class LiveSession:
     started: float
     nodes: list[NodeView]
     status: SessionState = SessionState.RUNNING
+    ended: float | None = None  # time.time() when the session ended: elapsed stops there
     error: str | None = None
     stop_requested: bool = False
     last_event_epoch: int = 0
@@ -128,7 +129,7 @@ class LiveSession:
         rep = self.reporter()
         snap = rep.snapshot if rep else None
         progress = snap.progress if snap else 0.0
-        elapsed = time.time() - self.started
+        elapsed = (self.ended or time.time()) - self.started
         eta = elapsed / progress * (1 - progress) if 0 < progress < 1 and self.status == SessionState.RUNNING else None
         return r.TrainingLive(
             session_id=self.session_id, status=self.status, mode=self.mode,
@@ -353,6 +354,7 @@ class TrainingService:
         except Exception:
             log.exception("recording the end of session %s failed", live.session_id)
             live.status = transition(live.status, SessionState.FAILED, live.session_id)
+            live.ended = live.ended or time.time()
             live.done.set()
 
     def _heal(self, live: LiveSession, cluster: Cluster) -> bool:
@@ -540,12 +542,13 @@ class TrainingService:
             except Exception as exc:
                 log.warning("re-forming cluster %s after the failure did not work: %s", live.cluster_id, exc)
         live.status = transition(live.status, status, live.session_id)
+        live.ended = time.time()
         view = live.view()
         final = {**view.metrics, "elapsed_s": view.elapsed_s, "epochs_done": view.epoch, "nodes": view.nodes}
         with self.store.session() as s:
             row = s.get(TrainingSession, live.session_id)
             move(row, status)
-            row.finished_at, row.error, row.final_metrics = time.time(), live.error, final
+            row.finished_at, row.error, row.final_metrics = live.ended, live.error, final
             c = s.get(Cluster, live.cluster_id)
             if c.status == ClusterState.TRAINING:
                 move(c, ClusterState.NEEDS_CONNECT if failed else ClusterState.CONNECTED)
