@@ -103,6 +103,8 @@ def is_terminal(state: ClusterState | NodeState | SessionState) -> bool:
 
 def transition(current: str, target: State, subject_id: str) -> State:
     """``target`` when the table allows ``current`` -> ``target``; otherwise logs and raises."""
+    if type(target) not in _TABLES:
+        raise TypeError(f"a new state is a ClusterState, NodeState or SessionState, not {target!r}")
     kind, table = _TABLES[type(target)]
     try:
         source = type(target)(current)

@@ -52,6 +52,8 @@ def test_terminal_states_have_no_way_out(kind, table, terminal):
 def test_a_value_this_release_does_not_know_is_refused():
     with pytest.raises(IllegalTransition):
         transition("exploded", ClusterState.CONNECTED, "dnc_x")
+    with pytest.raises(TypeError):  # a plain string is no state: the table to check would be unknown
+        transition("ready", "connected", "dnc_x")
 
 
 # ----------------------------------------------------------------- through the store
