@@ -5,16 +5,18 @@ Field names keep the Flow Nexus reply keys; extra fields carry what we measured.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from flow_nexus_server.states import ClusterState, NodeState, SessionState
 
 
 class ClusterInitReply(BaseModel):
     success: bool
     cluster_id: str
     name: str
-    status: str = Field(description="'initializing' until nodes are deployed")
+    status: ClusterState = Field(description="'initializing' until nodes are deployed")
     topology: str
     architecture: str
     consensus: str
@@ -34,7 +36,7 @@ class NodeInfo(BaseModel):
     sandbox_id: str
     sandbox_path: str
     role: str
-    status: str = Field(description="deployed (answered its health check) or failed")
+    status: Literal["deployed", "failed"] = Field(description="deployed (answered its health check) or failed")
     capabilities: list[str]
     model: str
     autonomy: float
@@ -55,10 +57,10 @@ class DeployReply(BaseModel):
     node_id: str = Field(description="The first deployed node (see `nodes` for all)")
     sandbox_id: str
     role: str
-    status: str
+    status: Literal["deployed", "failed"] = Field(description="The first deployed node's")
     capabilities: list[str]
     nodes: list[NodeInfo]
-    cluster_status: str
+    cluster_status: ClusterState
     group: GroupChange
 
 
@@ -69,7 +71,7 @@ class Edge(BaseModel):
     to: int = Field(description="Destination rank")
     from_node: str
     to_node: str
-    status: str = Field(description="'active' once a measurement crossed the link")
+    status: Literal["active"] = Field(description="'active' once a measurement crossed the link")
     latency_ms: float = Field(description="Measured median round trip of a 4-byte send/recv")
     bandwidth_mbps: float = Field(description="Measured with a 1 MiB round trip, Mbit/s")
 
@@ -105,7 +107,7 @@ class NodeStatus(BaseModel):
     node_id: str
     sandbox_id: str
     role: str
-    status: str = Field(description="starting, running, failed, lost, removed or stopped")
+    status: NodeState
     alive: bool = Field(description="Process exists and the control API answered just now")
     pid: int | None
     rss_mb: float | None = Field(None, description="Resident memory measured now")
@@ -136,7 +138,7 @@ class ClusterStatusReply(BaseModel):
     success: bool
     cluster_id: str
     name: str
-    status: str
+    status: ClusterState
     topology: str
     architecture: str
     consensus: str
@@ -145,7 +147,7 @@ class ClusterStatusReply(BaseModel):
     created_at: float
     uptime_s: float
     generation: int
-    group_state: str = Field(description="'formed', 'needs_connect' or 'not_connected'")
+    group_state: Literal["formed", "needs_connect", "not_connected"]
     group_message: str
     nodes: list[NodeStatus]
     performance: Performance
@@ -161,7 +163,7 @@ class ClusterStatusReply(BaseModel):
 class ClusterSummary(BaseModel):
     cluster_id: str
     name: str
-    status: str
+    status: ClusterState
     topology: str
     architecture: str
     nodes: int = Field(description="Live nodes (starting or running)")
@@ -180,14 +182,14 @@ class NodeRemoveReply(BaseModel):
     node_id: str
     pid: int | None
     process_gone: bool = Field(description="Checked after stopping: the process no longer exists")
-    cluster_status: str
+    cluster_status: ClusterState
     group: GroupChange
 
 
 class NodeLogsReply(BaseModel):
     success: bool
     node_id: str
-    status: str
+    status: NodeState
     log_path: str
     lines: int
     log: str
@@ -202,7 +204,7 @@ class TerminatedNode(BaseModel):
 class TerminateReply(BaseModel):
     success: bool = Field(description="True only when every node process is verifiably gone")
     cluster_id: str
-    status: str
+    status: ClusterState
     nodes_terminated: int
     nodes: list[TerminatedNode]
     message: str
@@ -239,7 +241,7 @@ class TrainingLive(BaseModel):
     """What a running (or the last) session looks like right now."""
 
     session_id: str
-    status: str
+    status: SessionState
     mode: str
     epoch: int = Field(description="Epoch (sync/PS) or round (federated) in progress or done")
     total_epochs: int
@@ -263,7 +265,7 @@ class TrainStartReply(BaseModel):
     success: bool
     session_id: str
     cluster_id: str
-    status: str
+    status: SessionState
     nodes_training: int
     roles: dict[str, str] = Field(description="node_id -> role in this session")
     config: TrainConfig
@@ -276,7 +278,7 @@ class TrainingStatusReply(BaseModel):
     success: bool
     session_id: str
     cluster_id: str
-    status: str
+    status: SessionState
     config: dict[str, Any]
     created_at: float
     finished_at: float | None
@@ -290,7 +292,7 @@ class TrainingStatusReply(BaseModel):
 class TrainingStopReply(BaseModel):
     success: bool
     session_id: str
-    status: str
+    status: SessionState
     message: str
 
 
@@ -344,7 +346,7 @@ class EventInfo(BaseModel):
 class EventStreamReply(BaseModel):
     success: bool
     deployment_id: str
-    status: str = Field(description="The session's status when the reply was made")
+    status: SessionState = Field(description="The session's status when the reply was made")
     events: list[EventInfo]
     cursor: int = Field(description="The id to pass next time")
     resource_uri: str = Field(description="The same events as an MCP resource")

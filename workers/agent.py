@@ -108,7 +108,7 @@ class NodeAgent:
             cuda_devices=cuda_device_count(),
             cuda_visible=cuda_visible(),
             group=self.membership.info,
-            job_state=self.sink.snapshot(1 << 62).state if self.sink else "idle",
+            job_state=self.sink.snapshot(1 << 62).state if self.sink else p.JobState.IDLE,
             time=time.time(),
         )
 
@@ -177,33 +177,33 @@ class NodeAgent:
 
         if self.membership.info is None:
             raise RequestError(409, "this node has not joined a process group; connect the cluster first")
-        if self.sink is not None and self.sink.snapshot(1 << 62).state in ("preparing", "running"):
+        if self.sink is not None and self.sink.snapshot(1 << 62).state in p.BUSY_JOB_STATES:
             raise RequestError(409, "a training job is already running on this node; stop it first")
         job = self._confine_job(job)
         self.jobs += 1
         self.sink = ProgressSink(job.session_id, job.roles[self.membership.info.rank], job=self.jobs)
         self.stop_flag = threading.Event()
         self.dist_thread.submit(self._train, job, self.sink, self.stop_flag)
-        return p.TrainStarted(session_id=job.session_id, state="preparing", job=self.jobs)
+        return p.TrainStarted(session_id=job.session_id, state=p.JobState.PREPARING, job=self.jobs)
 
     def _train(self, job: p.TrainJob, sink: Any, stop: threading.Event) -> None:
         from workers.training import run_training
 
         try:
-            sink.set_state("preparing")
+            sink.set_state(p.JobState.PREPARING)
             result = run_training(job, node_id=self.node_id, sandbox=self.sandbox, sink=sink, stop=stop)
             if result is not None:
                 self._serve(result, job.model_dump(), f"training session {job.session_id}")
             state = sink.snapshot(1 << 62).state
-            if state not in ("completed", "stopped", "failed"):
-                sink.set_state("stopped" if stop.is_set() else "completed")
+            if state not in p.ENDED_JOB_STATES:
+                sink.set_state(p.JobState.STOPPED if stop.is_set() else p.JobState.COMPLETED)
         except Exception as exc:
             log.exception("training session %s failed", job.session_id)
-            sink.set_state("failed", error=str(exc) or type(exc).__name__)
+            sink.set_state(p.JobState.FAILED, error=str(exc) or type(exc).__name__)
 
     def training_status(self, cursor: int = 0) -> p.TrainProgress:
         if self.sink is None:
-            return p.TrainProgress(session_id=None, state="idle", role=self.role)
+            return p.TrainProgress(session_id=None, state=p.JobState.IDLE, role=self.role)
         return self.sink.snapshot(cursor)
 
     def lease(self, req: p.LeaseRequest) -> p.HealthReply:
@@ -334,7 +334,7 @@ class NodeAgent:
     def bench_collectives(self, req: p.CollectiveBenchRequest) -> p.CollectiveBenchReply:
         from workers.group import bench_collectives
 
-        if self.sink is not None and self.sink.snapshot(1 << 62).state in ("preparing", "running"):
+        if self.sink is not None and self.sink.snapshot(1 << 62).state in p.BUSY_JOB_STATES:
             raise RequestError(409, "a training job is running on this node; benchmark the links after it")
         results = self._on_dist_thread(lambda: bench_collectives(self.membership.require(req.generation), req), 300)
         return p.CollectiveBenchReply(results=results)

@@ -8,9 +8,18 @@ anything server-side so that JSON Schema can be generated from it cheaply.
 from __future__ import annotations
 
 import re
+import sys
+from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # enum.StrEnum arrived in 3.11: a str whose str() and format() are its value
+    class StrEnum(str, Enum):
+        __str__ = str.__str__
+        __format__ = str.__format__
 
 Role = Literal["worker", "parameter_server", "aggregator", "validator"]
 Topology = Literal["mesh", "ring", "star", "hierarchical"]
@@ -19,10 +28,24 @@ Architecture = Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"]
 ModelPreset = Literal["base", "large", "xl", "custom"]
 Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
 TrainMode = Literal["sync", "parameter_server", "federated"]
-JobState = Literal["idle", "preparing", "running", "completed", "failed", "stopped"]
 Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
 AggregationRule = Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"]
 BehaviorKind = Literal["honest", "gaussian_noise", "sign_flip", "scaled", "nan"]
+
+
+class JobState(StrEnum):
+    """A node's training job, as the node reports it."""
+
+    IDLE = "idle"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+BUSY_JOB_STATES = frozenset({JobState.PREPARING, JobState.RUNNING})  # inside a job: not free for another
+ENDED_JOB_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.STOPPED})
 
 
 class Behavior(BaseModel):
@@ -85,7 +108,7 @@ class HealthReply(BaseModel):
     cuda_devices: int = Field(0, description="CUDA devices the node's torch sees (0 on a CPU build)")
     cuda_visible: str | None = Field(None, description="The node's CUDA_VISIBLE_DEVICES, None when unset")
     group: GroupInfo | None = Field(None, description="None until the node has joined a group")
-    job_state: JobState = "idle"
+    job_state: JobState = JobState.IDLE
     time: float = Field(description="Node wall clock (time.time()) when it answered")
 
 

@@ -33,7 +33,6 @@ GRACE_ENV = "FLOW_NEXUS_LEASE_GRACE_S"
 DEFAULT_GRACE_S = 120.0
 MAX_PUSH_SAMPLES = 2000  # a push stays small; the rest follows in the next pushes
 FAILURE_LOG_EVERY_S = 30.0  # a controller that is gone is said once, then now and then
-BUSY_STATES = ("preparing", "running")
 
 
 def lease_grace_s() -> float:
@@ -105,7 +104,7 @@ class TelemetryPusher:
         push = p.TelemetryPush(health=self.agent.health(), progress=progress, cursor=self._cursor)
         error = self._send(push)
         now = time.monotonic()
-        if error is None or progress.state in BUSY_STATES:
+        if error is None or progress.state in p.BUSY_JOB_STATES:
             self._lease_since = now  # a running job keeps the node: the grace counts from its end
         if error is None:
             if self._failing_since is not None:

@@ -18,12 +18,13 @@ from flow_nexus_server.controller.channel import (ControllerPaths, ControllerUna
 def store_view(store: Any, home: Path) -> dict[str, Any]:
     """The home's live clusters with their nodes, and its running sessions, as the store records
     them: what ``status`` shows (the controller adds its pid and attached front-ends)."""
+    from flow_nexus_server.states import ClusterState, SessionState
     from flow_nexus_server.store import Cluster, Node, TrainingSession
 
     with store.session() as s:
-        clusters = list(s.scalars(select(Cluster).where(Cluster.status != "terminated").order_by(Cluster.created_at)))
+        clusters = list(s.scalars(select(Cluster).where(Cluster.status != ClusterState.TERMINATED).order_by(Cluster.created_at)))
         nodes = list(s.scalars(select(Node).where(Node.cluster_id.in_([c.id for c in clusters])).order_by(Node.seq)))
-        sessions = list(s.scalars(select(TrainingSession).where(TrainingSession.status == "running")))
+        sessions = list(s.scalars(select(TrainingSession).where(TrainingSession.status == SessionState.RUNNING)))
     return {
         "controller_pid": None, "home": str(home), "frontends": 0,
         "clusters": [{

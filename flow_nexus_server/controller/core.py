@@ -20,6 +20,7 @@ from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.inference import InferenceService
 from flow_nexus_server.service.monitor import NodeMonitor
 from flow_nexus_server.service.training import TrainingService
+from flow_nexus_server.states import ClusterState
 from flow_nexus_server.store import Cluster
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Controller:
 
     def _terminate_all(self) -> None:
         with self.clusters.store.session() as s:
-            ids = list(s.scalars(select(Cluster.id).where(Cluster.status != "terminated")))
+            ids = list(s.scalars(select(Cluster.id).where(Cluster.status != ClusterState.TERMINATED)))
         for cluster_id in ids:
             try:
                 if self.clusters.store.nodes(cluster_id):

@@ -42,8 +42,8 @@ from flow_nexus_server.config import DEFAULT_IDLE_TIMEOUT_MIN, HTTP_MAX_BODY_BYT
 from flow_nexus_server.controller.channel import ControllerPaths
 from flow_nexus_server.controller.commands import store_view
 from flow_nexus_server.controller.core import Controller
+from flow_nexus_server.states import LIVE_NODE_STATES, ClusterState, SessionState
 from flow_nexus_server.store import Cluster, Node, TrainingSession
-from flow_nexus_server.store.db import LIVE_NODE_STATES
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ async def serve_mcp_connection(mcp: MCPServer, stream: anyio.abc.ByteStream) -> 
 def live_work(ctrl: Controller) -> tuple[list[Cluster], set[str]]:
     """(clusters with live nodes, ids of clusters with a running session)."""
     with ctrl.clusters.store.session() as s:
-        clusters = list(s.scalars(select(Cluster).where(Cluster.status != "terminated")))
+        clusters = list(s.scalars(select(Cluster).where(Cluster.status != ClusterState.TERMINATED)))
         with_nodes = set(s.scalars(select(Node.cluster_id).where(Node.status.in_(LIVE_NODE_STATES))))
-        training = set(s.scalars(select(TrainingSession.cluster_id).where(TrainingSession.status == "running")))
+        training = set(s.scalars(select(TrainingSession.cluster_id).where(TrainingSession.status == SessionState.RUNNING)))
     return [c for c in clusters if c.id in with_nodes], training
 
 

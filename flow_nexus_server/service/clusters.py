@@ -39,8 +39,8 @@ from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient
 from flow_nexus_server.service.telemetry import Directory, Telemetry
 from flow_nexus_server.service.topology import edges as topology_edges
+from flow_nexus_server.states import FORMED_CLUSTER_STATES, LIVE_NODE_STATES, ClusterState, NodeState
 from flow_nexus_server.store import Cluster, Node, Store, TrainingSession
-from flow_nexus_server.store.db import LIVE_NODE_STATES
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
                 f"cluster {cluster_id!r} does not exist; call neural_cluster_list to see clusters "
                 "or neural_cluster_init to create one"
             )
-        if active and cluster.status == "terminated":
+        if active and cluster.status == ClusterState.TERMINATED:
             raise Conflict(
                 f"cluster {cluster_id} is terminated; create a new one with neural_cluster_init"
             )
@@ -126,7 +126,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
             cluster = self.rows(cluster_id).cluster
         except NotFound:
             return None
-        return cluster.token if cluster.status != "terminated" else None
+        return cluster.token if cluster.status != ClusterState.TERMINATED else None
 
     def _is_live_node(self, cluster_id: str, node_id: str) -> bool:
         return any(n.id == node_id and n.status in LIVE_NODE_STATES for n in self.rows(cluster_id).nodes)
@@ -166,7 +166,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
                 "(FLOW_NEXUS_MAX_NODES_PER_CLUSTER); ask for fewer"
             )
         with self.store.session() as s:
-            active = s.scalar(select(func.count()).select_from(Cluster).where(Cluster.status != "terminated"))
+            active = s.scalar(select(func.count()).select_from(Cluster).where(Cluster.status != ClusterState.TERMINATED))
         if active and active >= self.settings.limits.max_clusters:
             raise ServiceError(
                 f"{active} clusters are active, the limit is {self.settings.limits.max_clusters} "
@@ -179,7 +179,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
         options = {"wasmOptimization": wasm_optimization, "daaEnabled": daa_enabled, **(extra or {}),
                    "backend_requested": backend}
         cluster = Cluster(
-            id=cluster_id, name=name, status="initializing", topology=topology,
+            id=cluster_id, name=name, status=ClusterState.INITIALIZING, topology=topology,
             architecture=architecture, consensus=consensus, launcher=launcher,
             backend=backend, max_nodes=max_nodes, auto_healing=auto_healing,
             token=secrets.token_hex(32), directory=str(directory), options=options,
@@ -205,7 +205,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
         cluster, all_nodes = rows.cluster, rows.nodes
         live = [n for n in all_nodes if n.status in LIVE_NODE_STATES]
         topo = cluster.connected_topology or cluster.topology
-        formed = cluster.status in ("connected", "training")
+        formed = cluster.status in FORMED_CLUSTER_STATES
         edge_list = topology_edges(topo, len(live)) if formed else []
         now = time.time()
         node_rows = []
@@ -228,11 +228,11 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
                          "device": h.group.device if h.group else None} if h else {},
             ))
         net = cluster.options.get("network", {})
-        if cluster.status == "terminated":
+        if cluster.status == ClusterState.TERMINATED:
             state, msg = "not_connected", "the cluster is terminated"
         elif formed:
             state, msg = "formed", f"generation {cluster.generation} over {len(live)} node(s), {topo}"
-        elif cluster.status == "needs_connect":
+        elif cluster.status == ClusterState.NEEDS_CONNECT:
             state, msg = "needs_connect", (cluster.needs_connect_reason or "membership changed") + \
                 "; call neural_cluster_connect"
         else:
@@ -258,7 +258,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
         with self.store.session() as s:
             q = select(Cluster).order_by(Cluster.created_at)
             if not include_terminated:
-                q = q.where(Cluster.status != "terminated")
+                q = q.where(Cluster.status != ClusterState.TERMINATED)
             clusters = list(s.scalars(q))
             counts = dict(s.execute(
                 select(Node.cluster_id, func.count()).where(Node.status.in_(LIVE_NODE_STATES))
@@ -273,7 +273,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
     def terminate(self, cluster_id: str, reason: str = "terminated on request") -> r.TerminateReply:
         with self.lock(cluster_id):
             cluster = self.get_cluster(cluster_id, active=False)
-            if cluster.status == "terminated":
+            if cluster.status == ClusterState.TERMINATED:
                 raise Conflict(f"cluster {cluster_id} is already terminated")
             nodes = self.store.nodes(cluster_id)
             results = parallel(lambda n: self._stop_node(cluster, n), nodes)
@@ -282,17 +282,17 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
                 ok = gone is True
                 if isinstance(gone, BaseException):
                     log.error("stopping %s failed", node.id, exc_info=gone)
-                self.store.update(Node, node.id, status="stopped" if ok else "lost", stopped_at=time.time(),
+                self.store.update(Node, node.id, status=NodeState.STOPPED if ok else NodeState.LOST, stopped_at=time.time(),
                                   error=None if ok else "could not verify the process stopped")
                 self.telemetry.forget(node.id)
                 out.append(r.TerminatedNode(node_id=node.id, pid=node.pid, process_gone=ok))
             all_gone = all(n.process_gone for n in out)
-            self.store.update(Cluster, cluster_id, status="terminated", terminated_at=time.time())
+            self.store.update(Cluster, cluster_id, status=ClusterState.TERMINATED, terminated_at=time.time())
             self.event(cluster_id, "cluster_terminated", f"{reason}: {len(out)} node(s) stopped")
             msg = (f"all {len(out)} node process(es) stopped and verified gone" if all_gone else
                    "some node processes could not be verified gone: " +
                    ", ".join(f"{n.node_id} (pid {n.pid})" for n in out if not n.process_gone))
-            return r.TerminateReply(success=all_gone, cluster_id=cluster_id, status="terminated",
+            return r.TerminateReply(success=all_gone, cluster_id=cluster_id, status=ClusterState.TERMINATED,
                                     nodes_terminated=sum(n.process_gone for n in out), nodes=out, message=msg)
 
     def close(self, stop_nodes: bool = True) -> None:
@@ -303,7 +303,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
             return
         self._closed = True
         with self.store.session() as s:
-            ids = list(s.scalars(select(Cluster.id).where(Cluster.status != "terminated")))
+            ids = list(s.scalars(select(Cluster.id).where(Cluster.status != ClusterState.TERMINATED)))
         for cluster_id in ids if stop_nodes else []:
             try:
                 if self.store.nodes(cluster_id):

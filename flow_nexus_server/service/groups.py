@@ -17,6 +17,7 @@ from flow_nexus_server.service.node_client import NodeRequestError
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.rendezvous import store_on_first_node
 from flow_nexus_server.service.topology import edges as topology_edges
+from flow_nexus_server.states import ClusterState, move
 from flow_nexus_server.store import Cluster, Node
 from workers import protocol as p
 
@@ -36,7 +37,7 @@ class GroupManager:
                 raise ServiceError(
                     f"cluster {cluster_id} has no nodes; call neural_node_deploy first"
                 )
-            if cluster.status == "training":
+            if cluster.status == ClusterState.TRAINING:
                 raise Conflict(f"cluster {cluster_id} is training; stop the session before reconnecting")
             return self._form_group(cluster, nodes, topology or cluster.topology)
 
@@ -104,7 +105,8 @@ class GroupManager:
                 row = s.get(Node, node.id)
                 row.rank, row.generation = rank, generation
             c = s.get(Cluster, cluster.id)
-            c.generation, c.connected_topology, c.status = generation, topology, "connected"
+            move(c, ClusterState.CONNECTED)
+            c.generation, c.connected_topology = generation, topology
             c.needs_connect_reason, c.store_host, c.store_port = None, host, port
             c.backend = backend
             c.options = {**c.options, "network": {**health.model_dump(), "edges": len(out_edges)}}
@@ -137,7 +139,8 @@ class GroupManager:
     def _mark_needs_connect(self, cluster: Cluster, generation: int, reason: str) -> None:
         with self.store.session() as s:
             c = s.get(Cluster, cluster.id)
-            c.generation, c.status, c.needs_connect_reason = generation, "needs_connect", reason
+            move(c, ClusterState.NEEDS_CONNECT)
+            c.generation, c.needs_connect_reason = generation, reason
         cluster.generation = generation
         self.event(cluster.id, "group_failed", reason)
 
@@ -145,7 +148,7 @@ class GroupManager:
         """Deploy/remove on a connected cluster re-forms the group; otherwise records the state."""
         cluster = self.get_cluster(cluster_id)
         nodes = self.store.nodes(cluster_id)
-        if cluster.status in ("connected",) and nodes:
+        if cluster.status == ClusterState.CONNECTED and nodes:
             try:
                 reply = self._form_group(cluster, nodes, cluster.connected_topology or cluster.topology)
             except ServiceError as exc:
@@ -154,13 +157,13 @@ class GroupManager:
             return r.GroupChange(action="reformed", generation=reply.generation,
                                  message=f"{what}; the group was re-formed as generation {reply.generation}")
         if not nodes:
-            self.store.update(Cluster, cluster_id, status="initializing", needs_connect_reason=None)
+            self.store.update(Cluster, cluster_id, status=ClusterState.INITIALIZING, needs_connect_reason=None)
             return r.GroupChange(action="none", generation=cluster.generation, message=f"{what}; no nodes left")
-        if cluster.status in ("initializing",):
-            self.store.update(Cluster, cluster_id, status="ready")
+        if cluster.status == ClusterState.INITIALIZING:
+            self.store.update(Cluster, cluster_id, status=ClusterState.READY)
             return r.GroupChange(action="none", generation=cluster.generation,
                                  message=f"{what}; call neural_cluster_connect to form the process group")
-        if cluster.status == "needs_connect":
+        if cluster.status == ClusterState.NEEDS_CONNECT:
             return r.GroupChange(action="needs_connect", generation=cluster.generation,
                                  message=f"{what}; call neural_cluster_connect to form the process group")
         return r.GroupChange(action="none", generation=cluster.generation, message=what)
@@ -169,7 +172,7 @@ class GroupManager:
         """Averaging all-reduce time and bandwidth per topology and message size, across the live group."""
         with self.lock(cluster_id):
             cluster = self.get_cluster(cluster_id)
-            if cluster.status != "connected":
+            if cluster.status != ClusterState.CONNECTED:
                 raise ServiceError(f"cluster {cluster_id} is {cluster.status}; connect it (and let training finish) "
                                    "before benchmarking its links")
             nodes = sorted(self.store.nodes(cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)

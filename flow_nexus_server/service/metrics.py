@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flow_nexus_server.service.telemetry import Telemetry
+from flow_nexus_server.states import SessionState
 
 if TYPE_CHECKING:
     from flow_nexus_server.service.clusters import ClusterService
@@ -78,7 +79,7 @@ class ControllerCollector(Collector):
         accuracy = gauge("accuracy", "Latest validation accuracy (training accuracy without a validation split)")
         speed = gauge("samples_per_second", "Training samples per second over the last epoch or round")
         restarts = gauge("restarts", "Times the session was restarted (auto-healing, raft takeover)")
-        running = [live for live in list(self.training.live.values()) if live.status == "running"]
+        running = [live for live in list(self.training.live.values()) if live.status == SessionState.RUNNING]
         for live in running:
             view = live.view()
             labels = [live.cluster_id, live.session_id, live.mode]

@@ -21,6 +21,7 @@ from flow_nexus_server.service.budget import node_memory_mb, over_memory
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.telemetry import NODE_SILENT_S
+from flow_nexus_server.states import NodeState, SessionState
 from flow_nexus_server.store import Cluster, Node, TrainingSession
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class NodeMonitor:
 
     def _check(self, node: Node) -> None:
         cluster = self.clusters.store.cluster(node.cluster_id)
-        if cluster is None or node.status != "running" or not node.port:
+        if cluster is None or node.status != NodeState.RUNNING or not node.port:
             return
         alive, code = self.clusters.launcher(cluster).is_alive(self.clusters.handle(node))
         if not alive:
@@ -111,4 +112,4 @@ class NodeMonitor:
     def _running_session(self, cluster_id: str) -> str | None:
         with self.clusters.store.session() as s:
             return s.scalar(select(TrainingSession.id).where(TrainingSession.cluster_id == cluster_id,
-                                                             TrainingSession.status == "running"))
+                                                             TrainingSession.status == SessionState.RUNNING))

@@ -24,8 +24,8 @@ from flow_nexus_server.service.backend import check_gpus
 from flow_nexus_server.service.errors import Conflict, ServiceError
 from flow_nexus_server.service.node_client import NodeRequestError
 from flow_nexus_server.service.parallel import parallel
+from flow_nexus_server.states import FORMED_CLUSTER_STATES, LIVE_NODE_STATES, ClusterState, NodeState
 from flow_nexus_server.store import Cluster, Node
-from flow_nexus_server.store.db import LIVE_NODE_STATES
 from workers import protocol as p
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class NodeRegistry:
                 node_id = "node_" + secrets.token_hex(4)
                 sandbox = Path(cluster.directory) / "nodes" / node_id
                 nodes.append(Node(
-                    id=node_id, cluster_id=cluster_id, seq=seq0 + i, role=role, status="starting",
+                    id=node_id, cluster_id=cluster_id, seq=seq0 + i, role=role, status=NodeState.STARTING,
                     model=model, capabilities=capabilities, layers=layers,
                     options={"autonomy": autonomy, "template": template, "num_cpus": num_cpus,
                              "num_gpus": num_gpus, "memory_mb": memory_mb or self.settings.limits.node_memory_mb,
@@ -106,8 +106,8 @@ class NodeRegistry:
                 s.add_all(nodes)
             results = parallel(lambda n: self._start_node(cluster, n), nodes)
             infos = [self._node_info(n, res) for n, res in zip(nodes, results)]
-            failed = [i for i in infos if i.status == "failed"]
-            ok = [i for i in infos if i.status == "deployed"]
+            failed = [i for i, res in zip(infos, results) if isinstance(res, BaseException)]
+            ok = [i for i, res in zip(infos, results) if not isinstance(res, BaseException)]
             group = self._after_membership_change(cluster_id, f"{len(ok)} node(s) deployed") if ok else \
                 r.GroupChange(action="none", generation=cluster.generation, message="no node joined")
             cluster = self.get_cluster(cluster_id)
@@ -126,7 +126,7 @@ class NodeRegistry:
         """Start a node that takes a lost node's place: same role, options and position (so same shard)."""
         cluster = self.get_cluster(cluster_id)
         node_id = "node_" + secrets.token_hex(4)
-        node = Node(id=node_id, cluster_id=cluster_id, seq=dead.seq, role=dead.role, status="starting",
+        node = Node(id=node_id, cluster_id=cluster_id, seq=dead.seq, role=dead.role, status=NodeState.STARTING,
                     model=dead.model, capabilities=dead.capabilities, layers=dead.layers,
                     options={**dead.options, "replaces": dead.id},
                     sandbox=str(Path(cluster.directory) / "nodes" / node_id), created_at=time.time())
@@ -163,7 +163,7 @@ class NodeRegistry:
         self.telemetry.record(cluster.id, health)  # its first heartbeat; pushes follow every second
         # What GPUs a process sees is fixed for its life: kept for the backend choice at connect.
         node.options = {**node.options, "cuda_devices": health.cuda_devices, "cuda_visible": health.cuda_visible}
-        self.store.update(Node, node.id, status="running", options=node.options)
+        self.store.update(Node, node.id, status=NodeState.RUNNING, options=node.options)
         return time.monotonic() - start
 
     def _node_info(self, node: Node, result: float | BaseException) -> r.NodeInfo:
@@ -172,7 +172,7 @@ class NodeRegistry:
                 f"{type(result).__name__}: {result}"
             if not isinstance(result, (LaunchError, NodeRequestError)):
                 log.error("deploying %s failed", node.id, exc_info=result)
-            self.store.update(Node, node.id, status="failed", error=error, stopped_at=time.time())
+            self.store.update(Node, node.id, status=NodeState.FAILED, error=error, stopped_at=time.time())
             self.event(node.cluster_id, "node_failed", f"node {node.id} failed to deploy: {error}", node_id=node.id)
             status, startup, err = "failed", None, error
         else:
@@ -195,14 +195,14 @@ class NodeRegistry:
         with self.lock(node.cluster_id):
             cluster = self.get_cluster(node.cluster_id)
             node = self.get_node(node_id)
-            if cluster.status == "training":
+            if cluster.status == ClusterState.TRAINING:
                 raise Conflict(f"cluster {cluster.id} is training; stop the session before removing nodes")
             if node.status not in LIVE_NODE_STATES:
                 raise Conflict(f"node {node_id} is already {node.status}; nothing to remove")
             gone = self._stop_node(cluster, node)
             if not gone:
                 raise ServiceError(f"node {node_id} (pid {node.pid}) could not be stopped; it is still running")
-            self.store.update(Node, node_id, status="removed", stopped_at=time.time(), rank=None)
+            self.store.update(Node, node_id, status=NodeState.REMOVED, stopped_at=time.time(), rank=None)
             self.telemetry.forget(node_id)
             self.event(cluster.id, "node_removed", f"node {node_id} removed", node_id=node_id)
             group = self._after_membership_change(cluster.id, f"node {node_id} removed")
@@ -227,12 +227,12 @@ class NodeRegistry:
             current = self.store.node(node.id)
             if current is None or current.status not in LIVE_NODE_STATES:
                 return
-            self.store.update(Node, node.id, status="failed", error=reason, stopped_at=time.time())
+            self.store.update(Node, node.id, status=NodeState.FAILED, error=reason, stopped_at=time.time())
             self.telemetry.forget(node.id)
             self.event(cluster.id, "node_failed", f"node {node.id} ({node.role}) failed: {reason}", node_id=node.id)
             c = self.get_cluster(cluster.id, active=False)
-            if c.status in ("connected", "training"):
-                self.store.update(Cluster, cluster.id, status="needs_connect",
+            if c.status in FORMED_CLUSTER_STATES:
+                self.store.update(Cluster, cluster.id, status=ClusterState.NEEDS_CONNECT,
                                   needs_connect_reason=f"node {node.id} failed ({reason})")
         for listener in self.on_node_lost:
             try:
@@ -245,7 +245,7 @@ class NodeRegistry:
         """After a server restart: re-attach to nodes still alive, mark the others lost. Nothing of the
         rendezvous is restarted: the first node still hosts the store, and a re-form asks it again."""
         with self.store.session() as s:
-            clusters = list(s.scalars(select(Cluster).where(Cluster.status != "terminated")))
+            clusters = list(s.scalars(select(Cluster).where(Cluster.status != ClusterState.TERMINATED)))
         for cluster in clusters:
             nodes = self.store.nodes(cluster.id)
             if not nodes:
@@ -262,11 +262,11 @@ class NodeRegistry:
                 if ok:
                     alive.append(node)
                 else:
-                    self.store.update(Node, node.id, status="lost", stopped_at=time.time(),
+                    self.store.update(Node, node.id, status=NodeState.LOST, stopped_at=time.time(),
                                       error="not found alive when the server restarted")
             lost = len(nodes) - len(alive)
-            if lost and cluster.status in ("connected", "training"):
-                self.store.update(Cluster, cluster.id, status="needs_connect",
+            if lost and cluster.status in FORMED_CLUSTER_STATES:
+                self.store.update(Cluster, cluster.id, status=ClusterState.NEEDS_CONNECT,
                                   needs_connect_reason=f"{lost} node(s) lost while the server was down")
             self.event(cluster.id, "server_reattached",
                        f"server restarted: {len(alive)} node(s) re-attached, {lost} lost")

@@ -17,7 +17,7 @@ from flow_nexus_server import replies as r
 from flow_nexus_server.launchers.base import log_tail
 from flow_nexus_server.launchers.local import NODE_LOG
 from flow_nexus_server.service.errors import Conflict, ServiceError
-from flow_nexus_server.store.db import LIVE_NODE_STATES
+from flow_nexus_server.states import LIVE_NODE_STATES
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,8 @@ from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
 from flow_nexus_server.service.paths import check_dataset_spec, under_allowed_root
+from flow_nexus_server.states import (ENDED_SESSION_STATES, LIVE_NODE_STATES, ClusterState, SessionState, move,
+                                      transition)
 from flow_nexus_server.store import Checkpoint, Cluster, MetricSample, Node, TrainingSession
 from workers import protocol as p
 
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 MAX_RESTARTS = 3
-TERMINAL = ("completed", "failed", "stopped")
 # A survivor reports "connection closed by peer" about as soon as a peer dies; the monitor names
 # the dead node within about a second (its process check). Wait this long for that verdict before
 # failing the session on the survivor's error alone, so healing and raft can act on the node.
@@ -109,7 +110,8 @@ class LiveSession:
     mode: str
     started: float
     nodes: list[NodeView]
-    status: str = "running"
+    status: SessionState = SessionState.RUNNING
+    ended: float | None = None  # time.time() when the session ended: elapsed stops there
     error: str | None = None
     stop_requested: bool = False
     last_event_epoch: int = 0
@@ -127,8 +129,8 @@ class LiveSession:
         rep = self.reporter()
         snap = rep.snapshot if rep else None
         progress = snap.progress if snap else 0.0
-        elapsed = time.time() - self.started
-        eta = elapsed / progress * (1 - progress) if 0 < progress < 1 and self.status == "running" else None
+        elapsed = (self.ended or time.time()) - self.started
+        eta = elapsed / progress * (1 - progress) if 0 < progress < 1 and self.status == SessionState.RUNNING else None
         return r.TrainingLive(
             session_id=self.session_id, status=self.status, mode=self.mode,
             epoch=snap.epoch if snap else 0, total_epochs=snap.total_epochs if snap else 0,
@@ -197,10 +199,10 @@ class TrainingService:
         learning_rate, optimizer, local_epochs = req.learning_rate, req.optimizer, req.local_epochs
         with svc.lock(cluster_id):
             cluster = svc.get_cluster(cluster_id)
-            if cluster.status == "training":
+            if cluster.status == ClusterState.TRAINING:
                 raise Conflict(f"cluster {cluster_id} is already training session {self.by_cluster.get(cluster_id)}; "
                                "stop it with neural_training_stop or wait for it to finish")
-            if cluster.status != "connected":
+            if cluster.status != ClusterState.CONNECTED:
                 raise ServiceError(f"cluster {cluster_id} is not connected (status {cluster.status}); "
                                    "call neural_cluster_connect first")
             nodes = sorted(svc.store.nodes(cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
@@ -256,10 +258,10 @@ class TrainingService:
                                               "local_epochs", "roles", "layers"}),
             )
             with self.store.session() as s:
-                s.add(TrainingSession(id=session_id, cluster_id=cluster_id, status="running",
+                s.add(TrainingSession(id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
                                       config=config.model_dump(), created_at=time.time()))
                 c = s.get(Cluster, cluster_id)
-                c.status = "training"
+                move(c, ClusterState.TRAINING)
                 c.options = {**c.options, "quantization": req.quantization.model_dump() if req.quantization else None}
             views = [NodeView(n, job=t.job) for n, t in zip(nodes, started)]  # type: ignore[union-attr]
             live = LiveSession(session_id, cluster_id, mode, time.time(), views, job=job)
@@ -270,7 +272,7 @@ class TrainingService:
                       session_id=session_id)
             threading.Thread(target=self._watch, args=(live,), name=f"watch-{session_id}", daemon=True).start()
         return r.TrainStartReply(
-            success=True, session_id=session_id, cluster_id=cluster_id, status="running",
+            success=True, session_id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
             nodes_training=len(trainers), roles={n.id: n.role for n in nodes}, config=config,
             data=data.model_dump(exclude={"ok", "error"}),
             message=f"training started; follow it with neural_training_status(session_id='{session_id}') "
@@ -313,8 +315,8 @@ class TrainingService:
     def _watch_once(self, live: LiveSession) -> bool:
         """One look at the session's pushed progress; True once the session has ended."""
         cluster = self.clusters.get_cluster(live.cluster_id, active=False)
-        states = [v.snapshot.state if v.snapshot else "preparing" for v in live.nodes]
-        failed = next((v for v in live.nodes if v.snapshot and v.snapshot.state == "failed"), None)
+        states = [v.snapshot.state if v.snapshot else p.JobState.PREPARING for v in live.nodes]
+        failed = next((v for v in live.nodes if v.snapshot and v.snapshot.state == p.JobState.FAILED), None)
         if live.error is None and failed is not None:
             # A survivor often reports "connection closed by peer" before the monitor has named
             # the node that died: wait for that verdict, so healing/takeover can act on it.
@@ -327,10 +329,11 @@ class TrainingService:
             if can_restart and live.job is not None and live.job.consensus == "raft" \
                     and live.job.mode == "federated" and self._raft_takeover(live, cluster):
                 return False
-            self._finish(live, cluster, "failed")
+            self._finish(live, cluster, SessionState.FAILED)
             return True
-        if all(s in TERMINAL for s in states):
-            self._finish(live, cluster, "stopped" if "stopped" in states else "completed")
+        if all(s in p.ENDED_JOB_STATES for s in states):
+            stopped = p.JobState.STOPPED in states
+            self._finish(live, cluster, SessionState.STOPPED if stopped else SessionState.COMPLETED)
             return True
         return False
 
@@ -338,7 +341,7 @@ class TrainingService:
         """ClusterService.on_node_lost: the monitor declared ``node`` lost; a running session on it
         ends, heals or hands raft over (its watcher acts on ``live.lost``)."""
         live = self.live.get(self.by_cluster.get(cluster.id, ""))
-        if live is None or live.status != "running" or not any(v.node.id == node.id for v in live.nodes):
+        if live is None or live.status != SessionState.RUNNING or not any(v.node.id == node.id for v in live.nodes):
             return
         self._lose(live, node, f"node {node.id} ({node.role}, rank {node.rank}) lost: {reason}")
 
@@ -347,10 +350,11 @@ class TrainingService:
         live.error = live.error or (f"the server could not follow the session for {WATCH_GIVE_UP_S:.0f} s "
                                     f"({type(exc).__name__}; see server.log)")
         try:
-            self._finish(live, self.clusters.get_cluster(live.cluster_id, active=False), "failed")
+            self._finish(live, self.clusters.get_cluster(live.cluster_id, active=False), SessionState.FAILED)
         except Exception:
             log.exception("recording the end of session %s failed", live.session_id)
-            live.status = "failed"
+            live.status = transition(live.status, SessionState.FAILED, live.session_id)
+            live.ended = live.ended or time.time()
             live.done.set()
 
     def _heal(self, live: LiveSession, cluster: Cluster) -> bool:
@@ -417,7 +421,7 @@ class TrainingService:
         if bad:
             raise ServiceError("restarting the session failed on " + "; ".join(bad))
         with self.store.session() as s:
-            s.get(Cluster, live.cluster_id).status = "training"
+            move(s.get(Cluster, live.cluster_id), ClusterState.TRAINING)
         with live.lock:
             live.job, live.restarts = job, live.restarts + 1
             live.nodes = [NodeView(n, job=t.job) for n, t in zip(nodes, started)]  # type: ignore[union-attr]
@@ -425,7 +429,7 @@ class TrainingService:
             live.lost_seen.clear()
         for node in nodes:  # lost while restarting: the monitor's verdict came before these views
             current = self.store.node(node.id)
-            if current is None or current.status not in ("starting", "running"):
+            if current is None or current.status not in LIVE_NODE_STATES:
                 self._lose(live, node, f"node {node.id} ({node.role}, rank {node.rank}) lost: "
                                        f"{current.error if current else 'removed'}")
         return nodes, job
@@ -436,7 +440,7 @@ class TrainingService:
         deadline = time.time() + timeout
         while time.time() < deadline:
             snaps = parallel(lambda n: self.clusters.client(cluster, n).training_status(1 << 62), nodes)
-            if all(isinstance(x, p.TrainProgress) and x.state not in ("preparing", "running") for x in snaps):
+            if all(isinstance(x, p.TrainProgress) and x.state not in p.BUSY_JOB_STATES for x in snaps):
                 return
             time.sleep(0.5)
         raise ServiceError(f"the surviving nodes did not leave the session within {timeout:.0f} s")
@@ -446,7 +450,7 @@ class TrainingService:
         running session it belongs to. Returns the sample cursor to acknowledge; None when no
         session here follows that job."""
         live = self.live.get(self.by_cluster.get(cluster_id, ""))
-        if live is None or live.status != "running" or snap.session_id != live.session_id:
+        if live is None or live.status != SessionState.RUNNING or snap.session_id != live.session_id:
             return None
         with live.lock:
             view = next((v for v in live.nodes if v.node.id == node_id), None)
@@ -522,12 +526,13 @@ class TrainingService:
         self.clusters.event(live.cluster_id, "checkpoint_saved", f"checkpoint {path}", session_id=live.session_id,
                             node_id=node.id, data={"path": path, "epoch": epoch})
 
-    def _finish(self, live: LiveSession, cluster: Cluster, status: str) -> None:
-        if status == "failed":
+    def _finish(self, live: LiveSession, cluster: Cluster, status: SessionState) -> None:
+        failed = status == SessionState.FAILED
+        if failed:
             # Survivors may sit in a collective waiting for the dead peer: tell them to stop.
             parallel(lambda v: self.clusters.client(cluster, v.node).stop_training(),
-                     [v for v in live.nodes if v.node.status in ("starting", "running")])
-        if status == "failed" and live.lost is not None:
+                     [v for v in live.nodes if v.node.status in LIVE_NODE_STATES])
+        if failed and live.lost is not None:
             # Leave the survivors ready for a new session (re-formed without the lost node) before
             # the session reads as failed, so a caller that reacts at once finds them connected.
             survivors = [v.node for v in live.nodes if v.node.id != live.lost.id]
@@ -536,16 +541,18 @@ class TrainingService:
                 self.clusters.reform(live.cluster_id)
             except Exception as exc:
                 log.warning("re-forming cluster %s after the failure did not work: %s", live.cluster_id, exc)
-        live.status = status
+        live.status = transition(live.status, status, live.session_id)
+        live.ended = time.time()
         view = live.view()
         final = {**view.metrics, "elapsed_s": view.elapsed_s, "epochs_done": view.epoch, "nodes": view.nodes}
         with self.store.session() as s:
             row = s.get(TrainingSession, live.session_id)
-            row.status, row.finished_at, row.error, row.final_metrics = status, time.time(), live.error, final
+            move(row, status)
+            row.finished_at, row.error, row.final_metrics = live.ended, live.error, final
             c = s.get(Cluster, live.cluster_id)
-            if c.status == "training":
-                c.status = "connected" if status != "failed" else "needs_connect"
-                if status == "failed":
+            if c.status == ClusterState.TRAINING:
+                move(c, ClusterState.NEEDS_CONNECT if failed else ClusterState.CONNECTED)
+                if failed:
                     c.needs_connect_reason = f"session {live.session_id} failed"
         self.clusters.event(live.cluster_id, f"session_{status}",
                             f"session {live.session_id} {status}" + (f": {live.error}" if live.error else ""),
@@ -596,7 +603,7 @@ class TrainingService:
     def stop(self, session_id: str, timeout: float = 60.0) -> r.TrainingStopReply:
         row = self.session(session_id)
         live = self.live.get(session_id)
-        if live is None or row.status in TERMINAL:
+        if live is None or row.status in ENDED_SESSION_STATES:
             raise Conflict(f"session {session_id} is not running (status {row.status})")
         cluster = self.clusters.get_cluster(row.cluster_id, active=False)
         live.stop_requested = True
@@ -642,7 +649,7 @@ class TrainingService:
         """Stop a running session first (so it ends 'stopped', not 'failed'), then every node."""
         sid = self.by_cluster.get(cluster_id)
         live = self.live.get(sid) if sid else None
-        if live is not None and live.status == "running":
+        if live is not None and live.status == SessionState.RUNNING:
             try:
                 self.stop(live.session_id, timeout=30)
             except ServiceError as exc:
@@ -656,19 +663,19 @@ class TrainingService:
         """After a server restart: watch sessions still running on the nodes again; mark the rest
         interrupted, naming their last checkpoint. A session is never silently forgotten."""
         with self.store.session() as s:
-            rows = list(s.scalars(select(TrainingSession).where(TrainingSession.status == "running")))
+            rows = list(s.scalars(select(TrainingSession).where(TrainingSession.status == SessionState.RUNNING)))
         for row in rows:
             cluster = self.clusters.get_cluster(row.cluster_id, active=False)
             nodes = sorted(self.store.nodes(row.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
             snaps = parallel(lambda n: self.clusters.client(cluster, n).training_status(1 << 62), nodes)
             same = nodes and all(isinstance(x, p.TrainProgress) and x.session_id == row.id for x in snaps)
-            if same and cluster.status != "terminated":
+            if same and cluster.status != ClusterState.TERMINATED:
                 with self.store.session() as s:
                     cursors = dict(s.execute(select(MetricSample.node_id, func.max(MetricSample.seq))
                                              .where(MetricSample.session_id == row.id)
                                              .group_by(MetricSample.node_id)).all())
                     recorded = set(s.scalars(select(Checkpoint.path).where(Checkpoint.session_id == row.id)))
-                    s.get(Cluster, row.cluster_id).status = "training"
+                    move(s.get(Cluster, row.cluster_id), ClusterState.TRAINING)
                 # Progress shows at once; checkpoints saved while no controller watched are still news.
                 views = [NodeView(n, cursor=cursors.get(n.id) or 0, job=x.job, snapshot=x.model_copy(update={
                     "samples": [], "checkpoints": [c for c in x.checkpoints if c in recorded]}))
@@ -684,13 +691,14 @@ class TrainingService:
                 last = s.scalars(select(Checkpoint).where(Checkpoint.session_id == row.id)
                                  .order_by(Checkpoint.created_at.desc())).first()
                 session = s.get(TrainingSession, row.id)
-                session.status, session.finished_at = "interrupted", time.time()
+                move(session, SessionState.INTERRUPTED)
+                session.finished_at = time.time()
                 session.error = ("the server restarted and the session no longer runs on the nodes; " +
                                  (f"last checkpoint {last.id} ({last.path}): resume with resume_from='{last.id}'"
                                   if last else "no checkpoint was saved"))
                 c = s.get(Cluster, row.cluster_id)
-                if c.status == "training":
-                    c.status = "needs_connect"
+                if c.status == ClusterState.TRAINING:
+                    move(c, ClusterState.NEEDS_CONNECT)
                     c.needs_connect_reason = f"session {row.id} was interrupted"
             self.clusters.event(row.cluster_id, "session_interrupted", f"session {row.id} interrupted by a server restart",
                                 session_id=row.id)

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import create_engine, event, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from flow_nexus_server.states import LIVE_NODE_STATES, move
 from flow_nexus_server.store.tables import Base, Checkpoint, Cluster, Event, Node, TrainingSession
 
 # Rows whose every change moves Store.version: what in-memory reads (status) keep copies of.
@@ -68,10 +69,13 @@ class Store:
             return s.get(Node, node_id)
 
     def update(self, obj_type: type, obj_id: str, **values: Any) -> None:
+        """Set columns of one row; a new ``status`` must be a move its table allows (states.move)."""
         with self.session() as s:
             obj = s.get(obj_type, obj_id)
             if obj is None:
                 raise KeyError(obj_id)
+            if "status" in values:
+                move(obj, values.pop("status"))
             for k, v in values.items():
                 setattr(obj, k, v)
 
@@ -112,9 +116,6 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-
-
-LIVE_NODE_STATES = ("starting", "running")
 
 
 def _note_versioned_writes(session: Session, _context: Any) -> None:

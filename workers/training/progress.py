@@ -29,7 +29,7 @@ class ProgressSink:
         self.session_id = session_id
         self.role = role
         self.job = job  # the agent's job number: which start of the session this is
-        self._state: JobState = "idle"
+        self._state = JobState.IDLE
         self._error: str | None = None
         self._reporter = False
         self._epoch = 0
@@ -48,8 +48,8 @@ class ProgressSink:
 
     def set_state(self, state: JobState, error: str | None = None) -> None:
         with self._lock:
-            self._state = state
-            if error is not None or state != "failed":
+            self._state = JobState(state)
+            if error is not None or state != JobState.FAILED:
                 self._error = error
         log.info("[%s] state %s%s", self.session_id, state, f": {error}" if error else "")
 
