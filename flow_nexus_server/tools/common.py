@@ -1,0 +1,72 @@
+"""What every tool area shares: the service accessor, the ``call`` helper, annotations, id types."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import anyio
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from flow_nexus_server.controller.core import Controller
+from flow_nexus_server.launchers import LaunchError
+from flow_nexus_server.service.clusters import ClusterService
+from flow_nexus_server.service.errors import ServiceError
+from flow_nexus_server.service.inference import InferenceService
+from flow_nexus_server.service.node_client import NodeRequestError
+from flow_nexus_server.service.training import TrainingService
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ClusterId = Annotated[str, Field(min_length=1, max_length=64, description="Cluster id from neural_cluster_init (dnc_...)")]
+NodeId = Annotated[str, Field(min_length=1, max_length=64, description="Node id from neural_node_deploy (node_...)")]
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+RECONFIGURES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False)
+
+
+class App:
+    """The tools' way to the controller's services: the controller given to ``build_server``, or the one
+    the server's lifespan starts (so a service is looked up when a tool runs, not when it is declared)."""
+
+    def __init__(self, controller: Controller | None = None) -> None:
+        self.controller = controller
+
+    def ctrl(self) -> Controller:
+        assert self.controller is not None, "the server's lifespan has not started"
+        return self.controller
+
+    @property
+    def clusters(self) -> ClusterService:
+        return self.ctrl().clusters
+
+    @property
+    def training(self) -> TrainingService:
+        return self.ctrl().training
+
+    @property
+    def inference(self) -> InferenceService:
+        return self.ctrl().inference
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking service call on a worker thread; service errors become ToolErrors, and so
+    does anything unexpected: logged with its traceback, answered with a sentence naming the tool
+    (the SDK's own answer would be a bare "Error executing tool X")."""
+    tool = sys._getframe(1).f_code.co_name  # the tool function awaiting this call
+    try:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+    except (ServiceError, NodeRequestError, LaunchError) as exc:
+        raise ToolError(str(exc)) from exc
+    except Exception as exc:
+        log.exception("unexpected error in %s", tool)
+        raise ToolError(f"internal error in {tool}: {type(exc).__name__}; see server.log in the server's state home "
+                        "for the details") from exc
