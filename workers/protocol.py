@@ -8,21 +8,31 @@ anything server-side so that JSON Schema can be generated from it cheaply.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The enumerations of the whole contract, defined here once: the server's tools, services and
+# templates import them, so a value added or dropped here is added or dropped everywhere.
 Role = Literal["worker", "parameter_server", "aggregator", "validator"]
 Topology = Literal["mesh", "ring", "star", "hierarchical"]
 Backend = Literal["gloo", "nccl"]
+BackendChoice = Literal["auto", Backend]  # what a cluster asks for; auto = nccl when every node sees a GPU
+Launcher = Literal["subprocess", "docker", "ray"]
+Capability = Literal["training", "inference"]
 Architecture = Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"]
 ModelPreset = Literal["base", "large", "xl", "custom"]
 Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
+Partition = Literal["iid", "dirichlet"]
 TrainMode = Literal["sync", "parameter_server", "federated"]
 JobState = Literal["idle", "preparing", "running", "completed", "failed", "stopped"]
 Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
 AggregationRule = Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"]
+ExportFormat = Literal["safetensors", "torchscript"]
 BehaviorKind = Literal["honest", "gaussian_noise", "sign_flip", "scaled", "nan"]
+
+ROLES: tuple[Role, ...] = get_args(Role)
+TOPOLOGIES: tuple[Topology, ...] = get_args(Topology)
 
 
 class Behavior(BaseModel):
@@ -162,7 +172,7 @@ class TrainJob(BaseModel):
     optimizer: Optimizer = "adam"
     rounds: int = Field(5, ge=1, description="Federated rounds")
     local_epochs: int = Field(1, ge=1, description="Federated local epochs per round")
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: Partition = "iid"
     alpha: float = Field(0.5, gt=0)
     validation_split: float = Field(0.2, ge=0, lt=1)
     seed: int = 0
@@ -328,7 +338,7 @@ class BenchmarkReply(BaseModel):
 
 class ExportRequest(BaseModel):
     directory: str
-    format: Literal["safetensors", "torchscript"] = "safetensors"
+    format: ExportFormat = "safetensors"
     card: dict[str, Any] = Field(default_factory=dict, description="Facts for the model card")
 
 
@@ -344,7 +354,7 @@ class LoadRequest(BaseModel):
 
 class CollectiveBenchRequest(BaseModel):
     generation: int
-    topologies: list[Topology] = Field(default_factory=lambda: ["mesh", "ring", "star", "hierarchical"])
+    topologies: list[Topology] = Field(default_factory=lambda: list(TOPOLOGIES))
     sizes_bytes: list[int] = Field(default_factory=lambda: [4 << 10, 256 << 10, 4 << 20])
     reps: int = Field(20, ge=1, le=200)
 

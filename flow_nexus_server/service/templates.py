@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -13,9 +13,11 @@ from flow_nexus_server import replies as r
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import NotFound, ServiceError
 from flow_nexus_server.service.training import TrainingService
+from workers import protocol as p
 
-CATEGORIES = ("timeseries", "classification", "regression", "nlp", "vision", "anomaly", "generative",
-              "reinforcement", "custom")
+Category = Literal["timeseries", "classification", "regression", "nlp", "vision", "anomaly", "generative",
+                   "reinforcement", "custom"]
+CATEGORIES: tuple[Category, ...] = get_args(Category)
 
 
 class NodeGroup(BaseModel):
@@ -72,9 +74,9 @@ class CustomConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(None, min_length=1, max_length=200)
-    topology: Literal["mesh", "ring", "star", "hierarchical"] | None = None
-    architecture: Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"] | None = None
-    consensus: Literal["proof-of-learning", "byzantine", "raft", "gossip"] | None = None
+    topology: p.Topology | None = None
+    architecture: p.Architecture | None = None
+    consensus: p.Consensus | None = None
     auto_healing: bool = False
     max_nodes: int | None = Field(None, ge=1, le=64)
     workers: int | None = Field(None, ge=1, le=16)

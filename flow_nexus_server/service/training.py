@@ -62,12 +62,12 @@ class TrainRequest(BaseModel):
     epochs: int = Field(10, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=512)
     learning_rate: float = Field(1e-3, ge=1e-5, le=1)
-    optimizer: Literal["adam", "sgd", "rmsprop", "adagrad"] = "adam"
+    optimizer: p.Optimizer = "adam"
     federated: bool = False
     rounds: int | None = Field(None, ge=1, le=1000)
     local_epochs: int = Field(1, ge=1, le=100)
-    architecture: Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"] | None = None
-    partition: Literal["iid", "dirichlet"] = "iid"
+    architecture: p.Architecture | None = None
+    partition: p.Partition = "iid"
     alpha: float = Field(0.5, gt=0, le=1000)
     validation_split: float = Field(0.2, ge=0, le=0.5)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -80,8 +80,8 @@ class TrainRequest(BaseModel):
     max_checkpoints: int = Field(3, ge=1, le=100)
     resume_from: str | None = None
     quantization: Quantization | None = None
-    consensus: Literal["proof-of-learning", "byzantine", "raft", "gossip"] | None = None
-    aggregation_rule: Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"] = "fedavg"
+    consensus: p.Consensus | None = None
+    aggregation_rule: p.AggregationRule = "fedavg"
     byzantine_f: int = Field(1, ge=0, le=32)
     trim_beta: float = Field(0.2, ge=0, lt=0.5)
     multi_krum_m: int | None = Field(None, ge=1, le=64)

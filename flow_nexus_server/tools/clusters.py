@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from mcp.server import MCPServer
 from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, RECONFIGURES, App, ClusterId, call
-from workers.protocol import Topology
+from workers.protocol import Architecture, BackendChoice, Consensus, Launcher, Topology
 
 
 def register(mcp: MCPServer, app: App) -> None:
@@ -17,18 +17,12 @@ def register(mcp: MCPServer, app: App) -> None:
     async def neural_cluster_init(
         name: Annotated[str, Field(min_length=1, max_length=200, description="Cluster name")],
         topology: Annotated[Topology, Field(description="How nodes exchange gradients/models")] = "mesh",
-        architecture: Annotated[
-            Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"],
-            Field(description="Model family trained on this cluster"),
-        ] = "transformer",
+        architecture: Annotated[Architecture, Field(description="Model family trained on this cluster")] = "transformer",
         wasmOptimization: Annotated[bool, Field(description="Accepted for Flow Nexus compatibility; stored, changes nothing")] = True,
         daaEnabled: Annotated[bool, Field(description="Accepted for Flow Nexus compatibility; stored, changes nothing")] = True,
-        consensus: Annotated[
-            Literal["proof-of-learning", "byzantine", "raft", "gossip"],
-            Field(description="How updates are agreed on (see docs)"),
-        ] = "proof-of-learning",
-        launcher: Annotated[Literal["subprocess", "docker", "ray"], Field(description="Where node processes run")] = "subprocess",
-        backend: Annotated[Literal["auto", "gloo", "nccl"], Field(description="torch.distributed backend; auto = nccl when every node sees a GPU, else gloo")] = "auto",
+        consensus: Annotated[Consensus, Field(description="How updates are agreed on (see docs)")] = "proof-of-learning",
+        launcher: Annotated[Launcher, Field(description="Where node processes run")] = "subprocess",
+        backend: Annotated[BackendChoice, Field(description="torch.distributed backend; auto = nccl when every node sees a GPU, else gloo")] = "auto",
         max_nodes: Annotated[int, Field(ge=1, le=64, description="Most nodes this cluster may hold")] = 8,
         auto_healing: Annotated[bool, Field(description="Replace failed nodes and resume from the last checkpoint")] = False,
         replication_factor: Annotated[int, Field(ge=1, le=8, description="Accepted for compatibility; stored")] = 1,

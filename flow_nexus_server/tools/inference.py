@@ -9,6 +9,8 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.tools.common import CREATES, READ_ONLY, RECONFIGURES, App, ClusterId, call
+from flow_nexus_server.service.prediction import Method
+from workers.protocol import ExportFormat
 
 
 def register(mcp: MCPServer, app: App) -> None:
@@ -19,7 +21,7 @@ def register(mcp: MCPServer, app: App) -> None:
             "JSON: one example or a batch in the model's input form (raw text for text models, feature vectors "
             "or images otherwise), optionally {\"inputs\": [...], \"labels\": [...]}; or a path to a "
             ".json/.jsonl/.csv/.txt file of examples; or plain text for a text model"))],
-        aggregation: Annotated[Literal["mean", "majority", "weighted", "ensemble"] | None, Field(description=(
+        aggregation: Annotated[Method | None, Field(description=(
             "mean of class probabilities (default), majority vote, confidence-weighted vote, or ensemble "
             "(averaging, with each node's vote and confidence)"))] = None,
         mode: Annotated[Literal["replicate", "shard"], Field(description=(
@@ -50,7 +52,7 @@ def register(mcp: MCPServer, app: App) -> None:
     @mcp.tool(title="Export a model", annotations=CREATES)
     async def neural_model_export(
         model_id: Annotated[str, Field(min_length=1, max_length=64, description="A cluster id or a checkpoint id")],
-        format: Literal["safetensors", "torchscript"] = "safetensors",
+        format: ExportFormat = "safetensors",
         destination: Annotated[str | None, Field(max_length=4096, description=(
             "Directory under the state home or FLOW_NEXUS_DATA_ROOTS (default: <home>/exports/<id>-<time>)"))] = None,
     ) -> r.ExportReply:

@@ -12,7 +12,7 @@ from flow_nexus_server import replies as r
 from flow_nexus_server.config import MAX_UPLOAD_CHARS
 from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, App, ClusterId, NodeId, call
 from workers import protocol as p
-from workers.protocol import Role
+from workers.protocol import BehaviorKind, Capability, ModelPreset, Role
 
 
 def register(mcp: MCPServer, app: App) -> None:
@@ -22,9 +22,9 @@ def register(mcp: MCPServer, app: App) -> None:
         node_type: Annotated[Role, Field(description="Role of the node (alias of `role`)")] = "worker",
         role: Annotated[Role | None, Field(description="Role of the node; wins over node_type")] = None,
         template: Annotated[str, Field(max_length=100, description="Accepted for compatibility; stored")] = "nodejs",
-        model: Annotated[Literal["base", "large", "xl", "custom"], Field(description="Model size preset; custom uses `layers`")] = "base",
+        model: Annotated[ModelPreset, Field(description="Model size preset; custom uses `layers`")] = "base",
         capabilities: Annotated[
-            list[Literal["training", "inference"]], Field(max_length=2, description="What the node takes part in")
+            list[Capability], Field(max_length=2, description="What the node takes part in")
         ] = ["training", "inference"],  # noqa: B006 - pydantic copies defaults
         autonomy: Annotated[float, Field(ge=0, le=1, description="Accepted for compatibility; stored as given")] = 0.8,
         layers: Annotated[
@@ -32,7 +32,7 @@ def register(mcp: MCPServer, app: App) -> None:
             Field(max_length=64, description="Layer specs for model 'custom', e.g. {type: embedding, embedding_dim: 64}"),
         ] = None,
         count: Annotated[int, Field(ge=1, le=16, description="How many identical nodes to deploy")] = 1,
-        behavior: Annotated[Literal["honest", "gaussian_noise", "sign_flip", "scaled", "nan"], Field(description=(
+        behavior: Annotated[BehaviorKind, Field(description=(
             "ADVERSARY SIMULATION for robustness testing: a dishonest node sends corrupted updates while claiming "
             "its normal sample count"))] = "honest",
         behavior_scale: Annotated[float, Field(ge=0, le=1e6, description="Noise scale (gaussian_noise) or factor (scaled)")] = 1.0,

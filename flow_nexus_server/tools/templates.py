@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from mcp.server import MCPServer
 from pydantic import Field
@@ -15,9 +15,7 @@ from flow_nexus_server.tools.common import CREATES, READ_ONLY, App, call
 def register(mcp: MCPServer, app: App) -> None:
     @mcp.tool(title="List cluster templates", annotations=READ_ONLY)
     async def neural_list_templates(
-        category: Annotated[Literal["timeseries", "classification", "regression", "nlp", "vision", "anomaly",
-                                    "generative", "reinforcement", "custom"] | None,
-                            Field(description="Only templates of this category")] = None,
+        category: Annotated[templates.Category | None, Field(description="Only templates of this category")] = None,
         tier: Annotated[str | None, Field(max_length=32, description="Only templates of this tier (all are 'free')")] = None,
         search: Annotated[str | None, Field(max_length=200, description="Words that must all appear")] = None,
         limit: Annotated[int, Field(ge=1, le=100)] = 20,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Literal
+from typing import Annotated
 
 import anyio
 from mcp.server import MCPServer
@@ -17,6 +17,7 @@ from flow_nexus_server.config import MAX_DATASET_CHARS
 from flow_nexus_server.service import plots
 from flow_nexus_server.service.training import Quantization, TrainRequest
 from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, App, ClusterId, call
+from workers.protocol import AggregationRule, Architecture, Consensus, Optimizer, Partition
 
 
 def register(mcp: MCPServer, app: App) -> None:
@@ -31,14 +32,14 @@ def register(mcp: MCPServer, app: App) -> None:
         epochs: Annotated[int, Field(ge=1, le=1000, description="Epochs (synchronous / parameter server)")] = 10,
         batch_size: Annotated[int, Field(ge=1, le=512, description="Examples per step per worker")] = 32,
         learning_rate: Annotated[float, Field(ge=1e-5, le=1, description="Optimizer learning rate")] = 0.001,
-        optimizer: Literal["adam", "sgd", "rmsprop", "adagrad"] = "adam",
+        optimizer: Optimizer = "adam",
         federated: Annotated[bool, Field(description="FedAvg: workers train locally, the aggregator combines models")] = False,
         rounds: Annotated[int | None, Field(ge=1, le=1000, description="Federated rounds (default: epochs)")] = None,
         aggregation_rounds: Annotated[int | None, Field(ge=1, le=1000, description="Alias of rounds (Flow Nexus guides)")] = None,
         local_epochs: Annotated[int, Field(ge=1, le=100, description="Federated local epochs per round")] = 1,
-        architecture: Annotated[Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"] | None,
+        architecture: Annotated[Architecture | None,
                                 Field(description="Override the cluster's architecture")] = None,
-        partition: Annotated[Literal["iid", "dirichlet"], Field(description="How training data is split across workers")] = "iid",
+        partition: Annotated[Partition, Field(description="How training data is split across workers")] = "iid",
         alpha: Annotated[float, Field(gt=0, le=1000, description="Dirichlet concentration (smaller = more label skew)")] = 0.5,
         validation_split: Annotated[float, Field(ge=0, le=0.5, description="Held-out fraction evaluated every epoch/round")] = 0.2,
         seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0,
@@ -51,9 +52,9 @@ def register(mcp: MCPServer, app: App) -> None:
         max_checkpoints: Annotated[int, Field(ge=1, le=100, description="Keep the last N checkpoints")] = 3,
         resume_from: Annotated[str | None, Field(max_length=4096, description="Checkpoint id or path to continue from")] = None,
         min_nodes_per_round: Annotated[int | None, Field(ge=1, le=64, description="Accepted for compatibility; stored")] = None,
-        consensus: Annotated[Literal["proof-of-learning", "byzantine", "raft", "gossip"] | None, Field(description=(
+        consensus: Annotated[Consensus | None, Field(description=(
             "Override the cluster's consensus for this session"))] = None,
-        aggregation_rule: Annotated[Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"], Field(description=(
+        aggregation_rule: Annotated[AggregationRule, Field(description=(
             "Rule the aggregator (or the hub in synchronous byzantine mode) applies"))] = "fedavg",
         byzantine_f: Annotated[int, Field(ge=0, le=32, description="Assumed Byzantine nodes for Krum / Multi-Krum")] = 1,
         trim_beta: Annotated[float, Field(ge=0, lt=0.5, description="Trimmed mean: fraction cut on each side")] = 0.2,
