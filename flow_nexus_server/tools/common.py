@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from flow_nexus_server.controller.core import Controller
 from flow_nexus_server.launchers import LaunchError
@@ -70,3 +71,24 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         log.exception("unexpected error in %s", tool)
         raise ToolError(f"internal error in {tool}: {type(exc).__name__}; see server.log in the server's state home "
                         "for the details") from exc
+
+
+def model_fields_as_parameters(model: type[BaseModel]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Publish every field of ``model`` as a flat parameter of the decorated tool (clients send them
+    flat, as Flow Nexus does) without listing them again: the SDK reads a tool's parameters from its
+    ``__signature__`` and ``__annotations__``. The tool takes the fields in its ``**kwargs``."""
+
+    def declare(fn: Callable[..., T]) -> Callable[..., T]:
+        own = inspect.signature(fn, eval_str=True)
+        params = [q.replace(kind=inspect.Parameter.KEYWORD_ONLY) for q in own.parameters.values()
+                  if q.kind is not inspect.Parameter.VAR_KEYWORD]
+        for name, info in model.model_fields.items():
+            annotation = Annotated[(info.annotation, *info.metadata, Field(description=info.description))]
+            default = inspect.Parameter.empty if info.is_required() else info.default
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=default))
+        fn.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        fn.__annotations__ = {q.name: q.annotation for q in params} | {"return": own.return_annotation}
+        return fn
+
+    return declare

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from mcp.server import MCPServer
@@ -13,74 +13,28 @@ from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
 from flow_nexus_server import replies as r
-from flow_nexus_server.config import MAX_DATASET_CHARS
 from flow_nexus_server.service import plots
-from flow_nexus_server.service.training import Quantization, TrainRequest
-from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, App, ClusterId, call
-from workers.protocol import AggregationRule, Architecture, Consensus, Optimizer, Partition
+from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, App, ClusterId, call, model_fields_as_parameters
+from workers import protocol as p
 
 
 def register(mcp: MCPServer, app: App) -> None:
     @mcp.tool(title="Train across the cluster", annotations=CREATES)
+    @model_fields_as_parameters(p.TrainOptions)
     async def neural_train_distributed(
         cluster_id: ClusterId,
-        dataset: Annotated[str, Field(min_length=1, max_length=MAX_DATASET_CHARS, description=(
-            "A built-in dataset (digits, mnist-5k, tweet-sentiment, tweet-polarity, bbc-news, bbc-news-lm), "
-            "a CSV/JSONL/TXT path or glob (relative paths are read inside each node's sandbox, see "
-            "neural_node_upload), or inline JSON {\"X\"|\"data\"|\"features\": [...], \"y\"|\"labels\"|\"targets\": [...]}"))],
         ctx: Context,
-        epochs: Annotated[int, Field(ge=1, le=1000, description="Epochs (synchronous / parameter server)")] = 10,
-        batch_size: Annotated[int, Field(ge=1, le=512, description="Examples per step per worker")] = 32,
-        learning_rate: Annotated[float, Field(ge=1e-5, le=1, description="Optimizer learning rate")] = 0.001,
-        optimizer: Optimizer = "adam",
-        federated: Annotated[bool, Field(description="FedAvg: workers train locally, the aggregator combines models")] = False,
-        rounds: Annotated[int | None, Field(ge=1, le=1000, description="Federated rounds (default: epochs)")] = None,
         aggregation_rounds: Annotated[int | None, Field(ge=1, le=1000, description="Alias of rounds (Flow Nexus guides)")] = None,
-        local_epochs: Annotated[int, Field(ge=1, le=100, description="Federated local epochs per round")] = 1,
-        architecture: Annotated[Architecture | None,
-                                Field(description="Override the cluster's architecture")] = None,
-        partition: Annotated[Partition, Field(description="How training data is split across workers")] = "iid",
-        alpha: Annotated[float, Field(gt=0, le=1000, description="Dirichlet concentration (smaller = more label skew)")] = 0.5,
-        validation_split: Annotated[float, Field(ge=0, le=0.5, description="Held-out fraction evaluated every epoch/round")] = 0.2,
-        seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0,
-        grad_clip: Annotated[float | None, Field(gt=0, le=1e6, description="Clip the global gradient norm")] = None,
-        gradient_accumulation: Annotated[int, Field(ge=1, le=64, description="Micro-batches per optimizer step")] = 1,
-        mixed_precision: Annotated[bool, Field(description="bf16 autocast (CPU, and the GPU of synchronous training on nccl where it supports bf16)")] = False,
-        gradient_compression: Annotated[float | None, Field(gt=0, le=1, description="Top-k ratio of gradient entries sent (error feedback keeps the rest)")] = None,
-        gradient_checkpointing: Annotated[bool, Field(description="Recompute activations in backward to save memory")] = False,
-        checkpoint_every: Annotated[int, Field(ge=0, le=1000, description="Epochs/rounds between checkpoints (0: only at the end)")] = 0,
-        max_checkpoints: Annotated[int, Field(ge=1, le=100, description="Keep the last N checkpoints")] = 3,
-        resume_from: Annotated[str | None, Field(max_length=4096, description="Checkpoint id or path to continue from")] = None,
         min_nodes_per_round: Annotated[int | None, Field(ge=1, le=64, description="Accepted for compatibility; stored")] = None,
-        consensus: Annotated[Consensus | None, Field(description=(
-            "Override the cluster's consensus for this session"))] = None,
-        aggregation_rule: Annotated[AggregationRule, Field(description=(
-            "Rule the aggregator (or the hub in synchronous byzantine mode) applies"))] = "fedavg",
-        byzantine_f: Annotated[int, Field(ge=0, le=32, description="Assumed Byzantine nodes for Krum / Multi-Krum")] = 1,
-        trim_beta: Annotated[float, Field(ge=0, lt=0.5, description="Trimmed mean: fraction cut on each side")] = 0.2,
-        multi_krum_m: Annotated[int | None, Field(ge=1, le=64, description="Updates Multi-Krum averages (default n - f)")] = None,
-        pol_tolerance: Annotated[float, Field(ge=0, le=1e9, description=(
-            "Proof-of-learning: a round is rejected when validation loss rises by more than this fraction "
-            "(a huge value turns the check off: plain FedAvg)"))] = 0.05,
-        reputation_weighting: Annotated[bool, Field(description="Weight updates by each node's reputation")] = False,
-        quantization: Annotated[Quantization | None, Field(description=(
-            "{enabled, bits: 8, method: dynamic}: after training, nodes serve an int8 dynamically quantized copy"))] = None,
         wait: Annotated[bool, Field(description="Block (with progress notifications) until done or wait_timeout_s")] = False,
         wait_timeout_s: Annotated[float, Field(gt=0, le=3600, description="Longest wait when `wait` is set")] = 600,
+        **options: Any,
     ) -> r.TrainStartReply:
         """Train a real model across the cluster's nodes: synchronous data parallel along the topology,
         parameter-server mode (when the cluster has parameter_server nodes), or federated (FedAvg).
         Returns a session id at once unless `wait` is set."""
-        req = TrainRequest(
-            dataset=dataset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
-            federated=federated, rounds=rounds or aggregation_rounds, local_epochs=local_epochs,
-            architecture=architecture, partition=partition, alpha=alpha, validation_split=validation_split, seed=seed,
-            grad_clip=grad_clip, gradient_accumulation=gradient_accumulation, mixed_precision=mixed_precision,
-            gradient_compression=gradient_compression, gradient_checkpointing=gradient_checkpointing,
-            checkpoint_every=checkpoint_every, max_checkpoints=max_checkpoints, resume_from=resume_from,
-            quantization=quantization, consensus=consensus, aggregation_rule=aggregation_rule, byzantine_f=byzantine_f,
-            trim_beta=trim_beta, multi_krum_m=multi_krum_m, pol_tolerance=pol_tolerance,
-            reputation_weighting=reputation_weighting)
+        options["rounds"] = options["rounds"] or aggregation_rounds
+        req = p.TrainOptions.model_validate(options)
         reply = await call(app.training.start, cluster_id, req)
         if not wait:
             return reply
