@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 # The enumerations of the whole contract, defined here once: the server's tools, services and
 # templates import them, so a value added or dropped here is added or dropped everywhere.
@@ -20,7 +20,12 @@ Backend = Literal["gloo", "nccl"]
 BackendChoice = Literal["auto", Backend]  # what a cluster asks for; auto = nccl when every node sees a GPU
 Launcher = Literal["subprocess", "docker", "ray"]
 Capability = Literal["training", "inference"]
-Architecture = Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"]
+Architecture = Literal["transformer", "cnn", "rnn", "mlp"]
+UnbuiltArchitecture = Literal["gnn", "hybrid"]  # Flow Nexus names no node builds: refused with a sentence
+ArchitectureName = Literal[Architecture, UnbuiltArchitecture]
+# What clients may send (every name, so an unbuilt one gets a sentence, not a schema error) and what the
+# schemas publish (only the architectures nodes build).
+ArchitectureChoice = Annotated[ArchitectureName, WithJsonSchema({"type": "string", "enum": list(get_args(Architecture))})]
 ModelPreset = Literal["base", "large", "xl", "custom"]
 Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
 Partition = Literal["iid", "dirichlet"]
@@ -33,6 +38,15 @@ BehaviorKind = Literal["honest", "gaussian_noise", "sign_flip", "scaled", "nan"]
 
 ROLES: tuple[Role, ...] = get_args(Role)
 TOPOLOGIES: tuple[Topology, ...] = get_args(Topology)
+ARCHITECTURES: tuple[Architecture, ...] = get_args(Architecture)
+
+
+def architecture_refusal(name: str | None) -> str | None:
+    """Why a cluster or session cannot use architecture ``name``; None when nodes build it (or none is given)."""
+    if name in get_args(UnbuiltArchitecture):
+        return (f"architecture {name!r} is not implemented by this server's nodes; "
+                f"use one of {', '.join(ARCHITECTURES)}")
+    return None
 
 
 class Behavior(BaseModel):
@@ -185,12 +199,13 @@ class JobOptions(BaseModel):
     epochs: int = Field(10, ge=1, le=1000, description="Epochs (synchronous / parameter server)")
     batch_size: int = Field(32, ge=1, le=512, description="Examples per step per worker")
     learning_rate: float = Field(0.001, ge=1e-5, le=1, description="Optimizer learning rate")
-    optimizer: Optimizer = "adam"
+    optimizer: Optimizer = Field("adam", description="Optimizer every worker steps with")
     local_epochs: int = Field(1, ge=1, le=100, description="Federated local epochs per round")
     partition: Partition = Field("iid", description="How training data is split across workers")
     alpha: float = Field(0.5, gt=0, le=1000, description="Dirichlet concentration (smaller = more label skew)")
     validation_split: float = Field(0.2, ge=0, le=0.5, description="Held-out fraction evaluated every epoch/round")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description=(
+        "Seeds the train/validation split, the initial weights and the shuffling order"))
     grad_clip: float | None = Field(None, gt=0, le=1e6, description="Clip the global gradient norm")
     gradient_accumulation: int = Field(1, ge=1, le=64, description="Micro-batches per optimizer step")
     mixed_precision: bool = Field(False, description=(
@@ -220,7 +235,7 @@ class TrainOptions(JobOptions):
 
     federated: bool = Field(False, description="FedAvg: workers train locally, the aggregator combines models")
     rounds: Rounds | None = Field(None, description="Federated rounds (default: epochs)")
-    architecture: Architecture | None = Field(None, description="Override the cluster's architecture")
+    architecture: ArchitectureChoice | None = Field(None, description="Override the cluster's architecture")
     consensus: Consensus | None = Field(None, description="Override the cluster's consensus for this session")
     quantization: Quantization | None = Field(None, description=(
         "{enabled, bits: 8, method: dynamic}: after training, nodes serve an int8 dynamically quantized copy"))
@@ -232,7 +247,7 @@ class TrainJob(JobOptions):
     session_id: str
     mode: TrainMode
     topology: Topology
-    architecture: Architecture
+    architecture: ArchitectureName  # an unbuilt one is answered by the node's ModelError
     model: ModelPreset = "base"
     layers: list[dict[str, Any]] | None = None
     rounds: Rounds = Field(5, description="Federated rounds")

@@ -75,7 +75,7 @@ class CustomConfig(BaseModel):
 
     name: str | None = Field(None, min_length=1, max_length=200)
     topology: p.Topology | None = None
-    architecture: p.Architecture | None = None
+    architecture: p.ArchitectureChoice | None = None
     consensus: p.Consensus | None = None
     auto_healing: bool = False
     max_nodes: int | None = Field(None, ge=1, le=64)
@@ -96,6 +96,8 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'custom_config'}: {e['msg']}" for e in exc.errors())
         raise ServiceError(f"custom_config is invalid: {problems}. Allowed keys: "
                            f"{', '.join(CustomConfig.model_fields)}") from exc
+    if refusal := p.architecture_refusal(cfg.architecture):
+        raise ServiceError(refusal)
     # the same options model and bounds as neural_train_distributed's, checked before any node starts
     options = training_options({**t.training, **(cfg.training or {})}) if cfg.train and t.training else None
     groups = [g.model_copy() for g in t.nodes]

@@ -47,10 +47,13 @@ def training_options(args: dict[str, Any]) -> p.TrainOptions:
     """neural_train_distributed's arguments arriving another way (a template's recipe and overrides),
     checked against the same model as the tool's, with its bounds."""
     try:
-        return p.TrainOptions.model_validate(args)
+        options = p.TrainOptions.model_validate(args)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ServiceError(f"training arguments are invalid: {problems}") from exc
+    if refusal := p.architecture_refusal(options.architecture):
+        raise ServiceError(refusal)
+    return options
 
 
 @dataclass

@@ -5,19 +5,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
 from flow_nexus_server import replies as r
-from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, RECONFIGURES, App, ClusterId, call
-from workers.protocol import Architecture, BackendChoice, Consensus, Launcher, Topology
+from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, RECONFIGURES, App, ClusterId, call, tool
+from workers.protocol import ArchitectureChoice, BackendChoice, Consensus, Launcher, Topology, architecture_refusal
 
 
 def register(mcp: MCPServer, app: App) -> None:
-    @mcp.tool(title="Create a cluster", annotations=CREATES)
+    @tool(mcp, title="Create a cluster", annotations=CREATES)
     async def neural_cluster_init(
         name: Annotated[str, Field(min_length=1, max_length=200, description="Cluster name")],
         topology: Annotated[Topology, Field(description="How nodes exchange gradients/models")] = "mesh",
-        architecture: Annotated[Architecture, Field(description="Model family trained on this cluster")] = "transformer",
+        architecture: Annotated[ArchitectureChoice, Field(description="Model family trained on this cluster")] = "transformer",
         wasmOptimization: Annotated[bool, Field(description="Accepted for Flow Nexus compatibility; stored, changes nothing")] = True,
         daaEnabled: Annotated[bool, Field(description="Accepted for Flow Nexus compatibility; stored, changes nothing")] = True,
         consensus: Annotated[Consensus, Field(description="How updates are agreed on (see docs)")] = "proof-of-learning",
@@ -31,6 +32,8 @@ def register(mcp: MCPServer, app: App) -> None:
             "MCP client attached to the server (0 = never)"))] = 30,
     ) -> r.ClusterInitReply:
         """Create a cluster record and its directory. No process starts until neural_node_deploy."""
+        if refusal := architecture_refusal(architecture):
+            raise ToolError(refusal)
         return await call(
             app.clusters.init_cluster, name=name, topology=topology, architecture=architecture, consensus=consensus,
             launcher=launcher, backend=backend, max_nodes=max_nodes, auto_healing=auto_healing,
@@ -38,7 +41,7 @@ def register(mcp: MCPServer, app: App) -> None:
             extra={"replication_factor": replication_factor, "idle_timeout_min": idle_timeout_min},
         )
 
-    @mcp.tool(title="Form the process group", annotations=RECONFIGURES)
+    @tool(mcp, title="Form the process group", annotations=RECONFIGURES)
     async def neural_cluster_connect(
         cluster_id: ClusterId,
         topology: Annotated[Topology | None, Field(description="Override the cluster's topology")] = None,
@@ -46,19 +49,19 @@ def register(mcp: MCPServer, app: App) -> None:
         """Join every node into a torch.distributed group (new generation) and measure each topology edge."""
         return await call(app.clusters.connect, cluster_id, topology)
 
-    @mcp.tool(title="Cluster status", annotations=READ_ONLY)
+    @tool(mcp, title="Cluster status", annotations=READ_ONLY)
     async def neural_cluster_status(cluster_id: ClusterId) -> r.ClusterStatusReply:
         """Live state of every node (alive, pid, RSS, rank, heartbeat) merged with the store."""
         return await call(app.training.cluster_status, cluster_id)
 
-    @mcp.tool(title="List clusters", annotations=READ_ONLY)
+    @tool(mcp, title="List clusters", annotations=READ_ONLY)
     async def neural_cluster_list(
         include_terminated: Annotated[bool, Field(description="Also list terminated clusters")] = True,
     ) -> r.ClusterListReply:
         """Every cluster in the store with its live node count."""
         return await call(app.clusters.list_clusters, include_terminated)
 
-    @mcp.tool(title="Terminate a cluster", annotations=DESTROYS)
+    @tool(mcp, title="Terminate a cluster", annotations=DESTROYS)
     async def neural_cluster_terminate(cluster_id: ClusterId) -> r.TerminateReply:
         """Stop every node (graceful, then forced) and verify each process is gone."""
         return await call(app.training.terminate_cluster, cluster_id)

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import anyio
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server import MCPServer
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -32,6 +33,10 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempot
 CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
 RECONFIGURES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False)
+# Overwrites what nodes serve or hold (the loaded model, a sandbox file); the same call again changes nothing more.
+REPLACES = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+# Starts a session whose result replaces the model every node serves; each call trains anew.
+RETRAINS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False)
 
 
 class App:
@@ -56,6 +61,15 @@ class App:
     @property
     def inference(self) -> InferenceService:
         return self.ctrl().inference
+
+
+def tool(mcp: MCPServer, *, title: str, annotations: ToolAnnotations) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """``mcp.tool`` with the docstring as the description, its continuation lines unindented."""
+
+    def register(fn: Callable[..., T]) -> Callable[..., T]:
+        return mcp.tool(title=title, annotations=annotations, description=inspect.cleandoc(fn.__doc__ or ""))(fn)
+
+    return register
 
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -8,13 +8,13 @@ from mcp.server import MCPServer
 from pydantic import Field
 
 from flow_nexus_server import replies as r
-from flow_nexus_server.tools.common import CREATES, READ_ONLY, RECONFIGURES, App, ClusterId, call
+from flow_nexus_server.tools.common import CREATES, READ_ONLY, REPLACES, App, ClusterId, call, tool
 from flow_nexus_server.service.prediction import Method
 from workers.protocol import ExportFormat
 
 
 def register(mcp: MCPServer, app: App) -> None:
-    @mcp.tool(title="Predict with the cluster", annotations=READ_ONLY)
+    @tool(mcp, title="Predict with the cluster", annotations=READ_ONLY)
     async def neural_predict_distributed(
         cluster_id: ClusterId,
         input_data: Annotated[str, Field(min_length=1, max_length=4_000_000, description=(
@@ -33,10 +33,11 @@ def register(mcp: MCPServer, app: App) -> None:
         """Every node with the inference capability runs the model it holds; the server combines the answers."""
         return await call(app.inference.predict, cluster_id, input_data, aggregation or "mean", mode, model, quantized)
 
-    @mcp.tool(title="Benchmark a model", annotations=READ_ONLY)
+    @tool(mcp, title="Benchmark a model", annotations=READ_ONLY)
     async def neural_performance_benchmark(
         model_id: Annotated[str, Field(min_length=1, max_length=64, description="A cluster id or a checkpoint id")],
-        benchmark_type: Literal["inference", "throughput", "memory", "comprehensive"] = "comprehensive",
+        benchmark_type: Annotated[Literal["inference", "throughput", "memory", "comprehensive"], Field(description=(
+            "Which figures to measure; comprehensive: all of them plus the cluster's all-reduce timings"))] = "comprehensive",
         input_data: Annotated[str, Field(max_length=4_000_000, description=(
             "Examples (with labels for accuracy) as for neural_predict_distributed; empty: the held-out split "
             "for node measurements (end-to-end latency needs examples)"))] = "",
@@ -49,17 +50,19 @@ def register(mcp: MCPServer, app: App) -> None:
             result.collectives = [c.model_dump() for c in await call(app.clusters.collective_benchmark, model_id)]
         return result
 
-    @mcp.tool(title="Export a model", annotations=CREATES)
+    @tool(mcp, title="Export a model", annotations=CREATES)
     async def neural_model_export(
         model_id: Annotated[str, Field(min_length=1, max_length=64, description="A cluster id or a checkpoint id")],
-        format: ExportFormat = "safetensors",
+        format: Annotated[ExportFormat, Field(description=(
+            "safetensors: weights, config and model card; torchscript: also a traced model.torchscript.pt for other "
+            "runtimes (this server never loads it)"))] = "safetensors",
         destination: Annotated[str | None, Field(max_length=4096, description=(
             "Directory under the state home or FLOW_NEXUS_DATA_ROOTS (default: <home>/exports/<id>-<time>)"))] = None,
     ) -> r.ExportReply:
         """Write weights, config, tokenizer/label map and a model card with the metrics it was trained to."""
         return await call(app.inference.export, model_id, format, destination)
 
-    @mcp.tool(title="Load a model into a cluster", annotations=RECONFIGURES)
+    @tool(mcp, title="Load a model into a cluster", annotations=REPLACES)
     async def neural_model_load(
         cluster_id: ClusterId,
         path: Annotated[str, Field(min_length=1, max_length=4096, description="An export directory, a checkpoint file, or a checkpoint id")],

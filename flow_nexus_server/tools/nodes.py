@@ -10,13 +10,13 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.config import MAX_UPLOAD_CHARS
-from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, App, ClusterId, NodeId, call
+from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, REPLACES, App, ClusterId, NodeId, call, tool
 from workers import protocol as p
 from workers.protocol import BehaviorKind, Capability, ModelPreset, Role
 
 
 def register(mcp: MCPServer, app: App) -> None:
-    @mcp.tool(title="Deploy nodes", annotations=CREATES)
+    @tool(mcp, title="Deploy nodes", annotations=CREATES)
     async def neural_node_deploy(
         cluster_id: ClusterId,
         node_type: Annotated[Role, Field(description="Role of the node (alias of `role`)")] = "worker",
@@ -57,12 +57,12 @@ def register(mcp: MCPServer, app: App) -> None:
             options={"behavior": {"kind": behavior, "scale": behavior_scale}} if behavior != "honest" else None,
         )
 
-    @mcp.tool(title="Remove a node", annotations=DESTROYS)
+    @tool(mcp, title="Remove a node", annotations=DESTROYS)
     async def neural_node_remove(node_id: NodeId) -> r.NodeRemoveReply:
         """Stop one node and take it out of its cluster; a connected cluster re-forms its group."""
         return await call(app.clusters.remove_node, node_id)
 
-    @mcp.tool(title="Node log", annotations=READ_ONLY)
+    @tool(mcp, title="Node log", annotations=READ_ONLY)
     async def neural_node_logs(
         node_id: NodeId,
         tail: Annotated[int, Field(ge=1, le=5000, description="Number of lines from the end")] = 100,
@@ -70,7 +70,7 @@ def register(mcp: MCPServer, app: App) -> None:
         """The end of one node's log, to see why a node failed."""
         return await call(app.clusters.node_logs, node_id, tail)
 
-    @mcp.tool(title="Upload a file to one node", annotations=CREATES)
+    @tool(mcp, title="Upload a file to one node", annotations=REPLACES)
     async def neural_node_upload(
         node_id: NodeId,
         file_name: Annotated[str, Field(min_length=1, max_length=255, description=(
@@ -78,7 +78,8 @@ def register(mcp: MCPServer, app: App) -> None:
         content: Annotated[str, Field(max_length=MAX_UPLOAD_CHARS, description=(
             "File content (text, or base64 with encoding='base64'); at most FLOW_NEXUS_MAX_UPLOAD_BYTES "
             "(default 8 MiB) once decoded"))],
-        encoding: Literal["text", "base64"] = "text",
+        encoding: Annotated[Literal["text", "base64"], Field(description=(
+            "How `content` is written: text as UTF-8, or base64 decoded to bytes"))] = "text",
     ) -> r.UploadReply:
         """Write a file into one node's sandbox, so only that node reads it (federated privacy).
         Train with dataset=<file_name> and each node reads the file of that name in its own sandbox."""

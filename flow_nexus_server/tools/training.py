@@ -14,12 +14,12 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service import plots
-from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, App, ClusterId, call, model_fields_as_parameters
+from flow_nexus_server.tools.common import DESTROYS, READ_ONLY, RETRAINS, App, ClusterId, call, tool, model_fields_as_parameters
 from workers import protocol as p
 
 
 def register(mcp: MCPServer, app: App) -> None:
-    @mcp.tool(title="Train across the cluster", annotations=CREATES)
+    @tool(mcp, title="Train across the cluster", annotations=RETRAINS)
     @model_fields_as_parameters(p.TrainOptions)
     async def neural_train_distributed(
         cluster_id: ClusterId,
@@ -33,6 +33,8 @@ def register(mcp: MCPServer, app: App) -> None:
         """Train a real model across the cluster's nodes: synchronous data parallel along the topology,
         parameter-server mode (when the cluster has parameter_server nodes), or federated (FedAvg).
         Returns a session id at once unless `wait` is set."""
+        if refusal := p.architecture_refusal(options["architecture"]):
+            raise ToolError(refusal)
         options["rounds"] = options["rounds"] or aggregation_rounds
         req = p.TrainOptions.model_validate(options)
         reply = await call(app.training.start, cluster_id, req)
@@ -52,7 +54,7 @@ def register(mcp: MCPServer, app: App) -> None:
         final = app.training.live_view(cluster_id)
         return reply.model_copy(update={"result": final, "status": final.status if final else reply.status})
 
-    @mcp.tool(title="Training session status", annotations=READ_ONLY)
+    @tool(mcp, title="Training session status", annotations=READ_ONLY)
     async def neural_training_status(
         session_id: Annotated[str | None, Field(max_length=64, description="Session id from neural_train_distributed")] = None,
         job_id: Annotated[str | None, Field(max_length=64, description="Alias of session_id (Flow Nexus)")] = None,
@@ -63,7 +65,12 @@ def register(mcp: MCPServer, app: App) -> None:
             raise ToolError("give session_id (the id neural_train_distributed returned)")
         return await call(app.training.status, sid)
 
-    @mcp.tool(title="Training curves", annotations=READ_ONLY)
+    # Either id names the session: the input schema says one is required (a signature cannot), and the
+    # SDK publishes a tool's parameters from this dict.
+    status_schema = mcp._tool_manager.get_tool("neural_training_status").parameters
+    status_schema["anyOf"] = [{"required": ["session_id"]}, {"required": ["job_id"]}]
+
+    @tool(mcp, title="Training curves", annotations=READ_ONLY)
     async def neural_training_plot(
         session_id: Annotated[str, Field(min_length=1, max_length=64, description="Session to plot")],
     ) -> Annotated[CallToolResult, r.PlotInfo]:
@@ -79,7 +86,7 @@ def register(mcp: MCPServer, app: App) -> None:
             structured_content=info.model_dump(),
         )
 
-    @mcp.tool(title="Stop training", annotations=DESTROYS)
+    @tool(mcp, title="Stop training", annotations=DESTROYS)
     async def neural_training_stop(
         session_id: Annotated[str, Field(min_length=1, max_length=64, description="Session to stop")],
     ) -> r.TrainingStopReply:
