@@ -25,7 +25,8 @@ UnbuiltArchitecture = Literal["gnn", "hybrid"]  # Flow Nexus names no node build
 ArchitectureName = Literal[Architecture, UnbuiltArchitecture]
 # What clients may send (every name, so an unbuilt one gets a sentence, not a schema error) and what the
 # schemas publish (only the architectures nodes build).
-ArchitectureChoice = Annotated[ArchitectureName, WithJsonSchema({"type": "string", "enum": list(get_args(Architecture))})]
+ArchitectureChoice = Annotated[ArchitectureName,
+                               WithJsonSchema({"type": "string", "enum": list(get_args(Architecture))})]
 ModelPreset = Literal["base", "large", "xl", "custom"]
 Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
 Partition = Literal["iid", "dirichlet"]
@@ -213,7 +214,8 @@ class JobOptions(BaseModel):
     gradient_compression: float | None = Field(None, gt=0, le=1, description=(
         "Top-k ratio of gradient entries sent (error feedback keeps the rest)"))
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory")
-    checkpoint_every: int = Field(0, ge=0, le=1000, description="Epochs/rounds between checkpoints (0: only at the end)")
+    checkpoint_every: int = Field(0, ge=0, le=1000, description=(
+        "Epochs/rounds between checkpoints (0: only at the end)"))
     max_checkpoints: int = Field(3, ge=1, le=100, description="Keep the last N checkpoints")
     resume_from: str | None = Field(None, max_length=4096, description="Checkpoint id or path to continue from")
     aggregation_rule: AggregationRule = Field("fedavg", description=(

@@ -14,6 +14,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -546,6 +547,19 @@ class TrainingService:
     def wait(self, session_id: str, timeout: float) -> bool:
         live = self.live.get(session_id)
         return live.done.wait(timeout) if live else True
+
+    def follow(self, session_id: str, cluster_id: str, timeout_s: float) -> Iterator[r.TrainingLive]:
+        """Wait until a session ends, at most ``timeout_s``, yielding the cluster's live view about once
+        a second (progress for the caller). Each step blocks up to a second: callers run each ``next``
+        on a worker thread and may stop between steps."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = self.wait(session_id, 1.0)
+            view = self.live_view(cluster_id)
+            if view is not None:
+                yield view
+            if done:
+                return
 
     # ------------------------------------------------------------------- stop
     def stop(self, session_id: str, timeout: float = 60.0) -> r.TrainingStopReply:

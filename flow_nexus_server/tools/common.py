@@ -66,25 +66,25 @@ class App:
 def tool(mcp: MCPServer, *, title: str, annotations: ToolAnnotations) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """``mcp.tool`` with the docstring as the description, its continuation lines unindented."""
 
-    def register(fn: Callable[..., T]) -> Callable[..., T]:
+    def declare(fn: Callable[..., T]) -> Callable[..., T]:
         return mcp.tool(title=title, annotations=annotations, description=inspect.cleandoc(fn.__doc__ or ""))(fn)
 
-    return register
+    return declare
 
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking service call on a worker thread; service errors become ToolErrors, and so
     does anything unexpected: logged with its traceback, answered with a sentence naming the tool
     (the SDK's own answer would be a bare "Error executing tool X")."""
-    tool = sys._getframe(1).f_code.co_name  # the tool function awaiting this call
+    tool_name = sys._getframe(1).f_code.co_name  # the tool function awaiting this call
     try:
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
     except (ServiceError, NodeRequestError, LaunchError) as exc:
         raise ToolError(str(exc)) from exc
     except Exception as exc:
-        log.exception("unexpected error in %s", tool)
-        raise ToolError(f"internal error in {tool}: {type(exc).__name__}; see server.log in the server's state home "
-                        "for the details") from exc
+        log.exception("unexpected error in %s", tool_name)
+        raise ToolError(f"internal error in {tool_name}: {type(exc).__name__}; see server.log in the server's state "
+                        "home for the details") from exc
 
 
 def model_fields_as_parameters(model: type[BaseModel]) -> Callable[[Callable[..., T]], Callable[..., T]]:

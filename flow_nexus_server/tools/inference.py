@@ -37,7 +37,8 @@ def register(mcp: MCPServer, app: App) -> None:
     async def neural_performance_benchmark(
         model_id: Annotated[str, Field(min_length=1, max_length=64, description="A cluster id or a checkpoint id")],
         benchmark_type: Annotated[Literal["inference", "throughput", "memory", "comprehensive"], Field(description=(
-            "Which figures to measure; comprehensive: all of them plus the cluster's all-reduce timings"))] = "comprehensive",
+            "Which figures to measure; comprehensive: all of them plus the cluster's all-reduce timings"))
+        ] = "comprehensive",
         input_data: Annotated[str, Field(max_length=4_000_000, description=(
             "Examples (with labels for accuracy) as for neural_predict_distributed; empty: the held-out split "
             "for node measurements (end-to-end latency needs examples)"))] = "",

@@ -10,7 +10,8 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.config import MAX_UPLOAD_CHARS
-from flow_nexus_server.tools.common import CREATES, DESTROYS, READ_ONLY, REPLACES, App, ClusterId, NodeId, call, tool
+from flow_nexus_server.tools.common import (CREATES, DESTROYS, READ_ONLY, REPLACES, App, ClusterId, NodeId, call,
+                                           tool)
 from workers import protocol as p
 from workers.protocol import BehaviorKind, Capability, ModelPreset, Role
 

@@ -14,7 +14,8 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service import plots
-from flow_nexus_server.tools.common import DESTROYS, READ_ONLY, RETRAINS, App, ClusterId, call, tool, model_fields_as_parameters
+from flow_nexus_server.tools.common import (DESTROYS, READ_ONLY, RETRAINS, App, ClusterId, call,
+                                           model_fields_as_parameters, tool)
 from workers import protocol as p
 
 
@@ -40,17 +41,9 @@ def register(mcp: MCPServer, app: App) -> None:
         reply = await call(app.training.start, cluster_id, req)
         if not wait:
             return reply
-        deadline = anyio.current_time() + wait_timeout_s
-        while anyio.current_time() < deadline:
-            done = await anyio.to_thread.run_sync(app.training.wait, reply.session_id, 1.0)
-            view = app.training.live_view(cluster_id)
-            if view is not None:
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in view.metrics.items()
-                                  if k in ("loss", "val_loss", "val_accuracy", "val_perplexity"))
-                await ctx.report_progress(view.progress_pct, 100, f"{view.mode} {view.status}: epoch {view.epoch}/"
-                                          f"{view.total_epochs}, step {view.step}/{view.total_steps} {shown}".strip())
-            if done:
-                break
+        steps = app.training.follow(reply.session_id, cluster_id, wait_timeout_s)
+        while (view := await anyio.to_thread.run_sync(next, steps, None)) is not None:
+            await ctx.report_progress(view.progress_pct, 100, progress_line(view))
         final = app.training.live_view(cluster_id)
         return reply.model_copy(update={"result": final, "status": final.status if final else reply.status})
 
@@ -92,3 +85,11 @@ def register(mcp: MCPServer, app: App) -> None:
     ) -> r.TrainingStopReply:
         """Ask every node to stop the session at its next step; returns once it ended."""
         return await call(app.training.stop, session_id)
+
+
+def progress_line(view: r.TrainingLive) -> str:
+    """One progress notification's text: where the session is and its headline metrics."""
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in view.metrics.items()
+                      if k in ("loss", "val_loss", "val_accuracy", "val_perplexity"))
+    return (f"{view.mode} {view.status}: epoch {view.epoch}/{view.total_epochs}, "
+            f"step {view.step}/{view.total_steps} {shown}").strip()
