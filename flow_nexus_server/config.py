@@ -17,8 +17,8 @@ def _int_env(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
 
 
-# The longest tool arguments, in characters (the tools' JSON Schemas say the same).
-MAX_DATASET_CHARS = 16_000_000  # neural_train_distributed dataset
+# The longest tool arguments, in characters (the tools' JSON Schemas say the same; the dataset's is
+# workers.protocol.MAX_DATASET_CHARS).
 MAX_UPLOAD_CHARS = 4 * -(-(8 << 20) // 3)  # neural_node_upload content: 8 MiB as base64 (11,184,812)
 # HTTP request bodies: room for either argument even when JSON escaping doubles it (or triples
 # an 8 MiB upload of non-ASCII text sent as \uXXXX escapes).

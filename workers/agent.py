@@ -470,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m workers.agent", description=__doc__)
     ap.add_argument("--node-id", required=True)
     ap.add_argument("--cluster-id", required=True)
-    ap.add_argument("--role", default="worker", choices=["worker", "parameter_server", "aggregator", "validator"])
+    ap.add_argument("--role", default="worker", choices=p.ROLES)
     ap.add_argument("--sandbox", required=True, help="the node's own directory: data, checkpoints, log")
     ap.add_argument("--host", default="127.0.0.1", help="address of the control API (loopback by default)")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port")

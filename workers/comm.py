@@ -57,7 +57,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from workers.protocol import Topology
+from workers.protocol import TOPOLOGIES, Topology  # noqa: F401 - TOPOLOGIES: re-exported
 
 __all__ = [
     "TOPOLOGIES",
@@ -69,8 +69,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-TOPOLOGIES: tuple[str, ...] = ("mesh", "ring", "star", "hierarchical")
 
 # Tags keep the phases of point-to-point exchanges apart (gloo matches sends and receives by
 # peer and tag). Every exchange waits for all of its messages before returning, so exchanges

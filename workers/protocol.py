@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import sys
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -21,16 +21,41 @@ else:  # enum.StrEnum arrived in 3.11: a str whose str() and format() are its va
         __str__ = str.__str__
         __format__ = str.__format__
 
+# The enumerations of the whole contract, defined here once: the server's tools, services and
+# templates import them, so a value added or dropped here is added or dropped everywhere.
 Role = Literal["worker", "parameter_server", "aggregator", "validator"]
 Topology = Literal["mesh", "ring", "star", "hierarchical"]
 Backend = Literal["gloo", "nccl"]
-Architecture = Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"]
+BackendChoice = Literal["auto", Backend]  # what a cluster asks for; auto = nccl when every node sees a GPU
+Launcher = Literal["subprocess", "docker", "ray"]
+Capability = Literal["training", "inference"]
+Architecture = Literal["transformer", "cnn", "rnn", "mlp"]
+UnbuiltArchitecture = Literal["gnn", "hybrid"]  # Flow Nexus names no node builds: refused with a sentence
+ArchitectureName = Literal[Architecture, UnbuiltArchitecture]
+# What clients may send (every name, so an unbuilt one gets a sentence, not a schema error) and what the
+# schemas publish (only the architectures nodes build).
+ArchitectureChoice = Annotated[ArchitectureName,
+                               WithJsonSchema({"type": "string", "enum": list(get_args(Architecture))})]
 ModelPreset = Literal["base", "large", "xl", "custom"]
 Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
+Partition = Literal["iid", "dirichlet"]
 TrainMode = Literal["sync", "parameter_server", "federated"]
 Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
 AggregationRule = Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"]
+ExportFormat = Literal["safetensors", "torchscript"]
 BehaviorKind = Literal["honest", "gaussian_noise", "sign_flip", "scaled", "nan"]
+
+ROLES: tuple[Role, ...] = get_args(Role)
+TOPOLOGIES: tuple[Topology, ...] = get_args(Topology)
+ARCHITECTURES: tuple[Architecture, ...] = get_args(Architecture)
+
+
+def architecture_refusal(name: str | None) -> str | None:
+    """Why a cluster or session cannot use architecture ``name``; None when nodes build it (or none is given)."""
+    if name in get_args(UnbuiltArchitecture):
+        return (f"architecture {name!r} is not implemented by this server's nodes; "
+                f"use one of {', '.join(ARCHITECTURES)}")
+    return None
 
 
 class JobState(StrEnum):
@@ -171,42 +196,90 @@ class ErrorReply(BaseModel):
     error: str
 
 
-class TrainJob(BaseModel):
+MAX_DATASET_CHARS = 16_000_000
+"""Longest dataset argument (a name, a path or inline JSON) a training session accepts."""
+
+Rounds = Annotated[int, Field(ge=1, le=1000)]
+
+
+class Quantization(BaseModel):
+    """Serve an int8 dynamically quantized copy after training (the Flow Nexus guides' option)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    bits: Literal[8] = Field(8, description="Only 8-bit is supported (torch dynamic quantization)")
+    method: Literal["dynamic"] = "dynamic"
+
+
+class JobOptions(BaseModel):
+    """The training options a node job carries as the client gave them. Declared once, here: the
+    neural_train_distributed tool publishes these fields as its parameters, templates and the
+    service validate with them, and every node receives them in its TrainJob, so the bounds are
+    the same on every path."""
+
+    dataset: str = Field(min_length=1, max_length=MAX_DATASET_CHARS, description=(
+        "A built-in dataset (digits, mnist-5k, tweet-sentiment, tweet-polarity, bbc-news, bbc-news-lm), "
+        "a CSV/JSONL/TXT path or glob (relative paths are read inside each node's sandbox, see "
+        "neural_node_upload), or inline JSON {\"X\"|\"data\"|\"features\": [...], \"y\"|\"labels\"|\"targets\": [...]}"))
+    epochs: int = Field(10, ge=1, le=1000, description="Epochs (synchronous / parameter server)")
+    batch_size: int = Field(32, ge=1, le=512, description="Examples per step per worker")
+    learning_rate: float = Field(0.001, ge=1e-5, le=1, description="Optimizer learning rate")
+    optimizer: Optimizer = Field("adam", description="Optimizer every worker steps with")
+    local_epochs: int = Field(1, ge=1, le=100, description="Federated local epochs per round")
+    partition: Partition = Field("iid", description="How training data is split across workers")
+    alpha: float = Field(0.5, gt=0, le=1000, description="Dirichlet concentration (smaller = more label skew)")
+    validation_split: float = Field(0.2, ge=0, le=0.5, description="Held-out fraction evaluated every epoch/round")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description=(
+        "Seeds the train/validation split, the initial weights and the shuffling order"))
+    grad_clip: float | None = Field(None, gt=0, le=1e6, description="Clip the global gradient norm")
+    gradient_accumulation: int = Field(1, ge=1, le=64, description="Micro-batches per optimizer step")
+    mixed_precision: bool = Field(False, description=(
+        "bf16 autocast (CPU, and the GPU of synchronous training on nccl where it supports bf16)"))
+    gradient_compression: float | None = Field(None, gt=0, le=1, description=(
+        "Top-k ratio of gradient entries sent (error feedback keeps the rest)"))
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory")
+    checkpoint_every: int = Field(0, ge=0, le=1000, description=(
+        "Epochs/rounds between checkpoints (0: only at the end)"))
+    max_checkpoints: int = Field(3, ge=1, le=100, description="Keep the last N checkpoints")
+    resume_from: str | None = Field(None, max_length=4096, description="Checkpoint id or path to continue from")
+    aggregation_rule: AggregationRule = Field("fedavg", description=(
+        "Rule the aggregator (or the hub in synchronous byzantine mode) applies"))
+    byzantine_f: int = Field(1, ge=0, le=32, description="Assumed Byzantine nodes for Krum / Multi-Krum")
+    trim_beta: float = Field(0.2, ge=0, lt=0.5, description="Trimmed mean: fraction cut on each side")
+    multi_krum_m: int | None = Field(None, ge=1, le=64, description="Updates Multi-Krum averages (default n - f)")
+    pol_tolerance: float = Field(0.05, ge=0, le=1e9, description=(
+        "Proof-of-learning: a round is rejected when validation loss rises by more than this fraction "
+        "(a huge value turns the check off: plain FedAvg)"))
+    reputation_weighting: bool = Field(False, description="Weight updates by each node's reputation")
+
+
+class TrainOptions(JobOptions):
+    """What a client asks a training session for: the job options plus what the server resolves
+    against the cluster (mode, rounds, architecture, consensus) or applies after training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    federated: bool = Field(False, description="FedAvg: workers train locally, the aggregator combines models")
+    rounds: Rounds | None = Field(None, description="Federated rounds (default: epochs)")
+    architecture: ArchitectureChoice | None = Field(None, description="Override the cluster's architecture")
+    consensus: Consensus | None = Field(None, description="Override the cluster's consensus for this session")
+    quantization: Quantization | None = Field(None, description=(
+        "{enabled, bits: 8, method: dynamic}: after training, nodes serve an int8 dynamically quantized copy"))
+
+
+class TrainJob(JobOptions):
     """One training session as every node of the group receives it."""
 
     session_id: str
     mode: TrainMode
     topology: Topology
-    dataset: str = Field(description="Built-in name, file path or glob (absolute or sandbox-relative), or inline JSON")
-    architecture: Architecture
+    architecture: ArchitectureName  # an unbuilt one is answered by the node's ModelError
     model: ModelPreset = "base"
     layers: list[dict[str, Any]] | None = None
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    optimizer: Optimizer = "adam"
-    rounds: int = Field(5, ge=1, description="Federated rounds")
-    local_epochs: int = Field(1, ge=1, description="Federated local epochs per round")
-    partition: Literal["iid", "dirichlet"] = "iid"
-    alpha: float = Field(0.5, gt=0)
-    validation_split: float = Field(0.2, ge=0, lt=1)
-    seed: int = 0
-    grad_clip: float | None = Field(None, gt=0)
-    gradient_accumulation: int = Field(1, ge=1)
-    mixed_precision: bool = False
-    gradient_compression: float | None = Field(None, gt=0, le=1, description="Top-k ratio kept")
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(0, ge=0, description="Epochs/rounds between checkpoints; 0 = end only")
-    max_checkpoints: int = Field(3, ge=1)
-    resume_from: str | None = None
+    rounds: Rounds = Field(5, description="Federated rounds")
     roles: list[Role] = Field(description="roles[rank] for every rank of the group")
     consensus: Consensus = Field("proof-of-learning", description="How updates are agreed on (README, What the parameters mean here)")
-    aggregation_rule: AggregationRule = Field("fedavg", description="Rule the aggregator (or hub) applies")
-    byzantine_f: int = Field(1, ge=0, description="Assumed number of Byzantine nodes (Krum / Multi-Krum)")
-    trim_beta: float = Field(0.2, ge=0, lt=0.5, description="Trimmed-mean fraction cut on each side")
-    multi_krum_m: int | None = Field(None, ge=1, description="Updates Multi-Krum averages (default n - f)")
-    pol_tolerance: float = Field(0.05, ge=0, description="Proof-of-learning: allowed relative rise of validation loss")
-    reputation_weighting: bool = Field(False, description="Weight updates by each node's reputation")
     behaviors: list[Behavior] = Field(default_factory=list, description="behaviors[rank]; empty = all honest")
     raft_term: int = Field(1, ge=1, description="Raft term: bumped each time a surviving node takes over as leader")
     checkpoint_dir: str | None = Field(None, description="Where the checkpointing rank writes")
@@ -353,7 +426,7 @@ class BenchmarkReply(BaseModel):
 
 class ExportRequest(BaseModel):
     directory: str
-    format: Literal["safetensors", "torchscript"] = "safetensors"
+    format: ExportFormat = "safetensors"
     card: dict[str, Any] = Field(default_factory=dict, description="Facts for the model card")
 
 
@@ -369,7 +442,7 @@ class LoadRequest(BaseModel):
 
 class CollectiveBenchRequest(BaseModel):
     generation: int
-    topologies: list[Topology] = Field(default_factory=lambda: ["mesh", "ring", "star", "hierarchical"])
+    topologies: list[Topology] = Field(default_factory=lambda: list(TOPOLOGIES))
     sizes_bytes: list[int] = Field(default_factory=lambda: [4 << 10, 256 << 10, 4 << 20])
     reps: int = Field(20, ge=1, le=200)
 

@@ -54,7 +54,7 @@ log = logging.getLogger("workers.spawner")
 
 TOKEN_ENV = "FLOW_NEXUS_NODE_TOKEN"  # == workers.protocol.TOKEN_ENV (checked in main)
 NODE_LOG = "node.log"
-ROLES = ("worker", "parameter_server", "aggregator", "validator")
+ROLES = ("worker", "parameter_server", "aggregator", "validator")  # == workers.protocol.ROLES (checked in main)
 MAX_REQUEST = 4 << 20  # bytes in one request line
 EXITED_KEPT = 4096  # exit codes remembered for status queries
 # Runtimes that start worker threads when they load unless told to use one.
@@ -82,7 +82,7 @@ def warm_imports() -> None:
     import workers.group  # noqa: F401
     import workers.protocol as protocol
 
-    assert protocol.TOKEN_ENV == TOKEN_ENV and protocol.READY_FILE == "agent.json"
+    assert protocol.TOKEN_ENV == TOKEN_ENV and protocol.READY_FILE == "agent.json" and protocol.ROLES == ROLES
 
 
 def _create_time(pid: int) -> float | None:

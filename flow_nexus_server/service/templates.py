@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import NotFound, ServiceError
-from flow_nexus_server.service.training import TrainingService
+from flow_nexus_server.service.training import TrainingService, training_options
+from workers import protocol as p
 
-CATEGORIES = ("timeseries", "classification", "regression", "nlp", "vision", "anomaly", "generative",
-              "reinforcement", "custom")
+Category = Literal["timeseries", "classification", "regression", "nlp", "vision", "anomaly", "generative",
+                   "reinforcement", "custom"]
+CATEGORIES: tuple[Category, ...] = get_args(Category)
 
 
 class NodeGroup(BaseModel):
@@ -72,9 +74,9 @@ class CustomConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(None, min_length=1, max_length=200)
-    topology: Literal["mesh", "ring", "star", "hierarchical"] | None = None
-    architecture: Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"] | None = None
-    consensus: Literal["proof-of-learning", "byzantine", "raft", "gossip"] | None = None
+    topology: p.Topology | None = None
+    architecture: p.ArchitectureChoice | None = None
+    consensus: p.Consensus | None = None
     auto_healing: bool = False
     max_nodes: int | None = Field(None, ge=1, le=64)
     workers: int | None = Field(None, ge=1, le=16)
@@ -94,6 +96,10 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'custom_config'}: {e['msg']}" for e in exc.errors())
         raise ServiceError(f"custom_config is invalid: {problems}. Allowed keys: "
                            f"{', '.join(CustomConfig.model_fields)}") from exc
+    if refusal := p.architecture_refusal(cfg.architecture):
+        raise ServiceError(refusal)
+    # the same options model and bounds as neural_train_distributed's, checked before any node starts
+    options = training_options({**t.training, **(cfg.training or {})}) if cfg.train and t.training else None
     groups = [g.model_copy() for g in t.nodes]
     if cfg.workers is not None:
         for g in groups:
@@ -119,9 +125,9 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
         connect = clusters.connect(init.cluster_id)
         started = None
         if cfg.train:
-            if t.training is None:
+            if options is None:
                 raise ServiceError(f"template {t.id} has no training recipe; call neural_train_distributed")
-            started = training.start_from_dict(init.cluster_id, {**t.training, **(cfg.training or {})})
+            started = training.start(init.cluster_id, options)
     except ServiceError as exc:
         clusters.terminate(init.cluster_id, reason=f"template {t.id} failed to deploy")
         raise ServiceError(f"deploying template {t.id} failed and its cluster was terminated: {exc}") from exc

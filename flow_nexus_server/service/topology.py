@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-TOPOLOGIES = ("mesh", "ring", "star", "hierarchical")
+from workers.protocol import TOPOLOGIES  # noqa: F401 - re-exported
 
 
 def edges(topology: str, n: int) -> list[tuple[int, int]]:

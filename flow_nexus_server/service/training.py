@@ -14,11 +14,12 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from flow_nexus_server import replies as r
@@ -44,55 +45,17 @@ MAX_BACKOFF_S = 30.0  # longest wait between retries of a failing watcher pass
 WATCH_GIVE_UP_S = 300.0  # a watcher failing this long marks its session failed
 
 
-class Quantization(BaseModel):
-    """Serve an int8 dynamically quantized copy after training (the Flow Nexus guides' option)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    bits: Literal[8] = Field(8, description="Only 8-bit is supported (torch dynamic quantization)")
-    method: Literal["dynamic"] = "dynamic"
-
-
-class TrainRequest(BaseModel):
-    """neural_train_distributed's arguments, validated once more where they arrive another way (templates)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = Field(min_length=1)
-    epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=512)
-    learning_rate: float = Field(1e-3, ge=1e-5, le=1)
-    optimizer: Literal["adam", "sgd", "rmsprop", "adagrad"] = "adam"
-    federated: bool = False
-    rounds: int | None = Field(None, ge=1, le=1000)
-    local_epochs: int = Field(1, ge=1, le=100)
-    architecture: Literal["transformer", "cnn", "rnn", "mlp", "gnn", "hybrid"] | None = None
-    partition: Literal["iid", "dirichlet"] = "iid"
-    alpha: float = Field(0.5, gt=0, le=1000)
-    validation_split: float = Field(0.2, ge=0, le=0.5)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    grad_clip: float | None = Field(None, gt=0)
-    gradient_accumulation: int = Field(1, ge=1, le=64)
-    mixed_precision: bool = False
-    gradient_compression: float | None = Field(None, gt=0, le=1)
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(0, ge=0, le=1000)
-    max_checkpoints: int = Field(3, ge=1, le=100)
-    resume_from: str | None = None
-    quantization: Quantization | None = None
-    consensus: Literal["proof-of-learning", "byzantine", "raft", "gossip"] | None = None
-    aggregation_rule: Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"] = "fedavg"
-    byzantine_f: int = Field(1, ge=0, le=32)
-    trim_beta: float = Field(0.2, ge=0, lt=0.5)
-    multi_krum_m: int | None = Field(None, ge=1, le=64)
-    pol_tolerance: float = Field(0.05, ge=0, le=1e9)
-    reputation_weighting: bool = False
-
-    JOB_OPTIONS: ClassVar[tuple[str, ...]] = (
-        "partition", "alpha", "validation_split", "seed", "grad_clip", "gradient_accumulation", "mixed_precision",
-        "gradient_compression", "gradient_checkpointing", "checkpoint_every", "max_checkpoints", "aggregation_rule",
-        "byzantine_f", "trim_beta", "multi_krum_m", "pol_tolerance", "reputation_weighting")
+def training_options(args: dict[str, Any]) -> p.TrainOptions:
+    """neural_train_distributed's arguments arriving another way (a template's recipe and overrides),
+    checked against the same model as the tool's, with its bounds."""
+    try:
+        options = p.TrainOptions.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ServiceError(f"training arguments are invalid: {problems}") from exc
+    if refusal := p.architecture_refusal(options.architecture):
+        raise ServiceError(refusal)
+    return options
 
 
 @dataclass
@@ -178,14 +141,9 @@ class TrainingService:
 
     # ------------------------------------------------------------------ start
     def start_from_dict(self, cluster_id: str, args: dict[str, Any]) -> r.TrainStartReply:
-        try:
-            req = TrainRequest.model_validate(args)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ServiceError(f"training arguments are invalid: {problems}") from exc
-        return self.start(cluster_id, req)
+        return self.start(cluster_id, training_options(args))
 
-    def start(self, cluster_id: str, req: TrainRequest) -> r.TrainStartReply:
+    def start(self, cluster_id: str, req: p.TrainOptions) -> r.TrainStartReply:
         svc = self.clusters
         limits = svc.settings.limits
         if req.epochs > limits.max_epochs or (req.rounds or 0) > limits.max_epochs:
@@ -223,14 +181,12 @@ class TrainingService:
             resume = self._resolve_resume(req.resume_from)
             session_id = "train_" + secrets.token_hex(6)
             job = p.TrainJob(
+                **req.model_dump(include=set(p.JobOptions.model_fields)) | {"resume_from": resume},
                 session_id=session_id, mode=mode, topology=cluster.connected_topology or cluster.topology,
-                dataset=dataset, architecture=arch, model=first.model, layers=layers, epochs=epochs,
-                batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
-                rounds=req.rounds or epochs, local_epochs=local_epochs, roles=roles, resume_from=resume,
+                architecture=arch, model=first.model, layers=layers, rounds=req.rounds or epochs, roles=roles,
                 consensus=req.consensus or cluster.consensus,
                 behaviors=[p.Behavior(**(n.options.get("behavior") or {})) for n in nodes],
                 sandbox_quota_bytes=limits.max_sandbox_bytes,  # checkpoints count toward it
-                **req.model_dump(include=set(TrainRequest.JOB_OPTIONS)),
             )
             if job.consensus == "gossip" and mode != "federated":
                 raise ServiceError("consensus 'gossip' averages models between neighbours after local training; "
@@ -598,6 +554,19 @@ class TrainingService:
     def wait(self, session_id: str, timeout: float) -> bool:
         live = self.live.get(session_id)
         return live.done.wait(timeout) if live else True
+
+    def follow(self, session_id: str, cluster_id: str, timeout_s: float) -> Iterator[r.TrainingLive]:
+        """Wait until a session ends, at most ``timeout_s``, yielding the cluster's live view about once
+        a second (progress for the caller). Each step blocks up to a second: callers run each ``next``
+        on a worker thread and may stop between steps."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = self.wait(session_id, 1.0)
+            view = self.live_view(cluster_id)
+            if view is not None:
+                yield view
+            if done:
+                return
 
     # ------------------------------------------------------------------- stop
     def stop(self, session_id: str, timeout: float = 60.0) -> r.TrainingStopReply:

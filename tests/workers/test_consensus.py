@@ -65,7 +65,7 @@ def _jobs() -> list[dict[str, Any]]:
         {"name": "trimmed", "job": _fed("trim", consensus="byzantine", aggregation_rule="trimmed_mean",
                                         trim_beta=0.25, behaviors=NOISY)},
         # plain FedAvg: proof-of-learning that never rejects a finite candidate
-        {"name": "fedavg", "job": _fed("avg", consensus="proof-of-learning", pol_tolerance=1e12, behaviors=NOISY)},
+        {"name": "fedavg", "job": _fed("avg", consensus="proof-of-learning", pol_tolerance=1e9, behaviors=NOISY)},
         {"name": "multi-krum-rep", "job": _fed("mkr", consensus="byzantine", aggregation_rule="multi_krum",
                                                reputation_weighting=True, behaviors=NOISY)},
         {"name": "gossip", "job": _fed("gossip", consensus="gossip", topology="ring")},

@@ -170,7 +170,8 @@ def _jobs(ckdir: str) -> list[dict[str, Any]]:
         {"name": "gnn", "job": sync(session_id="gnn", architecture="gnn"), "expect_error": True},
         {"name": "no-ps", "job": sync(session_id="nops", mode="parameter_server",
                                       roles=["worker", "worker", "validator", "validator"]), "expect_error": True},
-        {"name": "big-batch", "job": sync(session_id="bb", batch_size=5000), "expect_error": True},
+        {"name": "big-batch", "job": sync(session_id="bb", batch_size=500, validation_split=0.5),  # shards of ~449
+         "expect_error": True},
         {"name": "ps", "job": _job(session_id="ps", mode="parameter_server", epochs=3, batch_size=8,
                                    learning_rate=0.01, roles=PS_ROLES)},
         {"name": "fed", "job": _job(session_id="fed", mode="federated", rounds=3, local_epochs=1, batch_size=8,
@@ -323,7 +324,7 @@ def test_bad_dataset_fails_everywhere(run: dict[str, Any]) -> None:
 @pytest.mark.parametrize("name, kind, words", [
     ("gnn", "ModelError", "not supported"),
     ("no-ps", "TrainingError", "parameter_server"),
-    ("big-batch", "TrainingError", "batch_size 5000 is larger than the smallest training shard"),
+    ("big-batch", "TrainingError", "batch_size 500 is larger than the smallest training shard"),
 ])
 def test_bad_jobs_fail_on_every_rank(run: dict[str, Any], name: str, kind: str, words: str) -> None:
     errors = {x["error"] for x in run["res"][name]}

@@ -1,0 +1,122 @@
+"""What every tool area shares: the service accessor, the ``call`` helper, annotations, id types."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import anyio
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server import MCPServer
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+
+from flow_nexus_server.controller.core import Controller
+from flow_nexus_server.launchers import LaunchError
+from flow_nexus_server.service.clusters import ClusterService
+from flow_nexus_server.service.errors import ServiceError
+from flow_nexus_server.service.inference import InferenceService
+from flow_nexus_server.service.node_client import NodeRequestError
+from flow_nexus_server.service.training import TrainingService
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ClusterId = Annotated[str, Field(min_length=1, max_length=64, description="Cluster id from neural_cluster_init (dnc_...)")]
+NodeId = Annotated[str, Field(min_length=1, max_length=64, description="Node id from neural_node_deploy (node_...)")]
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+RECONFIGURES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False)
+# Overwrites what nodes serve or hold (the loaded model, a sandbox file); the same call again changes nothing more.
+REPLACES = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+# Starts a session whose result replaces the model every node serves; each call trains anew.
+RETRAINS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False)
+
+
+class App:
+    """The tools' way to the controller's services: the controller given to ``build_server``, or the one
+    the server's lifespan starts (so a service is looked up when a tool runs, not when it is declared)."""
+
+    def __init__(self, controller: Controller | None = None) -> None:
+        self.controller = controller
+
+    def ctrl(self) -> Controller:
+        assert self.controller is not None, "the server's lifespan has not started"
+        return self.controller
+
+    @property
+    def clusters(self) -> ClusterService:
+        return self.ctrl().clusters
+
+    @property
+    def training(self) -> TrainingService:
+        return self.ctrl().training
+
+    @property
+    def inference(self) -> InferenceService:
+        return self.ctrl().inference
+
+
+def tool(mcp: MCPServer, *, title: str, annotations: ToolAnnotations) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """``mcp.tool`` with the docstring as the description, its continuation lines unindented."""
+
+    def declare(fn: Callable[..., T]) -> Callable[..., T]:
+        return mcp.tool(title=title, annotations=annotations, description=inspect.cleandoc(fn.__doc__ or ""))(fn)
+
+    return declare
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking service call on a worker thread; service errors become ToolErrors, and so
+    does anything unexpected: logged with its traceback, answered with a sentence naming the tool
+    (the SDK's own answer would be a bare "Error executing tool X")."""
+    tool_name = sys._getframe(1).f_code.co_name  # the tool function awaiting this call
+    try:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+    except (ServiceError, NodeRequestError, LaunchError) as exc:
+        raise ToolError(str(exc)) from exc
+    except Exception as exc:
+        log.exception("unexpected error in %s", tool_name)
+        raise ToolError(f"internal error in {tool_name}: {type(exc).__name__}; see server.log in the server's state "
+                        "home for the details") from exc
+
+
+def call_in_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a memory-only service read on the event loop: on a busy CPU the hop to a worker thread
+    and back costs more than the read itself. Errors map as in ``call``."""
+    tool_name = sys._getframe(1).f_code.co_name
+    try:
+        return fn(*args, **kwargs)
+    except (ServiceError, NodeRequestError, LaunchError) as exc:
+        raise ToolError(str(exc)) from exc
+    except Exception as exc:
+        log.exception("unexpected error in %s", tool_name)
+        raise ToolError(f"internal error in {tool_name}: {type(exc).__name__}; see server.log in the server's state "
+                        "home for the details") from exc
+
+
+def model_fields_as_parameters(model: type[BaseModel]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Publish every field of ``model`` as a flat parameter of the decorated tool (clients send them
+    flat, as Flow Nexus does) without listing them again: the SDK reads a tool's parameters from its
+    ``__signature__`` and ``__annotations__``. The tool takes the fields in its ``**kwargs``."""
+
+    def declare(fn: Callable[..., T]) -> Callable[..., T]:
+        own = inspect.signature(fn, eval_str=True)
+        params = [q.replace(kind=inspect.Parameter.KEYWORD_ONLY) for q in own.parameters.values()
+                  if q.kind is not inspect.Parameter.VAR_KEYWORD]
+        for name, info in model.model_fields.items():
+            annotation = Annotated[(info.annotation, *info.metadata, Field(description=info.description))]
+            default = inspect.Parameter.empty if info.is_required() else info.default
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=default))
+        fn.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        fn.__annotations__ = {q.name: q.annotation for q in params} | {"return": own.return_annotation}
+        return fn
+
+    return declare

@@ -1,0 +1,34 @@
+"""Template tools: list the ready-made clusters and deploy one in a single call."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from mcp.server import MCPServer
+from pydantic import Field
+
+from flow_nexus_server import replies as r
+from flow_nexus_server.service import templates
+from flow_nexus_server.tools.common import CREATES, READ_ONLY, App, call, tool
+
+
+def register(mcp: MCPServer, app: App) -> None:
+    @tool(mcp, title="List cluster templates", annotations=READ_ONLY)
+    async def neural_list_templates(
+        category: Annotated[templates.Category | None, Field(description="Only templates of this category")] = None,
+        tier: Annotated[str | None, Field(max_length=32, description="Only templates of this tier (all are 'free')")] = None,
+        search: Annotated[str | None, Field(max_length=200, description="Words that must all appear")] = None,
+        limit: Annotated[int, Field(ge=1, le=100, description="Most templates listed")] = 20,
+    ) -> r.TemplateListReply:
+        """Ready-made clusters (nodes, topology, training recipe) that neural_deploy_template builds in one call."""
+        return templates.list_templates(category, tier, search, limit)
+
+    @tool(mcp, title="Deploy a template", annotations=CREATES)
+    async def neural_deploy_template(
+        template_id: Annotated[str, Field(min_length=1, max_length=100, description="Id from neural_list_templates")],
+        custom_config: Annotated[dict[str, Any] | None, Field(description=(
+            "Overrides: name, topology, architecture, consensus, auto_healing, max_nodes, workers (count), "
+            "train (true to start the template's training), training (neural_train_distributed arguments)"))] = None,
+    ) -> r.TemplateDeployReply:
+        """Build a whole ready cluster in one call: init, deploy every node, connect (and train if asked)."""
+        return await call(templates.deploy_template, app.clusters, app.training, template_id, custom_config)
