@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -51,6 +51,8 @@ class Limits(BaseSettings):
 
 
 class Settings(BaseSettings):
+    """What the server reads from FLOW_NEXUS_* (docs/settings.md); ``limits`` holds the ceilings."""
+
     model_config = _FROM_ENV
 
     home: Path = Field(Path("~/.flow-nexus"), validate_default=True,
@@ -92,7 +94,7 @@ class Settings(BaseSettings):
 
     @field_validator("db_url")
     @classmethod
-    def _db_in_home(cls, url: str, info: Any) -> str:
+    def _db_in_home(cls, url: str, info: ValidationInfo) -> str:
         return url or f"sqlite:///{info.data['home'] / 'state.db'}"
 
     @field_validator("data_roots", mode="before")
