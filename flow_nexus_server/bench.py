@@ -40,7 +40,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -797,9 +797,8 @@ async def run_rows(args: argparse.Namespace, home: Path, selected: list[str]) ->
     from flow_nexus_server.server import build_server
 
     rows: list[Row] = []
-    settings = Settings.from_env(home)
-    if os.environ.get("FLOW_NEXUS_DB_URL"):  # never write benchmark clusters into a configured database
-        settings = replace(settings, db_url=f"sqlite:///{home / 'state.db'}")
+    # Never a configured FLOW_NEXUS_DB_URL: benchmark clusters stay out of a real database.
+    settings = Settings.from_env(home).model_copy(update={"db_url": f"sqlite:///{home / 'state.db'}"})
     server = build_server(settings)
     quiet_logging(settings.log_file)
     async with Client(server, read_timeout_seconds=900) as client:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from flow_nexus_server import __version__
-from flow_nexus_server.config import Settings
+from flow_nexus_server.config import Settings, settings_lines, settings_markdown
 from flow_nexus_server.home import HTTP_TOKEN_FILE, PRIVATE_UMASK
 from flow_nexus_server.logs import DropQueryStrings, setup_logging
 
@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which = stop.add_mutually_exclusive_group(required=True)
     which.add_argument("cluster_id", nargs="?", help="the cluster to stop (its nodes are stopped and verified gone)")
     which.add_argument("--all", action="store_true", help="stop every cluster of this home, then the controller")
+    sets = sub.add_parser("settings", help="the FLOW_NEXUS_* settings in effect")
+    sets.add_argument("--markdown", action="store_true", help="print instead the table of every setting "
+                      "(docs/settings.md)")
     sub.add_parser("controller", help="run the home's controller in the foreground (front-ends start it by "
                    "themselves; it owns the clusters, nodes and sessions)")
     return ap.parse_args(argv)
@@ -74,14 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         return bench_run(args)
     if args.command == "convert-checkpoint":
         return convert_checkpoint(args.old, args.new)
+    settings = Settings.from_env(args.home)
+    if args.command == "settings":
+        sys.stdout.write(settings_markdown() if args.markdown else "\n".join(settings_lines(settings)) + "\n")
+        return 0
     token: str | None = None
     if args.transport == "http":
-        token, problem = http_token(args)
+        token, problem = http_token(args, settings)
         if problem:
             sys.stderr.write(f"flow-nexus-server: {problem}\n")
             return 2
     os.umask(PRIVATE_UMASK)  # everything the server and its nodes create is private (see home.py)
-    settings = Settings.from_env(args.home)
     if args.command in ("status", "stop"):
         from flow_nexus_server.controller.commands import status_command, stop_command
 
@@ -113,7 +119,7 @@ def convert_checkpoint(old: str, new: str | None) -> int:
     return 0
 
 
-def http_token(args: argparse.Namespace) -> tuple[str | None, str | None]:
+def http_token(args: argparse.Namespace, settings: Settings) -> tuple[str | None, str | None]:
     """(token, None), or (None, why the HTTP server must not start)."""
     from flow_nexus_server.http_app import is_loopback
 
@@ -129,7 +135,7 @@ def http_token(args: argparse.Namespace) -> tuple[str | None, str | None]:
         if not token:
             return None, f"the token file {args.token_file} is empty"
     else:
-        token = os.environ.get("FLOW_NEXUS_TOKEN", "").strip() or None
+        token = (settings.token.get_secret_value().strip() if settings.token else "") or None
     if token is None and not is_loopback(args.host):
         return None, (
             f"refusing to bind {args.host} (not a loopback address) without a token: anyone who can reach "

@@ -99,7 +99,7 @@ def test_memory_figures_come_from_psutil():
 def chosen(tmp_path: Path, caplog) -> tuple[str, list[str]]:
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="flow_nexus_server.launchers.warm"):
-        launcher = local_launcher(tmp_path)
+        launcher = local_launcher(tmp_path, Settings.from_env(tmp_path).spawner)
     return type(launcher).__name__, [r.getMessage() for r in caplog.records]
 
 

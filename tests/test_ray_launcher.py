@@ -218,7 +218,7 @@ def test_placement_pack_and_spread(tmp_path, ray_cluster):
     """PACK keeps a cluster's nodes on one Ray node; SPREAD puts them on different ones."""
     token = "t0ken" * 10
     for strategy, expect_same in (("PACK", True), ("SPREAD", False)):
-        launcher = RayLauncher(strategy=strategy)
+        launcher = RayLauncher(ray_cluster.address, strategy)
         cid = f"dnc_{strategy.lower()}"
         specs = [NodeSpec(f"node_{strategy.lower()}{i}", cid, "worker", tmp_path / cid / str(i), token)
                  for i in range(2)]

@@ -18,13 +18,17 @@ from flow_nexus_server.controller.core import Controller
 from flow_nexus_server.server import build_server
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
-from flow_nexus_server.service.rendezvous import ADVERTISE_ENV, BIND_ENV, store_request
+from flow_nexus_server.service import rendezvous
+from flow_nexus_server.service.rendezvous import ADVERTISE_ENV, BIND_ENV
 from workers import protocol
 
 pytestmark = pytest.mark.anyio
 
 
-def test_a_first_node_on_this_host_binds_where_the_other_machines_reach_it(monkeypatch):
+def test_a_first_node_on_this_host_binds_where_the_other_machines_reach_it(monkeypatch, tmp_path):
+    def store_request(host, port):  # the settings as a server started now reads them
+        return rendezvous.store_request(host, port, Settings.from_env(tmp_path))
+
     monkeypatch.delenv(ADVERTISE_ENV, raising=False)
     assert store_request("127.0.0.1", 5000) == protocol.StoreRequest(port=5000)  # where its control API listens
     monkeypatch.setenv(ADVERTISE_ENV, "10.1.2.3")

@@ -52,13 +52,6 @@ POLICY_EVERY_S = 1.0
 ATTACH_BEAT_S = 5.0
 
 
-def linger_s() -> float:
-    try:
-        return float(os.environ.get("FLOW_NEXUS_CONTROLLER_LINGER_S", "10"))
-    except ValueError:
-        return 10.0
-
-
 class Frontends:
     """How many front-ends are attached now, and since when none is."""
 
@@ -151,7 +144,8 @@ class IdlePolicy:
                                          "min (idle_timeout_min): stopping the cluster")
                 self.ctrl.training.terminate_cluster(cluster.id)
         none_since = self.frontends.none_since
-        return (not clusters and not training and none_since is not None and now - none_since >= linger_s())
+        linger_s = self.ctrl.settings.controller_linger_s
+        return not clusters and not training and none_since is not None and now - none_since >= linger_s
 
 
 def status_payload(ctrl: Controller, frontends: Frontends) -> dict[str, Any]:
@@ -291,7 +285,8 @@ async def _serve(settings: Settings, paths: ControllerPaths) -> None:
         while not stop.is_set():
             try:
                 if await anyio.to_thread.run_sync(policy.check):
-                    log.info("no live cluster, session or front-end for %.0f s: the controller stops", linger_s())
+                    log.info("no live cluster, session or front-end for %.0f s: the controller stops",
+                             settings.controller_linger_s)
                     stop.set()
             except Exception:
                 log.exception("the idle policy pass failed")

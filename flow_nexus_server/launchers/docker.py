@@ -13,8 +13,9 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from flow_nexus_server.config import Settings
 from flow_nexus_server.launchers.base import LaunchError, NodeHandle, NodeSpec, controller_args, log_tail
 from workers.protocol import READY_FILE, TOKEN_ENV
 
@@ -23,8 +24,8 @@ SANDBOX_IN_CONTAINER = "/sandbox"
 
 @dataclass
 class DockerLauncher:
-    image: str = field(default_factory=lambda: os.environ.get("FLOW_NEXUS_DOCKER_IMAGE", "flow-nexus-worker:latest"))
-    network: str = field(default_factory=lambda: os.environ.get("FLOW_NEXUS_DOCKER_NETWORK", "host"))
+    image: str = Settings.model_fields["docker_image"].default
+    network: str = Settings.model_fields["docker_network"].default
     docker: str = "docker"
     name: str = "docker"
 

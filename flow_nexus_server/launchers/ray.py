@@ -56,8 +56,7 @@ NAMESPACE = "flow-nexus"
 ADDRESS_ENV = "FLOW_NEXUS_RAY_ADDRESS"
 STRATEGY_ENV = "FLOW_NEXUS_RAY_STRATEGY"
 NODE_PORTS_ENV = "FLOW_NEXUS_RAY_NODE_PORTS"
-SHIP_WORKERS_ENV = "FLOW_NEXUS_RAY_SHIP_WORKERS"
-ADVERTISE_ENV = "FLOW_NEXUS_ADVERTISE_HOST"  # read by service/rendezvous.py as well (the store's address)
+ADVERTISE_ENV = "FLOW_NEXUS_ADVERTISE_HOST"
 STRATEGIES = ("PACK", "SPREAD")
 INSTALL_HINT = "pip install 'flow-nexus-server[ray]'"
 NODE_ID_LABEL = "ray.io/node-id"
@@ -266,20 +265,20 @@ class RayLauncher:
     name = "ray"
 
     def __init__(self, address: str | None = None, strategy: str | None = None, *,
-                 node_ports: str | None = None, ship_workers: bool | None = None,
+                 node_ports: str = "", ship_workers: bool = False, advertise_host: str = "",
                  ping_timeout_s: float = 2.0) -> None:
-        self.address = address or os.environ.get(ADDRESS_ENV) or None
-        self.strategy = (strategy or os.environ.get(STRATEGY_ENV) or "PACK").strip().upper()
+        # ClusterService passes the values of Settings; the *_ENV names above are for messages.
+        self.address = address or None
+        self.strategy = (strategy or "PACK").strip().upper()
         self.ping_timeout_s = ping_timeout_s
-        if ship_workers is None:
-            ship_workers = os.environ.get(SHIP_WORKERS_ENV, "").strip().lower() in ("1", "true", "yes")
         self.ship_workers = ship_workers
+        self.advertise_host = advertise_host
         self._config_error = ""
         if self.strategy not in STRATEGIES:
             self._config_error = (f"placement strategy {self.strategy!r} ({STRATEGY_ENV}) is not one of "
                                   f"{', '.join(STRATEGIES)}")
         try:
-            self.node_ports = parse_ports(node_ports if node_ports is not None else os.environ.get(NODE_PORTS_ENV, ""))
+            self.node_ports = parse_ports(node_ports)
         except ValueError as exc:
             self.node_ports = []
             self._config_error = f"{NODE_PORTS_ENV} must look like 30000-30099 or 30000,30001 ({exc})"
@@ -433,7 +432,7 @@ class RayLauncher:
             tail = log_tail(spec.sandbox / NODE_LOG_NAME, 20)
             raise LaunchError(f"node {spec.node_id} (Ray actor {actor_name(spec.node_id)}) {reason}"
                               + (f"; end of its log:\n{tail}" if tail else "")) from exc
-        if info["host"] != LOOPBACK and not os.environ.get(ADVERTISE_ENV):
+        if info["host"] != LOOPBACK and not self.advertise_host:
             self._discard(ray, spec.node_id, actor)
             raise LaunchError(
                 f"node {spec.node_id} was placed on Ray node {info['node_ip']}, another host, but nodes on this "

@@ -59,9 +59,10 @@ _SUN_PATH_MAX = 100  # bytes; the kernel's limit is 108 with the terminating NUL
 SPAWNER_ENV = "FLOW_NEXUS_SPAWNER"  # "plain": never fork nodes from a warm template
 
 
-def warm_spawner_refusal() -> str | None:
-    """Why nodes must not be forked from a warm template here, or None where they may."""
-    if os.environ.get(SPAWNER_ENV, "").strip().lower() == "plain":
+def warm_spawner_refusal(spawner: str) -> str | None:
+    """Why nodes must not be forked from a warm template here, or None where they may (``spawner``:
+    Settings.spawner)."""
+    if spawner == "plain":
         return f"{SPAWNER_ENV}=plain"
     if not hasattr(os, "fork"):
         return f"{sys.platform} has no fork"
@@ -70,10 +71,10 @@ def warm_spawner_refusal() -> str | None:
     return None
 
 
-def local_launcher(state_dir: Path | str) -> "WarmSubprocessLauncher | SubprocessLauncher":
+def local_launcher(state_dir: Path | str, spawner: str = "warm") -> "WarmSubprocessLauncher | SubprocessLauncher":
     """The launcher for local node processes: warm (forked from a template) where that is safe,
     else plain (one cold ``python -m workers.agent`` per node), saying so in the log."""
-    refusal = warm_spawner_refusal()
+    refusal = warm_spawner_refusal(spawner)
     if refusal is None:
         return WarmSubprocessLauncher(state_dir)
     log.info("local nodes start as plain subprocesses, one cold interpreter each (%s)", refusal)

@@ -61,12 +61,13 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
         self.launchers: dict[str, NodeLauncher] = {
             # On Linux, forks node agents from a template that has torch imported: ~0.1 s a node,
             # not ~2 s; elsewhere (or FLOW_NEXUS_SPAWNER=plain) one cold process per node.
-            "subprocess": local_launcher(settings.home),
-            "docker": DockerLauncher(),
-            "ray": ray_launcher(),
+            "subprocess": local_launcher(settings.home, settings.spawner),
+            "docker": DockerLauncher(image=settings.docker_image, network=settings.docker_network),
+            "ray": ray_launcher(settings),
         }
         # Nodes push their health and progress here every second; status and the monitor read it.
-        self.telemetry = Telemetry(Directory(self._token_of, self._is_live_node), port=settings.telemetry_port)
+        self.telemetry = Telemetry(Directory(self._token_of, self._is_live_node), settings.advertise_host,
+                                   port=settings.telemetry_port)
         # Told once per node the monitor (or anyone) declares lost: (cluster, node, reason).
         self.on_node_lost: list[Callable[[Cluster, Node, str], None]] = []
         self._rows: dict[str, ClusterRows] = {}  # cluster_id -> what status last read of it

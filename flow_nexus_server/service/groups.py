@@ -128,7 +128,8 @@ class GroupManager:
         """The rendezvous store's address, hosted by the first node in rank order (which keeps the store
         it has; a new first node starts one): the controller holds no store, so training outlives it."""
         try:
-            return store_on_first_node(self.client(cluster, first), first.host, cluster.store_port)
+            return store_on_first_node(self.client(cluster, first), first.host, cluster.store_port,
+                                       self.settings)
         except NodeRequestError as exc:
             self._mark_needs_connect(cluster, generation, f"the first node could not host the rendezvous store: {exc}")
             raise ServiceError(

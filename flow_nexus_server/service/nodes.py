@@ -18,6 +18,7 @@ import psutil
 from sqlalchemy import func, select
 
 from flow_nexus_server import replies as r
+from flow_nexus_server.config import Settings
 from flow_nexus_server.launchers import LaunchError, NodeLauncher, NodeSpec
 from flow_nexus_server.launchers.docker import UnavailableLauncher
 from flow_nexus_server.service.backend import check_gpus
@@ -33,12 +34,13 @@ log = logging.getLogger(__name__)
 HOST_MEMORY_RESERVE_MB = 512
 
 
-def ray_launcher() -> NodeLauncher:
+def ray_launcher(settings: Settings) -> NodeLauncher:
     try:
         from flow_nexus_server.launchers.ray import RayLauncher
     except ImportError:
         return UnavailableLauncher("ray", "Ray is not installed; install it with pip install 'flow-nexus-server[ray]'")
-    return RayLauncher()
+    return RayLauncher(settings.ray_address, settings.ray_strategy, node_ports=settings.ray_node_ports,
+                       ship_workers=settings.ray_ship_workers, advertise_host=settings.advertise_host)
 
 
 def available_memory_mb() -> float | None:

@@ -18,8 +18,7 @@ address. The store has no authentication: let only the cluster's hosts reach its
 
 from __future__ import annotations
 
-import os
-
+from flow_nexus_server.config import Settings
 from flow_nexus_server.service.node_client import NodeClient
 from workers import protocol as p
 
@@ -28,18 +27,18 @@ BIND_ENV = "FLOW_NEXUS_RENDEZVOUS_BIND"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def store_request(node_host: str | None, previous_port: int | None) -> p.StoreRequest:
+def store_request(node_host: str | None, previous_port: int | None, settings: Settings) -> p.StoreRequest:
     """What to ask a first node listening on ``node_host`` for (see the module docstring)."""
-    advertise = os.environ.get(ADVERTISE_ENV, "").strip()
+    advertise = settings.advertise_host
     if advertise and advertise not in LOOPBACK_HOSTS and (node_host or "127.0.0.1") in LOOPBACK_HOSTS:
-        bind = os.environ.get(BIND_ENV, "").strip() or "0.0.0.0"
-        return p.StoreRequest(port=previous_port, bind_host=bind, advertise_host=advertise)
+        return p.StoreRequest(port=previous_port, bind_host=settings.rendezvous_bind, advertise_host=advertise)
     return p.StoreRequest(port=previous_port)
 
 
-def store_on_first_node(client: NodeClient, node_host: str | None, previous_port: int | None) -> tuple[str, int]:
+def store_on_first_node(client: NodeClient, node_host: str | None, previous_port: int | None,
+                        settings: Settings) -> tuple[str, int]:
     """(host, port) of the store the first node hosts, started there if it hosts none yet.
 
     Raises NodeRequestError when the node cannot be reached or cannot listen."""
-    reply = client.host_store(store_request(node_host, previous_port))
+    reply = client.host_store(store_request(node_host, previous_port, settings))
     return reply.host, reply.port

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import hmac
 import logging
-import os
 import socket
 import threading
 import time
@@ -64,7 +63,7 @@ class Telemetry:
         self.on_progress: ProgressHandler | None = None
         self._reports: dict[str, NodeReport] = {}
         self._lock = threading.Lock()
-        host = advertise_host or os.environ.get(ADVERTISE_ENV, "").strip() or LOOPBACK
+        host = advertise_host or LOOPBACK
         self._httpd = _listen(host, port, _handler(self))
         bound = self._httpd.server_address[1]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"

@@ -12,7 +12,8 @@ from sqlalchemy import create_engine, event, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from flow_nexus_server.states import LIVE_NODE_STATES, move
-from flow_nexus_server.store.tables import Base, Checkpoint, Cluster, Event, Node, TrainingSession
+from flow_nexus_server.store.migrations import upgrade as upgrade_schema
+from flow_nexus_server.store.tables import Checkpoint, Cluster, Event, Node, TrainingSession
 
 # Rows whose every change moves Store.version: what in-memory reads (status) keep copies of.
 VERSIONED = (Cluster, Node, TrainingSession)
@@ -27,7 +28,7 @@ class Store:
         self.engine = create_engine(url, connect_args=connect_args)
         if is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        upgrade_schema(self.engine)  # a new database is built, an older one migrated, rows kept
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Moves after each commit that wrote a cluster, node or session row: a copy read at an
         # earlier version may be stale, one read at this version is not.
