@@ -32,8 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     http.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
                       help="extra Host header value to accept (DNS-rebinding protection); repeatable")
     sub = ap.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="run the federated sentiment scenario end to end (a few minutes)")
-    demo.add_argument("--keep-home", action="store_true", help="keep the demo's state home afterwards")
+    demo = sub.add_parser("demo", help="run the federated sentiment scenario end to end (a few minutes), in --home "
+                          "or $FLOW_NEXUS_HOME, else in a throw-away home")
+    demo.add_argument("--keep-home", action="store_true", help="keep the demo's throw-away state home afterwards "
+                      "(used when neither --home nor FLOW_NEXUS_HOME is given; a home you name is always kept)")
     sch = sub.add_parser("schemas", help="write or check the JSON Schema files under schemas/")
     sch.add_argument("--check", action="store_true", help="exit 1 when the files are stale")
     sch.add_argument("--out", default=None, help="directory (default: the repository's schemas/)")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from flow_nexus_server.demo import main as demo_main
 
-        return demo_main(keep_home=args.keep_home)
+        return demo_main(home=args.home, keep_home=args.keep_home)
     if args.command == "schemas":
         from flow_nexus_server.schema_export import main as schemas_main
 
