@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # The measuring code is shared with `flow-nexus-server bench` (row "deploy").
-from flow_nexus_server.bench import BenchError, deploy, deploy_compare, start_node, summary  # noqa: E402,F401
+from benchmarks.harness.common import BenchError  # noqa: E402
+from benchmarks.harness.deploy import deploy_compare  # noqa: E402
 
 TARGET_WARM_S = 1.0
 

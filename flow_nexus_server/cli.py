@@ -32,14 +32,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     http.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
                       help="extra Host header value to accept (DNS-rebinding protection); repeatable")
     sub = ap.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="run the federated sentiment scenario end to end (a few minutes)")
-    demo.add_argument("--keep-home", action="store_true", help="keep the demo's state home afterwards")
+    demo = sub.add_parser("demo", help="run the federated sentiment scenario end to end (a few minutes), in --home "
+                          "or $FLOW_NEXUS_HOME, else in a throw-away home")
+    demo.add_argument("--keep-home", action="store_true", help="keep the demo's throw-away state home afterwards "
+                      "(used when neither --home nor FLOW_NEXUS_HOME is given; a home you name is always kept)")
     sch = sub.add_parser("schemas", help="write or check the JSON Schema files under schemas/")
     sch.add_argument("--check", action="store_true", help="exit 1 when the files are stale")
     sch.add_argument("--out", default=None, help="directory (default: the repository's schemas/)")
-    from flow_nexus_server.bench import add_arguments as bench_arguments
-
-    bench_arguments(sub.add_parser("bench", help="benchmark the real server against plain baselines (one table)"))
+    # The benchmark harness lives in the source checkout's benchmarks/ and owns its options:
+    # everything after "bench" (--help included) goes to it.
+    sub.add_parser("bench", add_help=False, help="benchmark the real server against plain baselines (one "
+                   "table; from a source checkout; 'bench --help' lists its options)")
     conv = sub.add_parser(
         "convert-checkpoint", help="convert an old pickle checkpoint (.pt) you trust to .safetensors",
         description="Convert an old checkpoint of this server (ckpt-*.pt, a pickle) to the safetensors format "
@@ -58,7 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       "(docs/settings.md)")
     sub.add_parser("controller", help="run the home's controller in the foreground (front-ends start it by "
                    "themselves; it owns the clusters, nodes and sessions)")
-    return ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if rest and args.command != "bench":
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.bench_args = rest
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,15 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from flow_nexus_server.demo import main as demo_main
 
-        return demo_main(keep_home=args.keep_home)
+        return demo_main(home=args.home, keep_home=args.keep_home)
     if args.command == "schemas":
         from flow_nexus_server.schema_export import main as schemas_main
 
         return schemas_main(check=args.check, out=args.out)
     if args.command == "bench":
-        from flow_nexus_server.bench import run as bench_run
-
-        return bench_run(args)
+        return run_bench(args.home, args.bench_args)
     if args.command == "convert-checkpoint":
         return convert_checkpoint(args.old, args.new)
     settings = Settings.from_env(args.home)
@@ -103,6 +108,23 @@ def main(argv: list[str] | None = None) -> int:
             token = generated_http_token(settings)
         return serve_http(settings, host=args.host, port=args.port, token=token, allowed_hosts=args.allowed_host)
     return serve_stdio(settings)
+
+
+def run_bench(home: str | None, bench_args: list[str]) -> int:
+    """``bench``: runs the harness of the source checkout this package is installed from (editable
+    install); an installed wheel has no benchmarks/ and says where to run it instead."""
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "harness" / "main.py").is_file():
+        sys.stderr.write("flow-nexus-server: bench runs from a source checkout, which this installed package is "
+                         "not: clone the flow-nexus-server repository, run 'pip install -e .' in it and run "
+                         "'flow-nexus-server bench' (or 'python benchmarks/run.py') there.\n")
+        return 2
+    sys.path.insert(0, str(checkout))
+    from benchmarks.harness.main import main as bench_main
+
+    return bench_main([*(["--home", home] if home else []), *bench_args])
 
 
 def convert_checkpoint(old: str, new: str | None) -> int:

@@ -1,5 +1,6 @@
-"""`flow-nexus-server bench --quick` on a small subset of rows: the console script drives the real
-server (real node processes) and writes every row with measured, positive figures."""
+"""`flow-nexus-server bench --quick` on a small subset of rows: the console script finds the harness in
+this checkout's benchmarks/, drives the real server (real node processes) and writes every row with
+measured, positive figures. Without a checkout (an installed wheel) it says what to do."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, server_command, server_env
+
+from flow_nexus_server import cli
 
 
 def test_bench_quick_subset(tmp_path: Path) -> None:
@@ -36,3 +40,21 @@ def test_bench_quick_subset(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["label"] in proc.stdout
     assert took < 90, f"bench --quick subset took {took:.0f} s"
+
+
+def test_bench_passes_its_options_to_the_harness(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--only" in out and "--flower-python" in out
+
+
+def test_bench_without_a_checkout_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    installed = tmp_path / "site-packages" / "flow_nexus_server" / "cli.py"  # no benchmarks/ beside it
+    monkeypatch.setattr(cli, "__file__", str(installed))
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "source checkout" in err and "clone" in err and "flow-nexus-server bench" in err
+    assert err.count("\n") == 1

@@ -9,11 +9,11 @@ from flow_nexus_server.service.errors import ServiceError
 
 def training_plot_png(history: dict[str, list[list[float]]], *, title: str, unit: str = "epoch") -> tuple[bytes, int]:
     """Render the curves; returns (png bytes, number of epochs plotted). Width grows with the epochs."""
+    # A Figure with its own Agg canvas, not pyplot: pyplot's global figure registry is not safe
+    # from the worker threads tools run on, and nothing needs a display.
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display; never touches stdout
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as exc:
         raise ServiceError("plotting needs matplotlib: pip install matplotlib") from exc
     epochs = sorted({int(p[0]) for series in history.values() for p in series})
@@ -25,7 +25,9 @@ def training_plot_png(history: dict[str, list[list[float]]], *, title: str, unit
     if not score_keys and "val_perplexity" in history:
         score_keys = ["val_perplexity"]
     width = min(24.0, 6.0 + 0.35 * len(epochs))
-    fig, axes = plt.subplots(1, 2, figsize=(width, 4.2), dpi=100)
+    fig = Figure(figsize=(width, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for key in loss_keys:
         xs, ys = _series(history[key])
         axes[0].plot(xs, ys, marker="o", linewidth=2, label=key)
@@ -46,7 +48,6 @@ def training_plot_png(history: dict[str, list[list[float]]], *, title: str, unit
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue(), len(epochs)
 
 

@@ -300,6 +300,9 @@ def local_training(ctx: Ctx, model: nn.Module, opt: torch.optim.Optimizer | None
     assert ctx.data is not None and opt is not None
     n = len(ctx.data.train)
     params = list(model.parameters())
+    # The session's step counts rounds; these node stats show progress inside a round.
+    ctx.sink.node_stat("round_steps", job.local_epochs * spe)
+    ctx.sink.node_stat("round_steps_done", 0)
     for le in range(job.local_epochs):
         order = epoch_order(n, job.seed, rnd * 10_000 + le, plan.worker_index)
         for s in range(spe):
@@ -312,6 +315,7 @@ def local_training(ctx: Ctx, model: nn.Module, opt: torch.optim.Optimizer | None
             opt.step()
             ctx.steps += 1
             ctx.step_seconds += time.perf_counter() - t0
+            ctx.sink.node_stat("round_steps_done", le * spe + s + 1)
         if le < job.local_epochs - 1:
             if worker_group is not None:
                 ctx.coord.barrier(f"round-{rnd}-local-{le}", plan.workers)
