@@ -17,8 +17,8 @@ trained local weights and ``u = w - g`` its update, the weights sent are
 
 =================  ======================================================================
 ``gaussian_noise``  ``w + scale * N(0, 1)`` -- noise added to the local weights, which is the
-                    same as noise on the update (``g + u + noise``): the Flower benchmark in
-                    the project notes ("client 0 sends w + 50 N(0,1)")
+                    same as noise on the update (``g + u + noise``): the byzantine row of
+                    the benchmark (README, Benchmarks: one worker sends w + 50 N(0,1))
 ``sign_flip``       ``g - scale * u`` (``scale`` = 1: the plain flipped update)
 ``scaled``          ``g + scale * u``
 ``nan``             every value NaN
