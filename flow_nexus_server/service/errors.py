@@ -19,7 +19,7 @@ class NextStep(StrEnum):
     CHECK_NODES = "check_nodes"
     LIST_NODES = "list_nodes"
     CONNECT = "connect"
-    RECONNECT_BACKEND = "reconnect_backend"
+    CHOOSE_BACKEND = "choose_backend"
     UPLOAD = "upload"
     TRAIN = "train"
     TRAIN_OR_LOAD = "train_or_load"

@@ -55,8 +55,7 @@ NEXT_STEP_HINTS: dict[NextStep, str] = {
                           "neural_cluster_connect",
     NextStep.LIST_NODES: "neural_cluster_status lists a cluster's nodes",
     NextStep.CONNECT: "call neural_cluster_connect to form the process group",
-    NextStep.RECONNECT_BACKEND: "reconnect with backend 'auto' or 'gloo' (neural_cluster_init), or replace those "
-                                "nodes with GPU nodes",
+    NextStep.CHOOSE_BACKEND: "a cluster's backend is chosen in neural_cluster_init",
     NextStep.UPLOAD: "upload the data to the nodes with neural_node_upload",
     NextStep.TRAIN: "call neural_train_distributed",
     NextStep.TRAIN_OR_LOAD: "train with neural_train_distributed or load one with neural_model_load",
