@@ -69,7 +69,7 @@ def info(t: Template) -> r.TemplateInfo:
 
 
 class CustomConfig(BaseModel):
-    """What neural_deploy_template's custom_config may change; strict, so "false" is not true."""
+    """What a template deployment's custom_config may change; strict, so "false" is not true."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -98,7 +98,7 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
                            f"{', '.join(CustomConfig.model_fields)}") from exc
     if refusal := p.architecture_refusal(cfg.architecture):
         raise ServiceError(refusal)
-    # the same options model and bounds as neural_train_distributed's, checked before any node starts
+    # the same options model and bounds as a training call's, checked before any node starts
     options = training_options({**t.training, **(cfg.training or {})}) if cfg.train and t.training else None
     groups = [g.model_copy() for g in t.nodes]
     if cfg.workers is not None:

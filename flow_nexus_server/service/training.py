@@ -46,8 +46,8 @@ WATCH_GIVE_UP_S = 300.0  # a watcher failing this long marks its session failed
 
 
 def training_options(args: dict[str, Any]) -> p.TrainOptions:
-    """neural_train_distributed's arguments arriving another way (a template's recipe and overrides),
-    checked against the same model as the tool's, with its bounds."""
+    """Training options arriving another way than a training call (a template's recipe and overrides),
+    checked against the same model as a training call's, with its bounds."""
     try:
         options = p.TrainOptions.model_validate(args)
     except ValidationError as exc:
