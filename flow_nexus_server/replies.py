@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from flow_nexus_server.service.errors import NextStep
 from flow_nexus_server.states import ClusterState, NodeState, SessionState
 
 
@@ -49,6 +50,18 @@ class GroupChange(BaseModel):
     action: str = Field(description="'reformed' (new generation), 'needs_connect', or 'none'")
     generation: int
     message: str
+    # What to do next, named as a tool by the tool layer in `message`; not sent as a field.
+    _next_step: NextStep | None = PrivateAttr(None)
+
+    @classmethod
+    def pending(cls, action: str, generation: int, message: str, next_step: NextStep | None) -> GroupChange:
+        change = cls(action=action, generation=generation, message=message)
+        change._next_step = next_step
+        return change
+
+    @property
+    def next_step(self) -> NextStep | None:
+        return self._next_step
 
 
 class DeployReply(BaseModel):

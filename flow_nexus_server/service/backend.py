@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ServiceError
+from .errors import NextStep, ServiceError
 
 LOCAL_LAUNCHERS = ("subprocess",)
 """Launchers whose nodes run on this machine and so see the GPUs this machine shows."""
@@ -68,9 +68,8 @@ def choose_backend(requested: str, nodes: list[NodeGpus]) -> tuple[str, str]:
         if requested == "nccl":
             raise ServiceError(
                 f"backend 'nccl' needs a CUDA device on every node, and {', '.join(blind)} "
-                f"{'sees' if len(blind) == 1 else 'see'} none; reconnect with backend 'auto' or 'gloo' "
-                "(neural_cluster_init), or replace those nodes with GPU nodes"
-            )
+                f"{'sees' if len(blind) == 1 else 'see'} none; reconnect with backend 'auto' or 'gloo', "
+                "or replace those nodes with GPU nodes", next_step=NextStep.CHOOSE_BACKEND)
         return "gloo", f"{len(blind)} of {len(nodes)} node(s) see no CUDA device"
     if not nodes:
         return "gloo", "no nodes"

@@ -1,6 +1,6 @@
 """A node's memory budget, enforced while running: before a session starts and by the monitor.
 
-``memory_mb`` (neural_node_deploy, default FLOW_NEXUS_NODE_MEMORY_MB) is the memory a node's
+``memory_mb`` (given when deploying nodes, default FLOW_NEXUS_NODE_MEMORY_MB) is the memory a node's
 training may use besides the node's own runtime (Python and torch: ~180-420 MB by build, more
 with CUDA). A session whose model the node estimates above it is refused before it starts; a
 node whose resident memory passes its limit while running is stopped.

@@ -35,7 +35,7 @@ from flow_nexus_server.service.groups import GroupManager
 from flow_nexus_server.service.nodes import NodeRegistry, ray_launcher
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.sandbox import SandboxFiles
-from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
+from flow_nexus_server.service.errors import Conflict, NextStep, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient
 from flow_nexus_server.service.telemetry import Directory, Telemetry
 from flow_nexus_server.service.topology import edges as topology_edges
@@ -84,19 +84,16 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
         cluster = self.store.cluster(cluster_id)
         if cluster is None:
             raise NotFound(
-                f"cluster {cluster_id!r} does not exist; call neural_cluster_list to see clusters "
-                "or neural_cluster_init to create one"
-            )
+                f"cluster {cluster_id!r} does not exist", next_step=NextStep.LIST_CLUSTERS)
         if active and cluster.status == ClusterState.TERMINATED:
             raise Conflict(
-                f"cluster {cluster_id} is terminated; create a new one with neural_cluster_init"
-            )
+                f"cluster {cluster_id} is terminated", next_step=NextStep.INIT_CLUSTER)
         return cluster
 
     def get_node(self, node_id: str) -> Node:
         node = self.store.node(node_id)
         if node is None:
-            raise NotFound(f"node {node_id!r} does not exist; neural_cluster_status lists a cluster's nodes")
+            raise NotFound(f"node {node_id!r} does not exist", next_step=NextStep.LIST_NODES)
         return node
 
     def rows(self, cluster_id: str) -> ClusterRows:
@@ -171,8 +168,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
         if active and active >= self.settings.limits.max_clusters:
             raise ServiceError(
                 f"{active} clusters are active, the limit is {self.settings.limits.max_clusters} "
-                "(FLOW_NEXUS_MAX_CLUSTERS); terminate one with neural_cluster_terminate first"
-            )
+                "(FLOW_NEXUS_MAX_CLUSTERS)", next_step=NextStep.TERMINATE_CLUSTER)
         cluster_id = "dnc_" + secrets.token_hex(6)
         directory = self.settings.clusters_dir / cluster_id
         directory.mkdir(mode=0o700)
@@ -194,7 +190,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
             architecture=architecture, consensus=consensus, launcher=launcher, backend=cluster.backend,
             max_nodes=max_nodes, auto_healing=auto_healing, wasm_enabled=wasm_optimization,
             daa_enabled=daa_enabled, directory=str(directory), created_at=cluster.created_at,
-            next_step=f"deploy nodes with neural_node_deploy(cluster_id='{cluster_id}')",
+            next_step="deploy nodes",  # the tool layer names the tool
         )
 
 
@@ -234,10 +230,9 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
         elif formed:
             state, msg = "formed", f"generation {cluster.generation} over {len(live)} node(s), {topo}"
         elif cluster.status == ClusterState.NEEDS_CONNECT:
-            state, msg = "needs_connect", (cluster.needs_connect_reason or "membership changed") + \
-                "; call neural_cluster_connect"
+            state, msg = "needs_connect", cluster.needs_connect_reason or "membership changed"
         else:
-            state, msg = "not_connected", "call neural_cluster_connect to form the process group"
+            state, msg = "not_connected", "no process group is formed yet"
         return r.ClusterStatusReply(
             success=True, cluster_id=cluster.id, name=cluster.name, status=cluster.status,
             topology=topo, architecture=cluster.architecture, consensus=cluster.consensus,

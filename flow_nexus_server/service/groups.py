@@ -12,7 +12,7 @@ import statistics
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service.backend import NodeGpus, choose_backend, local_ranks
-from flow_nexus_server.service.errors import Conflict, ServiceError
+from flow_nexus_server.service.errors import Conflict, NextStep, ServiceError
 from flow_nexus_server.service.node_client import NodeRequestError
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.rendezvous import store_on_first_node
@@ -35,8 +35,7 @@ class GroupManager:
             nodes = self.store.nodes(cluster_id)
             if not nodes:
                 raise ServiceError(
-                    f"cluster {cluster_id} has no nodes; call neural_node_deploy first"
-                )
+                    f"cluster {cluster_id} has no nodes", next_step=NextStep.DEPLOY)
             if cluster.status == ClusterState.TRAINING:
                 raise Conflict(f"cluster {cluster_id} is training; stop the session before reconnecting")
             return self._form_group(cluster, nodes, topology or cluster.topology)
@@ -73,9 +72,8 @@ class GroupManager:
         if errors:
             self._mark_needs_connect(cluster, generation, "forming the group failed: " + "; ".join(errors))
             raise ServiceError(
-                f"forming generation {generation} of cluster {cluster.id} failed: {'; '.join(errors)}. "
-                "Check the node with neural_node_logs, remove it with neural_node_remove, then reconnect"
-            )
+                f"forming generation {generation} of cluster {cluster.id} failed: {'; '.join(errors)}",
+                next_step=NextStep.CHECK_NODES)
         for node, reply in zip(ordered, joined):
             self.telemetry.note_group(node.id, reply.group)  # type: ignore[union-attr]
         edge_list = topology_edges(topology, world)
@@ -134,8 +132,7 @@ class GroupManager:
             self._mark_needs_connect(cluster, generation, f"the first node could not host the rendezvous store: {exc}")
             raise ServiceError(
                 f"forming generation {generation} of cluster {cluster.id} failed: the first node could not host "
-                f"the rendezvous store ({exc}). Check it with neural_node_logs, remove it with neural_node_remove, "
-                "then reconnect") from exc
+                f"the rendezvous store ({exc})", next_step=NextStep.CHECK_NODES) from exc
 
     def _mark_needs_connect(self, cluster: Cluster, generation: int, reason: str) -> None:
         with self.store.session() as s:
@@ -153,8 +150,9 @@ class GroupManager:
             try:
                 reply = self._form_group(cluster, nodes, cluster.connected_topology or cluster.topology)
             except ServiceError as exc:
-                return r.GroupChange(action="needs_connect", generation=cluster.generation,
-                                     message=f"{what}; re-forming the group failed ({exc}); call neural_cluster_connect")
+                return r.GroupChange.pending("needs_connect", cluster.generation,
+                                             f"{what}; re-forming the group failed ({exc})",
+                                             exc.next_step or NextStep.CONNECT)
             return r.GroupChange(action="reformed", generation=reply.generation,
                                  message=f"{what}; the group was re-formed as generation {reply.generation}")
         if not nodes:
@@ -162,11 +160,9 @@ class GroupManager:
             return r.GroupChange(action="none", generation=cluster.generation, message=f"{what}; no nodes left")
         if cluster.status == ClusterState.INITIALIZING:
             self.store.update(Cluster, cluster_id, status=ClusterState.READY)
-            return r.GroupChange(action="none", generation=cluster.generation,
-                                 message=f"{what}; call neural_cluster_connect to form the process group")
+            return r.GroupChange.pending("none", cluster.generation, what, NextStep.CONNECT)
         if cluster.status == ClusterState.NEEDS_CONNECT:
-            return r.GroupChange(action="needs_connect", generation=cluster.generation,
-                                 message=f"{what}; call neural_cluster_connect to form the process group")
+            return r.GroupChange.pending("needs_connect", cluster.generation, what, NextStep.CONNECT)
         return r.GroupChange(action="none", generation=cluster.generation, message=what)
 
     def collective_benchmark(self, cluster_id: str) -> list[r.CollectiveFigure]:

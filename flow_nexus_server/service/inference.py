@@ -22,7 +22,7 @@ from flow_nexus_server import replies as r
 from flow_nexus_server.launchers import NodeSpec
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.parallel import parallel
-from flow_nexus_server.service.errors import NotFound, ServiceError
+from flow_nexus_server.service.errors import NextStep, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
 from flow_nexus_server.service.paths import under_allowed_root
 from flow_nexus_server.service.prediction import classification_report, combine, shard_indices
@@ -152,8 +152,8 @@ class InferenceService:
         cluster = self.clusters.get_cluster(cluster_id)
         nodes = [n for n in self.clusters.store.nodes(cluster_id) if "inference" in n.capabilities]
         if not nodes:
-            raise ServiceError(f"cluster {cluster_id} has no running node with the 'inference' capability; "
-                               "deploy one with neural_node_deploy")
+            raise ServiceError(f"cluster {cluster_id} has no running node with the 'inference' capability",
+                               next_step=NextStep.DEPLOY_INFERENCE)
         return cluster, nodes
 
     def serving_nodes(self, cluster_id: str) -> tuple[Cluster, list[Node], list[p.ModelInfo]]:
@@ -163,8 +163,7 @@ class InferenceService:
         infos = parallel(lambda n: svc.client(cluster, n).model_info(), nodes)
         ready = [(n, i) for n, i in zip(nodes, infos) if isinstance(i, p.ModelInfo) and i.loaded]
         if not ready:
-            raise ServiceError(f"no node of cluster {cluster_id} holds a model yet; train with "
-                               "neural_train_distributed or load one with neural_model_load")
+            raise ServiceError(f"no node of cluster {cluster_id} holds a model yet", next_step=NextStep.TRAIN_OR_LOAD)
         return cluster, [n for n, _ in ready], [i for _, i in ready]
 
     def quantized_default(self, cluster: Cluster) -> bool:
@@ -203,8 +202,7 @@ class InferenceService:
         empty = [a for a in answers if isinstance(a, NodeRequestError) and a.status == 409]
         answers = [a for a in answers if not (isinstance(a, NodeRequestError) and a.status == 409)]
         if not answers:
-            raise ServiceError(f"no node of cluster {cluster_id} holds a model yet; train with "
-                               "neural_train_distributed or load one with neural_model_load")
+            raise ServiceError(f"no node of cluster {cluster_id} holds a model yet", next_step=NextStep.TRAIN_OR_LOAD)
         if mode == "shard" and empty:
             raise ServiceError("a node lost its model during the prediction; try again")
         errors = [a for a in answers if isinstance(a, BaseException)]
@@ -326,7 +324,7 @@ class InferenceService:
         with self.clusters.store.session() as s:
             ck = s.get(Checkpoint, checkpoint_id)
         if ck is None:
-            raise NotFound(f"checkpoint {checkpoint_id!r} does not exist; neural_training_status lists checkpoints")
+            raise NotFound(f"checkpoint {checkpoint_id!r} does not exist", next_step=NextStep.LIST_CHECKPOINTS)
         if not Path(ck.path).exists():
             raise ServiceError(f"checkpoint {checkpoint_id} was deleted from disk ({ck.path})")
         return Path(ck.path)

@@ -22,7 +22,7 @@ from flow_nexus_server.config import Settings
 from flow_nexus_server.launchers import LaunchError, NodeLauncher, NodeSpec
 from flow_nexus_server.launchers.docker import UnavailableLauncher
 from flow_nexus_server.service.backend import check_gpus
-from flow_nexus_server.service.errors import Conflict, ServiceError
+from flow_nexus_server.service.errors import Conflict, NextStep, ServiceError
 from flow_nexus_server.service.node_client import NodeRequestError
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.states import FORMED_CLUSTER_STATES, LIVE_NODE_STATES, ClusterState, NodeState
@@ -80,8 +80,7 @@ class NodeRegistry:
             if len(live) + count > cluster.max_nodes:
                 raise ServiceError(
                     f"cluster {cluster_id} has {len(live)} of at most {cluster.max_nodes} nodes; "
-                    f"deploying {count} more would exceed max_nodes. Remove nodes with "
-                    "neural_node_remove or create a cluster with a larger max_nodes"
+                    f"deploying {count} more would exceed max_nodes", next_step=NextStep.REMOVE_NODES,
                 )
             total = self._live_node_count()
             if total + count > self.settings.limits.max_node_processes:

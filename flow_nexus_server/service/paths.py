@@ -9,7 +9,7 @@ from itertools import islice
 from pathlib import Path
 
 from flow_nexus_server.home import is_state_file
-from flow_nexus_server.service.errors import ServiceError
+from flow_nexus_server.service.errors import NextStep, ServiceError
 from workers.protocol import BUILTIN_DATASETS
 
 
@@ -41,7 +41,7 @@ def check_dataset_spec(spec: str, roots: list[Path], inline_limit: int) -> None:
         size = len(text.encode())
         if size > inline_limit:
             raise ServiceError(f"inline dataset is {size} bytes, the limit is {inline_limit} "
-                               "(FLOW_NEXUS_MAX_INLINE_BYTES); upload it with neural_node_upload instead")
+                               "(FLOW_NEXUS_MAX_INLINE_BYTES)", next_step=NextStep.UPLOAD)
         try:
             json.loads(text)
         except json.JSONDecodeError as exc:
@@ -55,7 +55,7 @@ def check_dataset_spec(spec: str, roots: list[Path], inline_limit: int) -> None:
         return
     if any(part == ".." for part in Path(text).parts):
         raise ServiceError(f"dataset path {text!r} may not contain '..'; relative paths are read inside each "
-                           "node's sandbox (see neural_node_upload)")
+                           "node's sandbox", next_step=NextStep.UPLOAD)
 
 
 MAX_GLOB_MATCHES = 10_000

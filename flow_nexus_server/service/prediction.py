@@ -1,6 +1,6 @@
 """Server-side prediction maths: combine per-node probabilities, score, split batches.
 
-Pure functions over numpy arrays (no torch, no MCP), used by ``neural_predict_distributed``.
+Pure functions over numpy arrays (no torch, no MCP), used by distributed prediction.
 Each node answers a batch with softmax probabilities ``(n, classes)``; :func:`combine` turns
 those answers into one prediction per example with one of the Flow Nexus aggregation rules:
 

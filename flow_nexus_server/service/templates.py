@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service.clusters import ClusterService
-from flow_nexus_server.service.errors import NotFound, ServiceError
+from flow_nexus_server.service.errors import NextStep, NotFound, ServiceError
 from flow_nexus_server.service.training import TrainingService, training_options
 from workers import protocol as p
 
@@ -69,7 +69,7 @@ def info(t: Template) -> r.TemplateInfo:
 
 
 class CustomConfig(BaseModel):
-    """What neural_deploy_template's custom_config may change; strict, so "false" is not true."""
+    """What a template deployment's custom_config may change; strict, so "false" is not true."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -88,8 +88,8 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
                     custom: dict[str, Any] | None) -> r.TemplateDeployReply:
     t = catalog().get(template_id)
     if t is None:
-        raise NotFound(f"template {template_id!r} does not exist; neural_list_templates lists them "
-                       f"({', '.join(catalog())})")
+        raise NotFound(f"template {template_id!r} does not exist (templates: {', '.join(catalog())})",
+                       next_step=NextStep.LIST_TEMPLATES)
     try:
         cfg = CustomConfig.model_validate(custom or {})
     except ValidationError as exc:
@@ -98,7 +98,7 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
                            f"{', '.join(CustomConfig.model_fields)}") from exc
     if refusal := p.architecture_refusal(cfg.architecture):
         raise ServiceError(refusal)
-    # the same options model and bounds as neural_train_distributed's, checked before any node starts
+    # the same options model and bounds as a training call's, checked before any node starts
     options = training_options({**t.training, **(cfg.training or {})}) if cfg.train and t.training else None
     groups = [g.model_copy() for g in t.nodes]
     if cfg.workers is not None:
@@ -126,11 +126,12 @@ def deploy_template(clusters: ClusterService, training: TrainingService, templat
         started = None
         if cfg.train:
             if options is None:
-                raise ServiceError(f"template {t.id} has no training recipe; call neural_train_distributed")
+                raise ServiceError(f"template {t.id} has no training recipe", next_step=NextStep.TRAIN)
             started = training.start(init.cluster_id, options)
     except ServiceError as exc:
         clusters.terminate(init.cluster_id, reason=f"template {t.id} failed to deploy")
-        raise ServiceError(f"deploying template {t.id} failed and its cluster was terminated: {exc}") from exc
+        raise ServiceError(f"deploying template {t.id} failed and its cluster was terminated: {exc}",
+                           next_step=exc.next_step) from exc
     return r.TemplateDeployReply(
         success=True, template_id=t.id, cluster_id=init.cluster_id, cluster=init,
         nodes=[n for d in deployed for n in d.nodes], connection=connect, training=started,

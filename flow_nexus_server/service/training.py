@@ -26,7 +26,7 @@ from flow_nexus_server import replies as r
 from flow_nexus_server.service.budget import check_training_memory
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.parallel import parallel
-from flow_nexus_server.service.errors import Conflict, NotFound, ServiceError
+from flow_nexus_server.service.errors import Conflict, NextStep, NotFound, ServiceError
 from flow_nexus_server.service.paths import check_dataset_spec, under_allowed_root
 from flow_nexus_server.states import (ENDED_SESSION_STATES, LIVE_NODE_STATES, ClusterState, SessionState, move,
                                       transition)
@@ -46,8 +46,8 @@ WATCH_GIVE_UP_S = 300.0  # a watcher failing this long marks its session failed
 
 
 def training_options(args: dict[str, Any]) -> p.TrainOptions:
-    """neural_train_distributed's arguments arriving another way (a template's recipe and overrides),
-    checked against the same model as the tool's, with its bounds."""
+    """Training options arriving another way than a training call (a template's recipe and overrides),
+    checked against the same model as a training call's, with its bounds."""
     try:
         options = p.TrainOptions.model_validate(args)
     except ValidationError as exc:
@@ -158,22 +158,22 @@ class TrainingService:
         with svc.lock(cluster_id):
             cluster = svc.get_cluster(cluster_id)
             if cluster.status == ClusterState.TRAINING:
-                raise Conflict(f"cluster {cluster_id} is already training session {self.by_cluster.get(cluster_id)}; "
-                               "stop it with neural_training_stop or wait for it to finish")
+                raise Conflict(f"cluster {cluster_id} is already training session {self.by_cluster.get(cluster_id)}",
+                               next_step=NextStep.STOP_TRAINING)
             if cluster.status != ClusterState.CONNECTED:
-                raise ServiceError(f"cluster {cluster_id} is not connected (status {cluster.status}); "
-                                   "call neural_cluster_connect first")
+                raise ServiceError(f"cluster {cluster_id} is not connected (status {cluster.status})",
+                                   next_step=NextStep.CONNECT)
             nodes = sorted(svc.store.nodes(cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
             if any(n.generation != cluster.generation or n.rank is None for n in nodes):
-                raise ServiceError(f"the nodes of cluster {cluster_id} are not all in generation {cluster.generation}; "
-                                   "call neural_cluster_connect again")
+                raise ServiceError(f"the nodes of cluster {cluster_id} are not all in generation {cluster.generation}",
+                                   next_step=NextStep.CONNECT)
             roles = [n.role for n in nodes]
             trainers = [n for n in nodes if n.role == "worker" and "training" in n.capabilities]
             if not trainers:
                 what = "federated training" if federated else "training"
                 raise ServiceError(f"{what} needs at least one worker node with the 'training' capability; "
-                                   f"cluster {cluster_id} has roles {sorted(set(roles))}. Deploy workers with "
-                                   "neural_node_deploy(role='worker')")
+                                   f"cluster {cluster_id} has roles {sorted(set(roles))}",
+                                   next_step=NextStep.DEPLOY_WORKERS)
             mode = "federated" if federated else ("parameter_server" if "parameter_server" in roles else "sync")
             arch = req.architecture or cluster.architecture
             first = trainers[0]
@@ -231,8 +231,7 @@ class TrainingService:
             success=True, session_id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
             nodes_training=len(trainers), roles={n.id: n.role for n in nodes}, config=config,
             data=data.model_dump(exclude={"ok", "error"}),
-            message=f"training started; follow it with neural_training_status(session_id='{session_id}') "
-                    "or neural_cluster_status",
+            message="training started",
         )
 
     def _resolve_resume(self, resume: str | None) -> str | None:
@@ -243,8 +242,8 @@ class TrainingService:
         path = Path(ckpt.path) if ckpt else under_allowed_root(resume, self.clusters.settings.allowed_roots,
                                                                 "resume_from")
         if not path.is_file():
-            raise ServiceError(f"resume_from {resume!r} is neither a checkpoint id nor an existing checkpoint file; "
-                               "neural_training_status lists a session's checkpoints")
+            raise ServiceError(f"resume_from {resume!r} is neither a checkpoint id nor an existing checkpoint file",
+                               next_step=NextStep.LIST_CHECKPOINTS)
         return str(path.resolve())
 
     # ------------------------------------------------------------------ watch
@@ -520,8 +519,7 @@ class TrainingService:
         with self.store.session() as s:
             row = s.get(TrainingSession, session_id)
         if row is None:
-            raise NotFound(f"training session {session_id!r} does not exist; neural_cluster_status shows a "
-                           "cluster's current session")
+            raise NotFound(f"training session {session_id!r} does not exist", next_step=NextStep.FIND_SESSION)
         return row
 
     def status(self, session_id: str) -> r.TrainingStatusReply:
@@ -581,8 +579,8 @@ class TrainingService:
         if errors:
             log.warning("stop request failed on %s", "; ".join(errors))
         if not live.done.wait(timeout):
-            raise ServiceError(f"session {session_id} did not stop within {timeout:.0f} s; "
-                               "neural_cluster_terminate stops the nodes themselves")
+            raise ServiceError(f"session {session_id} did not stop within {timeout:.0f} s",
+                               next_step=NextStep.TERMINATE_NODES)
         return r.TrainingStopReply(success=True, session_id=session_id, status=live.status,
                                    message=f"session ended {live.status} at epoch {live.view().epoch}")
 

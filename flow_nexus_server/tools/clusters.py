@@ -10,7 +10,7 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.tools.common import (CREATES, DESTROYS, READ_ONLY, RECONFIGURES, App, ClusterId, call, call_in_loop,
-                                            tool)
+                                            cluster_init_hinted, cluster_status_hinted, tool)
 from workers.protocol import ArchitectureChoice, BackendChoice, Consensus, Launcher, Topology, architecture_refusal
 
 
@@ -35,12 +35,12 @@ def register(mcp: MCPServer, app: App) -> None:
         """Create a cluster record and its directory. No process starts until neural_node_deploy."""
         if refusal := architecture_refusal(architecture):
             raise ToolError(refusal)
-        return await call(
+        return cluster_init_hinted(await call(
             app.clusters.init_cluster, name=name, topology=topology, architecture=architecture, consensus=consensus,
             launcher=launcher, backend=backend, max_nodes=max_nodes, auto_healing=auto_healing,
             wasm_optimization=wasmOptimization, daa_enabled=daaEnabled,
             extra={"replication_factor": replication_factor, "idle_timeout_min": idle_timeout_min},
-        )
+        ))
 
     @tool(mcp, title="Form the process group", annotations=RECONFIGURES)
     async def neural_cluster_connect(
@@ -54,8 +54,8 @@ def register(mcp: MCPServer, app: App) -> None:
     async def neural_cluster_status(cluster_id: ClusterId) -> r.ClusterStatusReply:
         """Live state of every node (alive, pid, RSS, rank, heartbeat) merged with the store."""
         if app.clusters.rows_cached(cluster_id):  # the usual case: nothing but memory to read
-            return call_in_loop(app.training.cluster_status, cluster_id)
-        return await call(app.training.cluster_status, cluster_id)
+            return cluster_status_hinted(call_in_loop(app.training.cluster_status, cluster_id))
+        return cluster_status_hinted(await call(app.training.cluster_status, cluster_id))
 
     @tool(mcp, title="List clusters", annotations=READ_ONLY)
     async def neural_cluster_list(

@@ -15,13 +15,15 @@ from mcp.server import MCPServer
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from flow_nexus_server import replies as r
 from flow_nexus_server.controller.core import Controller
 from flow_nexus_server.launchers import LaunchError
 from flow_nexus_server.service.clusters import ClusterService
-from flow_nexus_server.service.errors import ServiceError
+from flow_nexus_server.service.errors import NextStep, ServiceError
 from flow_nexus_server.service.inference import InferenceService
 from flow_nexus_server.service.node_client import NodeRequestError
 from flow_nexus_server.service.training import TrainingService
+from flow_nexus_server.states import ClusterState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +39,56 @@ DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempote
 REPLACES = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 # Starts a session whose result replaces the model every node serves; each call trains anew.
 RETRAINS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False)
+
+
+# Each next step a service names, as the tool call that takes it: services know nothing of tools.
+NEXT_STEP_HINTS: dict[NextStep, str] = {
+    NextStep.INIT_CLUSTER: "create a new one with neural_cluster_init",
+    NextStep.LIST_CLUSTERS: "call neural_cluster_list to see clusters or neural_cluster_init to create one",
+    NextStep.TERMINATE_CLUSTER: "terminate one with neural_cluster_terminate first",
+    NextStep.TERMINATE_NODES: "neural_cluster_terminate stops the nodes themselves",
+    NextStep.DEPLOY: "call neural_node_deploy first",
+    NextStep.DEPLOY_INFERENCE: "deploy one with neural_node_deploy",
+    NextStep.DEPLOY_WORKERS: "deploy workers with neural_node_deploy(role='worker')",
+    NextStep.REMOVE_NODES: "remove nodes with neural_node_remove or create a cluster with a larger max_nodes",
+    NextStep.CHECK_NODES: "check the node with neural_node_logs, remove it with neural_node_remove, then call "
+                          "neural_cluster_connect",
+    NextStep.LIST_NODES: "neural_cluster_status lists a cluster's nodes",
+    NextStep.CONNECT: "call neural_cluster_connect to form the process group",
+    NextStep.CHOOSE_BACKEND: "a cluster's backend is chosen in neural_cluster_init",
+    NextStep.UPLOAD: "upload the data to the nodes with neural_node_upload",
+    NextStep.TRAIN: "call neural_train_distributed",
+    NextStep.TRAIN_OR_LOAD: "train with neural_train_distributed or load one with neural_model_load",
+    NextStep.STOP_TRAINING: "stop it with neural_training_stop or wait for it to finish",
+    NextStep.LIST_CHECKPOINTS: "neural_training_status lists a session's checkpoints",
+    NextStep.FIND_SESSION: "neural_cluster_status shows a cluster's current session",
+    NextStep.LIST_TEMPLATES: "neural_list_templates lists them",
+}
+
+
+def with_hint(message: str, next_step: NextStep | None) -> str:
+    """``message`` followed by the tool call that takes ``next_step``."""
+    return f"{message}; {NEXT_STEP_HINTS[next_step]}" if next_step else message
+
+
+def group_change_hinted(change: r.GroupChange) -> r.GroupChange:
+    return change.model_copy(update={"message": with_hint(change.message, change.next_step)})
+
+
+def cluster_init_hinted(reply: r.ClusterInitReply) -> r.ClusterInitReply:
+    deploy = f"deploy nodes with neural_node_deploy(cluster_id='{reply.cluster_id}')"
+    return reply.model_copy(update={"next_step": deploy})
+
+
+def cluster_status_hinted(reply: r.ClusterStatusReply) -> r.ClusterStatusReply:
+    if reply.group_state == "formed" or reply.status == ClusterState.TERMINATED:
+        return reply
+    return reply.model_copy(update={"group_message": with_hint(reply.group_message, NextStep.CONNECT)})
+
+
+def training_started_hinted(reply: r.TrainStartReply) -> r.TrainStartReply:
+    follow = f"follow it with neural_training_status(session_id='{reply.session_id}') or neural_cluster_status"
+    return reply.model_copy(update={"message": f"{reply.message}; {follow}"})
 
 
 class App:
@@ -100,7 +152,7 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
     except (ServiceError, NodeRequestError, LaunchError) as exc:
-        raise ToolError(str(exc)) from exc
+        raise ToolError(with_hint(str(exc), getattr(exc, "next_step", None))) from exc
     except Exception as exc:
         log.exception("unexpected error in %s", tool_name)
         raise ToolError(f"internal error in {tool_name}: {type(exc).__name__}; see server.log in the server's state "
@@ -114,7 +166,7 @@ def call_in_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return fn(*args, **kwargs)
     except (ServiceError, NodeRequestError, LaunchError) as exc:
-        raise ToolError(str(exc)) from exc
+        raise ToolError(with_hint(str(exc), getattr(exc, "next_step", None))) from exc
     except Exception as exc:
         log.exception("unexpected error in %s", tool_name)
         raise ToolError(f"internal error in {tool_name}: {type(exc).__name__}; see server.log in the server's state "

@@ -11,7 +11,7 @@ from pydantic import Field
 from flow_nexus_server import replies as r
 from flow_nexus_server.config import MAX_UPLOAD_CHARS
 from flow_nexus_server.tools.common import (CREATES, DESTROYS, READ_ONLY, REPLACES, App, ClusterId, NodeId, call,
-                                           tool)
+                                           group_change_hinted, tool)
 from workers import protocol as p
 from workers.protocol import BehaviorKind, Capability, ModelPreset, Role
 
@@ -50,18 +50,20 @@ def register(mcp: MCPServer, app: App) -> None:
         """Start node processes; returns once each answers its health check (or with each failure's text)."""
         if model == "custom" and not layers:
             raise ToolError("model 'custom' needs a `layers` list, e.g. [{\"type\": \"dense\", \"units\": 64}, {\"type\": \"output\"}]")
-        return await call(
+        reply = await call(
             app.clusters.deploy_nodes, cluster_id, role=role or node_type, count=count, model=model,
             capabilities=list(dict.fromkeys(capabilities)), autonomy=autonomy, template=template,
             layers=[layer.model_dump(exclude_none=True) for layer in layers] if layers else None,
             memory_mb=memory_mb, num_cpus=num_cpus, num_gpus=num_gpus,
             options={"behavior": {"kind": behavior, "scale": behavior_scale}} if behavior != "honest" else None,
         )
+        return reply.model_copy(update={"group": group_change_hinted(reply.group)})
 
     @tool(mcp, title="Remove a node", annotations=DESTROYS)
     async def neural_node_remove(node_id: NodeId) -> r.NodeRemoveReply:
         """Stop one node and take it out of its cluster; a connected cluster re-forms its group."""
-        return await call(app.clusters.remove_node, node_id)
+        reply = await call(app.clusters.remove_node, node_id)
+        return reply.model_copy(update={"group": group_change_hinted(reply.group)})
 
     @tool(mcp, title="Node log", annotations=READ_ONLY)
     async def neural_node_logs(

@@ -9,7 +9,15 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service import templates
-from flow_nexus_server.tools.common import CREATES, READ_ONLY, App, call, tool
+from flow_nexus_server.tools.common import (
+    CREATES,
+    READ_ONLY,
+    App,
+    call,
+    cluster_init_hinted,
+    tool,
+    training_started_hinted,
+)
 
 
 def register(mcp: MCPServer, app: App) -> None:
@@ -31,4 +39,7 @@ def register(mcp: MCPServer, app: App) -> None:
             "train (true to start the template's training), training (neural_train_distributed arguments)"))] = None,
     ) -> r.TemplateDeployReply:
         """Build a whole ready cluster in one call: init, deploy every node, connect (and train if asked)."""
-        return await call(templates.deploy_template, app.clusters, app.training, template_id, custom_config)
+        reply = await call(templates.deploy_template, app.clusters, app.training, template_id, custom_config)
+        return reply.model_copy(update={
+            "cluster": cluster_init_hinted(reply.cluster),
+            "training": training_started_hinted(reply.training) if reply.training else None})

@@ -15,7 +15,7 @@ from pydantic import Field
 from flow_nexus_server import replies as r
 from flow_nexus_server.service import plots
 from flow_nexus_server.tools.common import (DESTROYS, READ_ONLY, RETRAINS, App, ClusterId, call,
-                                           model_fields_as_parameters, tool)
+                                           model_fields_as_parameters, tool, training_started_hinted)
 from workers import protocol as p
 
 
@@ -38,7 +38,7 @@ def register(mcp: MCPServer, app: App) -> None:
             raise ToolError(refusal)
         options["rounds"] = options["rounds"] or aggregation_rounds
         req = p.TrainOptions.model_validate(options)
-        reply = await call(app.training.start, cluster_id, req)
+        reply = training_started_hinted(await call(app.training.start, cluster_id, req))
         if not wait:
             return reply
         steps = app.training.follow(reply.session_id, cluster_id, wait_timeout_s)
