@@ -30,7 +30,7 @@ async def test_deployed_nodes_yield_the_cpu_and_the_server_does_not(home, monkey
     own_nice = os.nice(0)
     async with Client(build_server(Settings.from_env(home))) as client:
         cid = (await ok(client, "neural_cluster_init", {"name": "nice", "architecture": "mlp"}))["cluster_id"]
-        await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2})
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 1})
         status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
         nices = [psutil.Process(n["pid"]).nice() for n in status["nodes"]]
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
