@@ -678,7 +678,8 @@ def _residual_slots(bucket: Any, numel: int) -> list[tuple[tuple[Any, ...], int]
     return [(("bucket", int(bucket.index()), numel), numel)]
 
 
-def _topk_pack(state: CommHookState, bucket: Any, buf: torch.Tensor, ratio: float) -> tuple[torch.Tensor, int, torch.dtype]:
+def _topk_pack(state: CommHookState, bucket: Any, buf: torch.Tensor,
+               ratio: float) -> tuple[torch.Tensor, int, torch.dtype]:
     """Error feedback + top-k: returns (packed bytes, k, index dtype) and updates the residuals."""
     numel = buf.numel()
     acc = buf.detach().reshape(-1).clone()
@@ -860,7 +861,9 @@ class _CpuBucket:
         return int(self._bucket.index())
 
 
-def _staged_on_cpu(hook: Callable[[CommHookState, Any], torch.futures.Future]) -> Callable[[CommHookState, Any], torch.futures.Future]:
+def _staged_on_cpu(
+        hook: Callable[[CommHookState, Any], torch.futures.Future],
+) -> Callable[[CommHookState, Any], torch.futures.Future]:
     """The point-to-point schedules (ring, star, hierarchical) and the top-k exchange are
     written for CPU tensors over gloo: a GPU bucket is copied to CPU, exchanged there, and the
     result copied back into the bucket. CPU buckets pass straight through."""

@@ -8,7 +8,17 @@ import subprocess
 import time
 from typing import Any
 
-from benchmarks.harness.common import BENCH_DIR, FED_JOB, FED_LAYERS, FLOWER_HINT, BenchError, Row, ratio, run_script, say
+from benchmarks.harness.common import (
+    BENCH_DIR,
+    FED_JOB,
+    FED_LAYERS,
+    FLOWER_HINT,
+    BenchError,
+    Row,
+    ratio,
+    run_script,
+    say,
+)
 from benchmarks.harness.session import Bench
 
 

@@ -39,8 +39,16 @@ from .coord import Coordinator, agree, all_gather_json, destroy_group, error_of
 from .modes import TrainingMode, training_mode
 from .progress import ProgressSink
 from .runtime import Ctx
-from .setup import (Plan, encode_local, encode_validation, finish_setup, global_setup, make_plan, read_local,
-                    read_validation)
+from .setup import (
+    Plan,
+    encode_local,
+    encode_validation,
+    finish_setup,
+    global_setup,
+    make_plan,
+    read_local,
+    read_validation,
+)
 
 log = logging.getLogger(__name__)
 
