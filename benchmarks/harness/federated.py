@@ -25,6 +25,8 @@ from benchmarks.harness.session import Bench
 async def row_federated(bench: Bench) -> list[Row]:
     import anyio
 
+    from flow_nexus_server.states import SessionState
+
     rounds = 2 if bench.quick else 5
     say(f"federated: 4 workers + 1 aggregator, {rounds} rounds on digits, 64-64-10")
     t_setup = time.perf_counter()
@@ -41,7 +43,7 @@ async def row_federated(bench: Bench) -> list[Row]:
                                                             "rounds": rounds, "wait": True, "wait_timeout_s": 900})
         ours = time.perf_counter() - t0
         status = await bench.tool("neural_training_status", {"session_id": run["session_id"]})
-        if status["status"] != "completed":
+        if status["status"] != SessionState.COMPLETED:
             raise BenchError(f"federated session ended {status['status']}: {status.get('error')}")
         final = status.get("final_metrics") or {}
     finally:
