@@ -2,6 +2,7 @@
 ``torch`` (the torch dependency) or the name of an extra (``worker``, ``datasets``)."""
 
 import sys
+
 import tomllib  # Python 3.11 or newer
 
 with open(sys.argv[1], "rb") as f:

@@ -16,7 +16,8 @@ log = logging.getLogger("flow_nexus_server")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="flow-nexus-server", description="MCP server for real distributed PyTorch training")
+    ap = argparse.ArgumentParser(prog="flow-nexus-server",
+                                 description="MCP server for real distributed PyTorch training")
     ap.add_argument("--version", action="version", version=__version__)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging (stderr and the log file)")
     ap.add_argument("--home", help="state home (default $FLOW_NEXUS_HOME or ~/.flow-nexus)")

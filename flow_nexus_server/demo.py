@@ -24,6 +24,7 @@ import anyio
 
 from flow_nexus_server.config import Settings
 from flow_nexus_server.launchers.local import pid_exists
+from flow_nexus_server.states import SessionState
 
 SENTENCES = [
     "I love this airline, the crew was wonderful and we landed early!",
@@ -105,7 +106,7 @@ async def scenario(console: Any, tool: Tool) -> list[int] | None:
         run = await tool("neural_train_distributed", {"cluster_id": cid, **recipe})
         workers = [nid for nid, role in run["roles"].items() if role == "worker"]
         live = await follow_training(console, tool, cid, workers)
-        if live["status"] != "completed":
+        if live["status"] != SessionState.COMPLETED:
             console.print(f"[red]training ended {live['status']}: {live.get('error')}")
             return None
         show_results(console, live, workers)
@@ -158,7 +159,7 @@ async def follow_training(console: Any, tool: Tool, cid: str, workers: list[str]
             shown = max(shown, progress_pct(live, workers))
             bar.update(task, completed=shown, round=f"{live['epoch']}/{live['total_epochs']}",
                        steps=steps, scores=scores)
-            if live["status"] != "running":
+            if live["status"] != SessionState.RUNNING:
                 return live
             await anyio.sleep(1)
 

@@ -135,7 +135,7 @@ class CheckCaller:
     def __init__(self, app: ASGIApp, token: str, hosts: list[str], origins: list[str]) -> None:
         if not token:
             raise ValueError("the bearer token must not be empty")
-        self.app, self.token = app, f"Bearer {token}".encode("utf-8")
+        self.app, self.token = app, f"Bearer {token}".encode()
         self.hosts, self.origins = set(hosts), set(origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -39,8 +39,8 @@ def federated_private_data(
 ) -> str:
     cluster = "<cluster_id>"
     return (
-        f"Train one model with federated averaging on data that never leaves the node holding it. Every step is a "
-        f"tool call of this server; \"<...>\" stands for a value an earlier reply returned.\n" + steps(
+        "Train one model with federated averaging on data that never leaves the node holding it. Every step is a "
+        "tool call of this server; \"<...>\" stands for a value an earlier reply returned.\n" + steps(
             call("neural_cluster_init", name="federated-private", topology="star", architecture=architecture,
                  consensus="proof-of-learning") + ": keep the reply's cluster_id.",
             call("neural_node_deploy", cluster_id=cluster, role="aggregator")

@@ -166,7 +166,7 @@ class ClusterStatusReply(BaseModel):
     performance: Performance
     features: Features
     options: dict[str, Any] = Field(description="Stored options, echoed (compatibility parameters included)")
-    training: "TrainingLive | None" = Field(None, description="The running or most recent training session")
+    training: TrainingLive | None = Field(None, description="The running or most recent training session")
     training_progress: float | None = Field(None, description="Percent done of the current session")
     current_epoch: int | None = None
     current_loss: float | None = None

@@ -151,7 +151,7 @@ class HttpServer:
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 60.0) -> "HttpServer":
+    def wait_ready(self, timeout: float = 60.0) -> HttpServer:
         import time
 
         import httpx

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from flow_nexus_server.service.backend import (NodeGpus, check_gpus, check_requested, choose_backend,
-                                               gpus_visible_here, local_ranks, pinned_gpu)
+from flow_nexus_server.service.backend import (
+    NodeGpus,
+    check_gpus,
+    check_requested,
+    choose_backend,
+    gpus_visible_here,
+    local_ranks,
+    pinned_gpu,
+)
 from flow_nexus_server.service.errors import ServiceError
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import ok
 from mcp import Client
 
-from conftest import ok
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 

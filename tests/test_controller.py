@@ -12,9 +12,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from mcp import Client, StdioServerParameters
-
 from conftest import controller_pid, err, ok, pid_alive, server_command, server_env
+from mcp import Client, StdioServerParameters
 
 pytestmark = pytest.mark.anyio
 

@@ -8,9 +8,9 @@ import time
 
 import anyio
 import pytest
+from conftest import ok, pid_alive
 from mcp import Client
 
-from conftest import ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 

@@ -8,9 +8,9 @@ import time
 
 import anyio
 import pytest
+from conftest import ok, pid_alive, server_command, server_env
 from mcp import Client, StdioServerParameters
 
-from conftest import ok, pid_alive, server_command, server_env
 from workers.data import load_dataset, train_val_split
 
 

@@ -38,12 +38,12 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import pytest
+from conftest import pid_alive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client
 from sqlalchemy import select
 
-from conftest import pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 from flow_nexus_server.store import Cluster, Node, Store, TrainingSession
@@ -306,7 +306,8 @@ def test_fuzz_every_tool(fuzz_home: Path, tmp_path: Path) -> None:
     pwned_before = pwned.exists()
 
     with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal:
-        with portal.wrap_async_context_manager(Client(build_server(cfg), read_timeout_seconds=CALL_TIMEOUT_S)) as client:
+        server = build_server(cfg)
+        with portal.wrap_async_context_manager(Client(server, read_timeout_seconds=CALL_TIMEOUT_S)) as client:
 
             async def call(name: str, args: dict[str, Any]) -> Any:
                 with anyio.fail_after(CALL_TIMEOUT_S):
@@ -337,7 +338,8 @@ def test_fuzz_every_tool(fuzz_home: Path, tmp_path: Path) -> None:
                     running = list(s.scalars(select(TrainingSession.id).where(TrainingSession.status == "running")))
                 for sid in running:
                     portal.call(call, "neural_training_stop", {"session_id": sid})
-                if target and peek.nodes(target["cluster_id"]) and peek.cluster(target["cluster_id"]).status == "connected":
+                if (target and peek.nodes(target["cluster_id"])
+                        and peek.cluster(target["cluster_id"]).status == "connected"):
                     return
                 with peek.session() as s:
                     active = list(s.scalars(select(Cluster.id).where(Cluster.status != "terminated")))
@@ -393,8 +395,9 @@ def test_fuzz_every_tool(fuzz_home: Path, tmp_path: Path) -> None:
                     outcomes[tool.name][outcome] += 1
                     if os.environ.get("FUZZ_LOG"):
                         with open(os.environ["FUZZ_LOG"], "a") as f:
+                            said = getattr(result.content[0], 'text', '<image>') if outcome != 'raised' else problem
                             f.write(f"{tool.name} {short(args)}\n   -> {time.monotonic() - started:.2f}s {outcome}: "
-                                    f"{(getattr(result.content[0], 'text', '<image>') if outcome != 'raised' else problem)[:200]!r}\n")
+                                    f"{said[:200]!r}\n")
                     if problem:
                         line = f"{tool.name}({short(args)}) -> {problem}"
                         reason = known_finding(tool.name, args)
@@ -452,7 +455,8 @@ def test_fuzz_every_tool(fuzz_home: Path, tmp_path: Path) -> None:
     counts = {t.name: calls.count(t.name) for t in tools}
     assert len(calls) >= MIN_TOTAL_CALLS, counts
     assert all(n >= per_tool for n in counts.values()), counts
-    print(f"{len(refreshes)} target cluster(s); deep phase ended: {not phase['deep']}; {len(calls)} fuzzed calls: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
+    print(f"{len(refreshes)} target cluster(s); deep phase ended: {not phase['deep']}; {len(calls)} fuzzed calls: "
+          + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
     if known:
         print(f"{len(known)} call(s) hit known findings:\n" + "\n".join(known[:20]))
     assert not findings, f"{len(findings)} finding(s) in {len(calls)} calls:\n" + "\n".join(findings[:40])

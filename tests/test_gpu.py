@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
+from conftest import held_out_digits, ok
 from mcp import Client
 
-from conftest import held_out_digits, ok
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 

@@ -8,9 +8,9 @@ import time
 
 import anyio
 import pytest
+from conftest import pid_alive
 from mcp import Client
 
-from conftest import pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 from flow_nexus_server.service.telemetry import NODE_SILENT_S
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.anyio
 async def test_hung_node_is_detected(home):
     async with Client(build_server(Settings.from_env(home))) as client:
         cid = (await client.call_tool("neural_cluster_init", {"name": "hang"})).structured_content["cluster_id"]
-        nodes = (await client.call_tool("neural_node_deploy", {"cluster_id": cid, "count": 2})).structured_content["nodes"]
+        deployed = await client.call_tool("neural_node_deploy", {"cluster_id": cid, "count": 2})
+        nodes = deployed.structured_content["nodes"]
         hung = nodes[0]
         os.kill(hung["pid"], signal.SIGSTOP)
         frozen_at = time.monotonic()

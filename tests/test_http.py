@@ -17,10 +17,10 @@ from contextlib import asynccontextmanager
 import httpx
 import httpx2
 import pytest
+from conftest import HttpServer, free_port, pid_alive, server_command, server_env
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import HttpServer, free_port, pid_alive, server_command, server_env
 from flow_nexus_server import __version__
 
 pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("error::mcp.MCPDeprecationWarning")]
@@ -179,7 +179,8 @@ def test_token_file_is_used(home, tmp_path):
 async def test_a_signal_ends_the_front_end_only(http_server, sig, mode):
     async with http_client(http_server, mode=mode) as client:
         cid = (await call_ok(client, "neural_cluster_init", {"name": "sig"}))["cluster_id"]
-        pids = [n["pid"] for n in (await call_ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2}))["nodes"]]
+        deployed = await call_ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2})
+        pids = [n["pid"] for n in deployed["nodes"]]
         assert len(pids) == 2 and all(pid_alive(p) for p in pids)
         # Stop the front-end while this client still holds its session open.
         rc = http_server.stop(sig, timeout=60)

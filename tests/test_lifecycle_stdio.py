@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import err, ok, pid_alive, server_command, server_env
 from mcp import Client, StdioServerParameters
 
-from conftest import err, ok, pid_alive, server_command, server_env
 from flow_nexus_server.service.backend import gpus_visible_here
 
 

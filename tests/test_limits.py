@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import err, ok
 from mcp import Client
 
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
-from conftest import err, ok
 
 pytestmark = pytest.mark.anyio
 

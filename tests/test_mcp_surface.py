@@ -9,10 +9,10 @@ import re
 
 import jsonschema
 import pytest
+from conftest import ok
 from mcp import Client, MCPError
 from mcp.types import CompletionArgument, CompletionContext, PromptReference, ResourceTemplateReference
 
-from conftest import ok
 from flow_nexus_server.completions import MAX_VALUES, complete_ids
 from flow_nexus_server.config import Settings
 from flow_nexus_server.log_level import PACKAGE_LOGGER

@@ -8,8 +8,8 @@ import sys
 import httpx
 import psutil
 import pytest
-
 from conftest import pid_alive
+
 from flow_nexus_server.launchers import LaunchError, NodeSpec, SubprocessLauncher
 
 

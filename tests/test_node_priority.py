@@ -9,9 +9,9 @@ import sys
 
 import psutil
 import pytest
+from conftest import ok
 from mcp import Client
 
-from conftest import ok
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ok, pid_alive
 from mcp import Client
 
-from conftest import ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.launchers import NodeHandle, SubprocessLauncher
 from flow_nexus_server.launchers.local import node_process_alive, pid_exists, process_create_time, process_ref

@@ -7,9 +7,9 @@ import signal
 
 import anyio
 import pytest
+from conftest import ok
 from mcp import Client
 
-from conftest import ok
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 

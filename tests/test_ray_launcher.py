@@ -19,9 +19,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from conftest import StdioRpc, ok, pid_alive, server_command, server_env  # noqa: E402
 from mcp import Client  # noqa: E402
 
-from conftest import StdioRpc, ok, pid_alive, server_command, server_env  # noqa: E402
 from flow_nexus_server.config import Settings  # noqa: E402
 from flow_nexus_server.launchers import NodeSpec  # noqa: E402
 from flow_nexus_server.launchers.ray import NAMESPACE, RayLauncher, actor_name  # noqa: E402

@@ -10,15 +10,15 @@ from datetime import timedelta
 import anyio
 import psutil
 import pytest
+from conftest import ok, pid_alive
 from mcp import Client
 
-from conftest import ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.controller.core import Controller
 from flow_nexus_server.server import build_server
+from flow_nexus_server.service import rendezvous
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
-from flow_nexus_server.service import rendezvous
 from flow_nexus_server.service.rendezvous import ADVERTISE_ENV, BIND_ENV
 from workers import protocol
 

@@ -10,9 +10,9 @@ import anyio
 import numpy as np
 import psutil
 import pytest
+from conftest import err, ok, pid_alive
 from mcp import Client
 
-from conftest import err, ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 from flow_nexus_server.service import budget

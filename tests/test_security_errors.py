@@ -8,9 +8,9 @@ import sqlite3
 
 import anyio
 import pytest
+from conftest import err, ok, pid_alive
 from mcp import Client
 
-from conftest import err, ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 from flow_nexus_server.service.clusters import ClusterService

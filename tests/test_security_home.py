@@ -20,10 +20,10 @@ import httpx
 import httpx2
 import psutil
 import pytest
+from conftest import HttpServer, ok
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import HttpServer, ok
 from flow_nexus_server.config import HTTP_MAX_BODY_BYTES, Limits, Settings
 from flow_nexus_server.logs import PrivateRotatingFileHandler
 from flow_nexus_server.server import build_server

@@ -11,9 +11,9 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import err, ok
 from mcp import Client
 
-from conftest import err, ok
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 from flow_nexus_server.service.errors import ServiceError

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import err, ok
 from mcp import Client
 
-from conftest import err, ok
 from flow_nexus_server.cli import main as cli_main
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
@@ -28,8 +28,14 @@ from flow_nexus_server.store import Cluster, Node, Store, TrainingSession
 from workers import protocol as p
 from workers.models import TaskInfo, build_model
 from workers.serving import ServingError, export_model, load_any, load_export
-from workers.training.checkpoint import (SandboxQuota, checkpoint_payload, convert_legacy, read_checkpoint,
-                                         resolve_resume, save_checkpoint)
+from workers.training.checkpoint import (
+    SandboxQuota,
+    checkpoint_payload,
+    convert_legacy,
+    read_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from workers.training.common import TrainedModel, TrainingError
 
 TASK = TaskInfo(kind="vectors", input_shape=(4,), num_classes=3)

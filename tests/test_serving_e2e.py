@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import err, held_out_digits, ok
 from mcp import Client
 
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
-from conftest import err, held_out_digits, ok
 
 pytestmark = pytest.mark.anyio
 
@@ -76,7 +76,8 @@ async def test_predict_export_load_plot_and_events(home):
         assert 0.5 <= ratio <= 2.0, (client_ms, res)
 
         # Export, then a fresh cluster loads it and predicts the same.
-        before = await ok(client, "neural_predict_distributed", {"cluster_id": cid, "input_data": batch, "quantized": False})
+        before = await ok(client, "neural_predict_distributed",
+                          {"cluster_id": cid, "input_data": batch, "quantized": False})
         export = await ok(client, "neural_model_export", {"model_id": cid})
         names = {f.rsplit("/", 1)[-1] for f in export["files"]}
         assert {"model.safetensors", "config.json", "labels.json", "README.md"} <= names

@@ -9,14 +9,24 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import ok
 from mcp import Client
 from sqlalchemy import text
 
-from conftest import ok
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
-from flow_nexus_server.states import (CLUSTER_MOVES, NODE_MOVES, SESSION_MOVES, ClusterState, IllegalTransition,
-                                      NodeState, SessionState, is_terminal, move, transition)
+from flow_nexus_server.states import (
+    CLUSTER_MOVES,
+    NODE_MOVES,
+    SESSION_MOVES,
+    ClusterState,
+    IllegalTransition,
+    NodeState,
+    SessionState,
+    is_terminal,
+    move,
+    transition,
+)
 from flow_nexus_server.store import Cluster, Node, Store, TrainingSession
 
 TABLES = [(ClusterState, CLUSTER_MOVES), (NodeState, NODE_MOVES), (SessionState, SESSION_MOVES)]

@@ -17,11 +17,11 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from conftest import ok, pid_alive
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from conftest import ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 from flow_nexus_server.service.clusters import ClusterService

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import err, ok, pid_alive
 from mcp import Client
 
-from conftest import err, ok, pid_alive
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 from workers.training.checkpoint import read_checkpoint
@@ -17,7 +17,8 @@ from workers.training.checkpoint import read_checkpoint
 pytestmark = pytest.mark.anyio
 
 
-async def cluster(client: Client, roles: dict[str, int], topology: str = "mesh", architecture: str = "mlp") -> tuple[str, list[str]]:
+async def cluster(client: Client, roles: dict[str, int], topology: str = "mesh",
+                  architecture: str = "mlp") -> tuple[str, list[str]]:
     cid = (await ok(client, "neural_cluster_init", {"name": "t", "topology": topology,
                                                      "architecture": architecture}))["cluster_id"]
     ids = []
@@ -78,7 +79,8 @@ async def test_bad_training_calls_start_nothing(home):
         text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": "digits"})
         assert "not connected" in text and "neural_cluster_connect" in text
         await ok(client, "neural_cluster_connect", {"cluster_id": cid})
-        text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": "digits", "federated": True})
+        text = await err(client, "neural_train_distributed",
+                         {"cluster_id": cid, "dataset": "digits", "federated": True})
         assert "worker" in text
         await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker"})
         text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": "no-such-data"})

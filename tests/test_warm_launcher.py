@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from conftest import ROOT, pid_alive
+
 from flow_nexus_server.launchers import LaunchError, NodeHandle, NodeSpec, SubprocessLauncher
 from flow_nexus_server.launchers.local import process_create_time, process_ref
 from flow_nexus_server.launchers.warm import WarmSubprocessLauncher

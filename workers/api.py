@@ -13,8 +13,9 @@ reply (any status but 200) is an ``ErrorReply``. Torch-free, like ``workers.prot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 

@@ -678,7 +678,8 @@ def _residual_slots(bucket: Any, numel: int) -> list[tuple[tuple[Any, ...], int]
     return [(("bucket", int(bucket.index()), numel), numel)]
 
 
-def _topk_pack(state: CommHookState, bucket: Any, buf: torch.Tensor, ratio: float) -> tuple[torch.Tensor, int, torch.dtype]:
+def _topk_pack(state: CommHookState, bucket: Any, buf: torch.Tensor,
+               ratio: float) -> tuple[torch.Tensor, int, torch.dtype]:
     """Error feedback + top-k: returns (packed bytes, k, index dtype) and updates the residuals."""
     numel = buf.numel()
     acc = buf.detach().reshape(-1).clone()
@@ -745,103 +746,111 @@ def make_ddp_hook(
     ``state.stats()`` reports ``dense_bytes``, ``sent_bytes``, ``bytes_saved`` and
     ``comm_seconds`` measured on this rank.
     """
+    compression = _checked_compression(compression)
+    state = CommHookState(reducer, compression)
+    if compression is not None:
+        hook = _staged_on_cpu(_topk_hook)
+    elif reducer.topology == "mesh":
+        hook = _dense_mesh_hook  # a GPU bucket goes straight to NCCL
+    else:
+        hook = _staged_on_cpu(_dense_thread_hook)
+    return state, hook
+
+
+def _checked_compression(compression: float | None) -> float | None:
+    """The top-k ratio as a float in (0, 1], or None; anything else is a ValueError."""
     if compression is not None:
         if isinstance(compression, bool) or not isinstance(compression, (int, float)):
             raise ValueError(f"compression must be a top-k ratio in (0, 1] or None, got {compression!r}")
         compression = float(compression)
         if not 0.0 < compression <= 1.0:
             raise ValueError(f"compression must be a top-k ratio in (0, 1], got {compression}")
-    state = CommHookState(reducer, compression)
+    return compression
 
-    # The hooks carry no annotations: DDP accepts only a missing annotation or the
-    # dist.GradBucket / Future[Tensor] objects themselves, and this module's annotations are
-    # strings (``from __future__ import annotations``).
-    def dense_mesh_hook(st, bucket):  # type: ignore[no-untyped-def]
-        buf = bucket.buffer()
-        red = st.reducer
-        if red.size == 1:
-            st._record(0, 0, 0, 0.0)
-            return _done_future(buf)
-        sent, received = red.dense_bytes_for(buf.numel(), buf.element_size())
+
+# The hooks carry no annotations: DDP accepts only a missing annotation or the
+# dist.GradBucket / Future[Tensor] objects themselves, and this module's annotations are
+# strings (``from __future__ import annotations``).
+def _dense_mesh_hook(st, bucket):  # type: ignore[no-untyped-def]
+    buf = bucket.buffer()
+    red = st.reducer
+    if red.size == 1:
+        st._record(0, 0, 0, 0.0)
+        return _done_future(buf)
+    sent, received = red.dense_bytes_for(buf.numel(), buf.element_size())
+    start = time.perf_counter()
+    began = _cuda_event(buf)
+    work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=red.group, async_op=True)
+
+    def finish(fut: torch.futures.Future) -> torch.Tensor:
+        out = fut.value()[0].div_(red.size)
+        if began is not None:  # NCCL: time it on the stream, read in stats()
+            ended = _cuda_event(out)
+            red._account(sent, received, 0.0)
+            st._record(sent, sent, received, 0.0)
+            with st._lock:
+                st._gpu_spans.append((began, ended))
+            return out
+        seconds = time.perf_counter() - start
+        red._account(sent, received, seconds)
+        st._record(sent, sent, received, seconds)
+        return out
+
+    return work.get_future().then(finish)
+
+
+def _dense_thread_hook(st, bucket):  # type: ignore[no-untyped-def]
+    buf = bucket.buffer()
+    red = st.reducer
+    if red.size == 1:
+        st._record(0, 0, 0, 0.0)
+        return _done_future(buf)
+    dense, received = red.dense_bytes_for(buf.numel(), buf.element_size())
+
+    def job() -> torch.Tensor:
         start = time.perf_counter()
-        began = _cuda_event(buf)
-        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=red.group, async_op=True)
+        red.allreduce_mean(buf)
+        st._record(dense, dense, received, time.perf_counter() - start)
+        return buf
+
+    return st.submit(job)
+
+
+def _topk_hook(st, bucket):  # type: ignore[no-untyped-def]
+    buf = bucket.buffer()
+    red = st.reducer
+    if red.size == 1:
+        st._record(0, 0, 0, 0.0)
+        return _done_future(buf)
+    assert st.compression is not None
+    dense, _ = red.dense_bytes_for(buf.numel(), buf.element_size())
+    start = time.perf_counter()
+    packed, k, idx_dtype = _topk_pack(st, bucket, buf, st.compression)
+    sent, received = red.gather_bytes_for(packed.numel(), packed.element_size())
+    if red.topology == "mesh":
+        table = torch.empty((red.size, packed.numel()), dtype=packed.dtype)
+        work = dist.all_gather(list(table.unbind(0)), packed, group=red.group, async_op=True)
 
         def finish(fut: torch.futures.Future) -> torch.Tensor:
-            out = fut.value()[0].div_(red.size)
-            if began is not None:  # NCCL: time it on the stream, read in stats()
-                ended = _cuda_event(out)
-                red._account(sent, received, 0.0)
-                st._record(sent, sent, received, 0.0)
-                with st._lock:
-                    st._gpu_spans.append((began, ended))
-                return out
+            fut.value()
+            out = _sparse_sum_mean(table, k, idx_dtype, buf)
             seconds = time.perf_counter() - start
             red._account(sent, received, seconds)
-            st._record(sent, sent, received, seconds)
+            st._record(dense, sent, received, seconds)
             return out
 
         return work.get_future().then(finish)
 
-    def dense_thread_hook(st, bucket):  # type: ignore[no-untyped-def]
-        buf = bucket.buffer()
-        red = st.reducer
-        if red.size == 1:
-            st._record(0, 0, 0, 0.0)
-            return _done_future(buf)
-        dense, received = red.dense_bytes_for(buf.numel(), buf.element_size())
+    pack_seconds = time.perf_counter() - start
 
-        def job() -> torch.Tensor:
-            start = time.perf_counter()
-            red.allreduce_mean(buf)
-            st._record(dense, dense, received, time.perf_counter() - start)
-            return buf
+    def job() -> torch.Tensor:
+        job_start = time.perf_counter()
+        table = red.allgather(packed)
+        out = _sparse_sum_mean(table, k, idx_dtype, buf)
+        st._record(dense, sent, received, pack_seconds + time.perf_counter() - job_start)
+        return out
 
-        return st.submit(job)
-
-    def topk_hook(st, bucket):  # type: ignore[no-untyped-def]
-        buf = bucket.buffer()
-        red = st.reducer
-        if red.size == 1:
-            st._record(0, 0, 0, 0.0)
-            return _done_future(buf)
-        assert st.compression is not None
-        dense, _ = red.dense_bytes_for(buf.numel(), buf.element_size())
-        start = time.perf_counter()
-        packed, k, idx_dtype = _topk_pack(st, bucket, buf, st.compression)
-        sent, received = red.gather_bytes_for(packed.numel(), packed.element_size())
-        if red.topology == "mesh":
-            table = torch.empty((red.size, packed.numel()), dtype=packed.dtype)
-            work = dist.all_gather(list(table.unbind(0)), packed, group=red.group, async_op=True)
-
-            def finish(fut: torch.futures.Future) -> torch.Tensor:
-                fut.value()
-                out = _sparse_sum_mean(table, k, idx_dtype, buf)
-                seconds = time.perf_counter() - start
-                red._account(sent, received, seconds)
-                st._record(dense, sent, received, seconds)
-                return out
-
-            return work.get_future().then(finish)
-
-        pack_seconds = time.perf_counter() - start
-
-        def job() -> torch.Tensor:
-            job_start = time.perf_counter()
-            table = red.allgather(packed)
-            out = _sparse_sum_mean(table, k, idx_dtype, buf)
-            st._record(dense, sent, received, pack_seconds + time.perf_counter() - job_start)
-            return out
-
-        return st.submit(job)
-
-    if compression is not None:
-        hook = _staged_on_cpu(topk_hook)
-    elif reducer.topology == "mesh":
-        hook = dense_mesh_hook  # a GPU bucket goes straight to NCCL
-    else:
-        hook = _staged_on_cpu(dense_thread_hook)
-    return state, hook
+    return st.submit(job)
 
 
 class _CpuBucket:
@@ -860,7 +869,9 @@ class _CpuBucket:
         return int(self._bucket.index())
 
 
-def _staged_on_cpu(hook: Callable[[CommHookState, Any], torch.futures.Future]) -> Callable[[CommHookState, Any], torch.futures.Future]:
+def _staged_on_cpu(
+        hook: Callable[[CommHookState, Any], torch.futures.Future],
+) -> Callable[[CommHookState, Any], torch.futures.Future]:
     """The point-to-point schedules (ring, star, hierarchical) and the top-k exchange are
     written for CPU tensors over gloo: a GPU bucket is copied to CPU, exchanged there, and the
     result copied back into the bucket. CPU buckets pass straight through."""

@@ -17,7 +17,14 @@ import torch
 import torch.distributed as dist
 
 from workers.devices import group_backend, pin_device
-from workers.protocol import CollectiveBenchRequest, CollectiveTiming, EdgeMeasurement, GroupInfo, JoinRequest, ProbeRequest
+from workers.protocol import (
+    CollectiveBenchRequest,
+    CollectiveTiming,
+    EdgeMeasurement,
+    GroupInfo,
+    JoinRequest,
+    ProbeRequest,
+)
 
 log = logging.getLogger(__name__)
 

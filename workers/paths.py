@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 
 class PathRefused(ValueError):
@@ -67,8 +67,8 @@ def _refusal(what: str, raw: str, allowed: list[Path]) -> PathRefused:
         return PathRefused(f"{what} '{raw}' leads out of this node's sandbox (through '..' or a symbolic "
                            "link); a relative path must stay inside the sandbox")
     return PathRefused(f"{what} '{raw}' lies outside this node's sandbox and allowed roots "
-                       f"({', '.join(map(str, allowed))}); the roots are the server's FLOW_NEXUS_DATA_ROOTS as they were "
-                       "when the node started (redeploy nodes after changing them)")
+                       f"({', '.join(map(str, allowed))}); the roots are the server's FLOW_NEXUS_DATA_ROOTS "
+                       "as they were when the node started (redeploy nodes after changing them)")
 
 
 def _check_text(raw: str, what: str) -> None:

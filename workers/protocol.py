@@ -221,7 +221,8 @@ class JobOptions(BaseModel):
     dataset: str = Field(min_length=1, max_length=MAX_DATASET_CHARS, description=(
         "A built-in dataset (digits, mnist-5k, tweet-sentiment, tweet-polarity, bbc-news, bbc-news-lm), "
         "a CSV/JSONL/TXT path or glob (relative paths are read inside each node's sandbox, see "
-        "neural_node_upload), or inline JSON {\"X\"|\"data\"|\"features\": [...], \"y\"|\"labels\"|\"targets\": [...]}"))
+        "neural_node_upload), or inline JSON "
+        "{\"X\"|\"data\"|\"features\": [...], \"y\"|\"labels\"|\"targets\": [...]}"))
     epochs: int = Field(10, ge=1, le=1000, description="Epochs (synchronous / parameter server)")
     batch_size: int = Field(32, ge=1, le=512, description="Examples per step per worker")
     learning_rate: float = Field(0.001, ge=1e-5, le=1, description="Optimizer learning rate")
@@ -279,7 +280,8 @@ class TrainJob(JobOptions):
     layers: list[dict[str, Any]] | None = None
     rounds: Rounds = Field(5, description="Federated rounds")
     roles: list[Role] = Field(description="roles[rank] for every rank of the group")
-    consensus: Consensus = Field("proof-of-learning", description="How updates are agreed on (README, What the parameters mean here)")
+    consensus: Consensus = Field("proof-of-learning",
+                                 description="How updates are agreed on (README, What the parameters mean here)")
     behaviors: list[Behavior] = Field(default_factory=list, description="behaviors[rank]; empty = all honest")
     raft_term: int = Field(1, ge=1, description="Raft term: bumped each time a surviving node takes over as leader")
     checkpoint_dir: str | None = Field(None, description="Where the checkpointing rank writes")

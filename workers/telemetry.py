@@ -20,7 +20,8 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from workers import api

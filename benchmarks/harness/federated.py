@@ -8,12 +8,24 @@ import subprocess
 import time
 from typing import Any
 
-from benchmarks.harness.common import BENCH_DIR, FED_JOB, FED_LAYERS, FLOWER_HINT, BenchError, Row, ratio, run_script, say
+from benchmarks.harness.common import (
+    BENCH_DIR,
+    FED_JOB,
+    FED_LAYERS,
+    FLOWER_HINT,
+    BenchError,
+    Row,
+    ratio,
+    run_script,
+    say,
+)
 from benchmarks.harness.session import Bench
 
 
 async def row_federated(bench: Bench) -> list[Row]:
     import anyio
+
+    from flow_nexus_server.states import SessionState
 
     rounds = 2 if bench.quick else 5
     say(f"federated: 4 workers + 1 aggregator, {rounds} rounds on digits, 64-64-10")
@@ -31,7 +43,7 @@ async def row_federated(bench: Bench) -> list[Row]:
                                                             "rounds": rounds, "wait": True, "wait_timeout_s": 900})
         ours = time.perf_counter() - t0
         status = await bench.tool("neural_training_status", {"session_id": run["session_id"]})
-        if status["status"] != "completed":
+        if status["status"] != SessionState.COMPLETED:
             raise BenchError(f"federated session ended {status['status']}: {status.get('error')}")
         final = status.get("final_metrics") or {}
     finally:

@@ -43,12 +43,14 @@ class Bench:
 
     async def train_sync(self, cid: str, epochs: int, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """A synchronous run with wait=true; returns (train reply, training status)."""
+        from flow_nexus_server.states import SessionState
+
         t0 = time.perf_counter()
         run = await self.tool("neural_train_distributed", {"cluster_id": cid, **SYNC_JOB, "epochs": epochs,
                                                            "wait": True, "wait_timeout_s": 900, **extra})
         wall = time.perf_counter() - t0
         status = await self.tool("neural_training_status", {"session_id": run["session_id"]})
-        if status["status"] != "completed":
+        if status["status"] != SessionState.COMPLETED:
             raise BenchError(f"session {run['session_id']} ended {status['status']}: {status.get('error')}")
         run["client_wall_s"] = wall
         for c in status.get("checkpoints") or []:

@@ -15,6 +15,8 @@ from benchmarks.harness.session import Bench
 async def status_while_training(bench: Bench, client: Any, cid: str, calls: int) -> dict[str, Any]:
     import anyio
 
+    from flow_nexus_server.states import SessionState
+
     run = await bench.tool("neural_train_distributed", {"cluster_id": cid, **SYNC_JOB, "epochs": 200,
                                                         "checkpoint_every": 0}, client)
     sid = run["session_id"]
@@ -23,9 +25,9 @@ async def status_while_training(bench: Bench, client: Any, cid: str, calls: int)
         while True:
             st = await bench.tool("neural_training_status", {"session_id": sid}, client)
             live = st.get("live") or {}
-            if st["status"] != "running":
+            if st["status"] != SessionState.RUNNING:
                 raise BenchError(f"session {sid} ended {st['status']} before the status calls: {st.get('error')}")
-            if live.get("status") == "running" and live.get("step", 0) > 0:
+            if live.get("status") == SessionState.RUNNING and live.get("step", 0) > 0:
                 break
             if time.monotonic() > deadline:
                 raise BenchError(f"session {sid} did not start stepping within 120 s")
@@ -38,7 +40,7 @@ async def status_while_training(bench: Bench, client: Any, cid: str, calls: int)
             steps.append((reply.get("training") or {}).get("step"))
             await anyio.sleep(0.05)
         st = await bench.tool("neural_training_status", {"session_id": sid}, client)
-        if st["status"] != "running":
+        if st["status"] != SessionState.RUNNING:
             raise BenchError(f"session {sid} stopped ({st['status']}) during the status calls")
     finally:
         try:

@@ -137,7 +137,7 @@ def relay_stdio(paths: ControllerPaths) -> int:
             view = view[os.write(1, view):]
 
 
-def control_client(paths: ControllerPaths, timeout_s: float = 60.0) -> "httpx.Client":
+def control_client(paths: ControllerPaths, timeout_s: float = 60.0) -> httpx.Client:
     """HTTP over the controller's second socket (status, stop, metrics)."""
     import httpx  # here, not at the top: a stdio front-end starts without it (and without mcp)
 

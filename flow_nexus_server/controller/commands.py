@@ -11,8 +11,13 @@ import httpx
 from sqlalchemy import select
 
 from flow_nexus_server.config import DEFAULT_IDLE_TIMEOUT_MIN, Settings
-from flow_nexus_server.controller.channel import (ControllerPaths, ControllerUnavailable, control_request,
-                                                  ensure_controller, running)
+from flow_nexus_server.controller.channel import (
+    ControllerPaths,
+    ControllerUnavailable,
+    control_request,
+    ensure_controller,
+    running,
+)
 
 
 def store_view(store: Any, home: Path) -> dict[str, Any]:
@@ -22,7 +27,8 @@ def store_view(store: Any, home: Path) -> dict[str, Any]:
     from flow_nexus_server.store import Cluster, Node, TrainingSession
 
     with store.session() as s:
-        clusters = list(s.scalars(select(Cluster).where(Cluster.status != ClusterState.TERMINATED).order_by(Cluster.created_at)))
+        clusters = list(s.scalars(select(Cluster).where(Cluster.status != ClusterState.TERMINATED)
+                                  .order_by(Cluster.created_at)))
         nodes = list(s.scalars(select(Node).where(Node.cluster_id.in_([c.id for c in clusters])).order_by(Node.seq)))
         sessions = list(s.scalars(select(TrainingSession).where(TrainingSession.status == SessionState.RUNNING)))
     return {

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 
 import anyio
-from sqlalchemy import select
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
+from sqlalchemy import select
 
 from flow_nexus_server import __version__
 from flow_nexus_server.config import Settings

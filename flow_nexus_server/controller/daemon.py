@@ -78,7 +78,7 @@ class _SocketLines:
         self.stream = stream
         self.buffered = BufferedByteReceiveStream(stream)
 
-    def __aiter__(self) -> "_SocketLines":
+    def __aiter__(self) -> _SocketLines:
         return self
 
     async def __anext__(self) -> str:
@@ -114,7 +114,8 @@ def live_work(ctrl: Controller) -> tuple[list[Cluster], set[str]]:
     with ctrl.clusters.store.session() as s:
         clusters = list(s.scalars(select(Cluster).where(Cluster.status != ClusterState.TERMINATED)))
         with_nodes = set(s.scalars(select(Node.cluster_id).where(Node.status.in_(LIVE_NODE_STATES))))
-        training = set(s.scalars(select(TrainingSession.cluster_id).where(TrainingSession.status == SessionState.RUNNING)))
+        training = set(s.scalars(select(TrainingSession.cluster_id)
+                                 .where(TrainingSession.status == SessionState.RUNNING)))
     return [c for c in clusters if c.id in with_nodes], training
 
 

@@ -99,8 +99,9 @@ class DockerLauncher:
                           f"{log_tail(spec.sandbox / 'node.log', 20)}")
 
     def is_alive(self, handle: NodeHandle) -> tuple[bool, int | None]:
-        proc = subprocess.run([self.docker, "inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", handle.ref],
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [self.docker, "inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", handle.ref],
+            capture_output=True, text=True, timeout=30)
         if proc.returncode != 0:
             return False, None
         running, code = proc.stdout.split()

@@ -10,14 +10,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 
 from flow_nexus_server.home import PRIVATE_UMASK, open_private
-from flow_nexus_server.launchers.base import (LaunchError, NodeHandle, NodeSpec, allowed_root_args, controller_args,
-                                               log_tail)
+from flow_nexus_server.launchers.base import (
+    LaunchError,
+    NodeHandle,
+    NodeSpec,
+    allowed_root_args,
+    controller_args,
+    log_tail,
+)
 from workers.priority import NICE_ENV
 from workers.protocol import READY_FILE, TOKEN_ENV
 

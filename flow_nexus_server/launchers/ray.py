@@ -167,6 +167,7 @@ class NodeActor:
         import json
 
         import ray
+
         import workers.agent as agent
         from workers.protocol import READY_FILE, TOKEN_ENV
 

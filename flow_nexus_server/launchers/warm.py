@@ -71,7 +71,7 @@ def warm_spawner_refusal(spawner: str) -> str | None:
     return None
 
 
-def local_launcher(state_dir: Path | str, spawner: str = "warm") -> "WarmSubprocessLauncher | SubprocessLauncher":
+def local_launcher(state_dir: Path | str, spawner: str = "warm") -> WarmSubprocessLauncher | SubprocessLauncher:
     """The launcher for local node processes: warm (forked from a template) where that is safe,
     else plain (one cold ``python -m workers.agent`` per node), saying so in the log."""
     refusal = warm_spawner_refusal(spawner)
@@ -140,7 +140,7 @@ class WarmSubprocessLauncher:
             self._stop_spawner(timeout_s)
             self._failed_at = None
 
-    def __enter__(self) -> "WarmSubprocessLauncher":
+    def __enter__(self) -> WarmSubprocessLauncher:
         return self
 
     def __exit__(self, *exc: object) -> None:

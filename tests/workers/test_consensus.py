@@ -26,7 +26,10 @@ except ImportError:  # run from elsewhere than the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training import launch  # noqa: E402  (the shared multi-process harness)
 
-from workers.protocol import TrainJob  # noqa: E402
+from workers.protocol import (
+    Behavior,  # noqa: E402
+    TrainJob,  # noqa: E402
+)
 from workers.training import load_checkpoint  # noqa: E402
 from workers.training.adversary import corrupt_gradient, corrupt_weights  # noqa: E402
 from workers.training.consensus import (  # noqa: E402
@@ -38,7 +41,6 @@ from workers.training.consensus import (  # noqa: E402
     pol_accepts,
     resolve_rule,
 )
-from workers.protocol import Behavior  # noqa: E402
 
 WORLD = 5
 AGG4 = ["aggregator", "worker", "worker", "worker", "worker"]  # 4 workers + aggregator

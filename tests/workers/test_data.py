@@ -20,6 +20,7 @@ from workers.data import (
     Dataset,
     DatasetError,
     Tokenizer,
+    builtin,
     lm_windows,
     load_dataset,
     partition,
@@ -27,8 +28,6 @@ from workers.data import (
     train_val_split,
     unigram_perplexity,
 )
-from workers.data import builtin
-from workers.protocol import BUILTIN_DATASETS
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = settings(max_examples=25, deadline=None)

@@ -14,11 +14,11 @@ from workers.models import (
     SUPPORTED,
     ModelError,
     TaskInfo,
+    blocks,
     build_model,
     check_compatible,
     describe_model,
 )
-from workers.models import blocks
 
 torch.set_num_threads(1)
 
@@ -83,7 +83,8 @@ def test_every_architecture_kind_pair(arch: str, task_name: str) -> None:
 
 
 def test_messages_for_unsupported() -> None:
-    with pytest.raises(ModelError, match="'gnn' is not supported for dataset kind 'text'.*transformer, cnn, rnn or mlp"):
+    with pytest.raises(ModelError,
+                       match="'gnn' is not supported for dataset kind 'text'.*transformer, cnn, rnn or mlp"):
         check_compatible("gnn", "text")
     with pytest.raises(ModelError, match="'cnn' is not supported for dataset kind 'lm'.*transformer or rnn"):
         check_compatible("cnn", "lm")
@@ -269,7 +270,8 @@ def test_custom_vocab_size_from_task_wins(caplog: pytest.LogCaptureFixture) -> N
          ["layers[1]", "'num_heads'", "does not divide", "30"]),
         ("text", [*FLOW_NEXUS_LAYERS[:2], {"type": "output", "num_classes": 3}],
          ["layers[2]", "'num_classes'", "2"]),
-        ("lm", [FLOW_NEXUS_LAYERS[0], {"type": "output", "num_classes": 2}], ["layers[1]", "'num_classes'", str(VOCAB)]),
+        ("lm", [FLOW_NEXUS_LAYERS[0], {"type": "output", "num_classes": 2}],
+         ["layers[1]", "'num_classes'", str(VOCAB)]),
         ("text", [{"type": "dense", "units": 8}], ["layers[0]", "embedding"]),
         ("vectors", [{"type": "embedding", "embedding_dim": 8}], ["layers[0]", "embedding"]),
         ("text", [FLOW_NEXUS_LAYERS[0], {"type": "conv2d", "filters": 4, "kernel_size": 3}], ["layers[1]", "conv2d"]),

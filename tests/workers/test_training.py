@@ -112,7 +112,7 @@ def launch(world: int, jobs: list[dict[str, Any]], root: Path) -> list[list[dict
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"a node process died (exit {dead[0].exitcode}); see {root}/node*.log")
+                    raise RuntimeError(f"a node process died (exit {dead[0].exitcode}); see {root}/node*.log") from None
         for p in procs:
             p.join(30)
     finally:

@@ -192,7 +192,7 @@ _BUILTIN_LOADERS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _builtin_cached(name: str) -> Dataset:
     t0 = time.perf_counter()
     ds = _BUILTIN_LOADERS[name]()

@@ -47,7 +47,8 @@ def _encode_labels(raw: Sequence[Any], where: str) -> tuple[np.ndarray, list[str
         if isinstance(v, bool):
             v = int(v)
         if isinstance(v, (list, dict)):
-            raise DatasetError(f"{where}: label of example {i + 1} is {json.dumps(v)[:40]}, expected a class id or name")
+            raise DatasetError(f"{where}: label of example {i + 1} is {json.dumps(v)[:40]}, "
+                               "expected a class id or name")
         norm.append(v.strip() if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v))
 
     ids = [_as_class_id(s) for s in norm]

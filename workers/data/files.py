@@ -97,7 +97,8 @@ def load_files(paths: list[Path], name: str) -> Dataset:
         for p in paths:
             h, r = parse_csv(_read_text(p), p.name, delim)
             if rows or header is not None:
-                if (h is None) != (header is None) or (h is not None and [c.lower() for c in h] != [c.lower() for c in header or []]):
+                if (h is None) != (header is None) or (
+                        h is not None and [c.lower() for c in h] != [c.lower() for c in header or []]):
                     raise DatasetError(f"{p.name}: its columns differ from {paths[0].name}")
             header = h
             rows.extend(r)

@@ -4,7 +4,8 @@ gradient checkpointing, initialisation and the transformer encoder stack."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

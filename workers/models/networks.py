@@ -11,8 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FlowModel
-from .blocks import (EncoderStack, ceil_sqrt, checkpointed, group_norm, images_as_rows, init_embedding,
-                     masked_max, masked_mean, packed_lengths, rnn_cls, run_rnn, text_mask, vector_square)
+from .blocks import (
+    EncoderStack,
+    ceil_sqrt,
+    checkpointed,
+    group_norm,
+    images_as_rows,
+    init_embedding,
+    masked_max,
+    masked_mean,
+    packed_lengths,
+    rnn_cls,
+    run_rnn,
+    text_mask,
+    vector_square,
+)
 from .task import PAD_ID, ModelError, TaskInfo, task_max_len
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,17 @@ import torch
 from torch import nn
 
 from .base import FlowModel
-from .blocks import (EncoderStack, checkpointed, images_as_rows, init_embedding, masked_mean,
-                     packed_lengths, run_rnn, text_mask, vector_square)
+from .blocks import (
+    EncoderStack,
+    checkpointed,
+    images_as_rows,
+    init_embedding,
+    masked_mean,
+    packed_lengths,
+    run_rnn,
+    text_mask,
+    vector_square,
+)
 from .task import PAD_ID, TaskInfo
 
 

@@ -190,7 +190,8 @@ class Coordinator:
             stale = []
             for r in watched:
                 try:
-                    value = self.store.get(self._key("hb", r)).decode() if self.store.check([self._key("hb", r)]) else None
+                    key = self._key("hb", r)
+                    value = self.store.get(key).decode() if self.store.check([key]) else None
                 except Exception:
                     value = None
                 last = seen.get(r)

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from workers.models import build_model
-from workers.protocol import TrainJob
+from workers.protocol import JobState, TrainJob
 
 from .checkpoint import load_state, read_checkpoint, resolve_resume
 from .common import TrainedModel, TrainingError, rss_mb
@@ -39,8 +39,16 @@ from .coord import Coordinator, agree, all_gather_json, destroy_group, error_of
 from .modes import TrainingMode, training_mode
 from .progress import ProgressSink
 from .runtime import Ctx
-from .setup import (Plan, encode_local, encode_validation, finish_setup, global_setup, make_plan, read_local,
-                    read_validation)
+from .setup import (
+    Plan,
+    encode_local,
+    encode_validation,
+    finish_setup,
+    global_setup,
+    make_plan,
+    read_local,
+    read_validation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +69,14 @@ def run_training(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise TrainingError("this node has not joined a process group; connect the cluster first")
-    sink.set_state("preparing")
+    sink.set_state(JobState.PREPARING)
     groups: dict[str, Any] = {}
     started = time.perf_counter()
     try:
         result, state = _run(job, node_id, Path(sandbox), sink, stop, groups)
     except BaseException as exc:
         _, msg = error_of(exc)
-        sink.set_state("failed", error=msg)
+        sink.set_state(JobState.FAILED, error=msg)
         sink.log(f"failed: {msg}")
         _destroy(groups)
         raise
@@ -77,7 +85,7 @@ def run_training(
         torch.cuda.empty_cache()
     sink.node_stat("rss_mb", rss_mb())
     sink.log(f"{state} in {time.perf_counter() - started:.1f} s")
-    sink.set_state(state)  # type: ignore[arg-type]
+    sink.set_state(state)
     return result
 
 
@@ -96,7 +104,7 @@ def _destroy(groups: dict[str, Any]) -> None:
 
 
 def _run(job: TrainJob, node_id: str, sandbox: Path, sink: ProgressSink, stop: threading.Event,
-         groups: dict[str, Any]) -> tuple[TrainedModel | None, str]:
+         groups: dict[str, Any]) -> tuple[TrainedModel | None, JobState]:
     rank, world = dist.get_rank(), dist.get_world_size()
     backend = dist.get_backend()
     if "gloo" not in backend:
@@ -198,10 +206,10 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
     return _run_mode(ctx, mode)
 
 
-def _run_mode(ctx: Ctx, mode: TrainingMode) -> tuple[TrainedModel | None, str]:
+def _run_mode(ctx: Ctx, mode: TrainingMode) -> tuple[TrainedModel | None, JobState]:
     """Step 7: the mode's loop on the ranks that take part; the others wait for its outcome."""
     job, plan, sink, coord, rank = ctx.job, ctx.plan, ctx.sink, ctx.coord, ctx.plan.rank
-    sink.set_state("running")
+    sink.set_state(JobState.RUNNING)
     if not plan.is_active:
         sink.log(f"no part for role {plan.role} in {job.mode} training; waiting for the training ranks")
         status = coord.wait_done(plan.active)
@@ -209,7 +217,7 @@ def _run_mode(ctx: Ctx, mode: TrainingMode) -> tuple[TrainedModel | None, str]:
         if status.startswith("failed"):
             raise TrainingError(status.partition(": ")[2] or "the training ranks failed")
         dist.barrier()
-        return None, "stopped" if status == "stopped" else "completed"
+        return None, JobState.STOPPED if status == JobState.STOPPED else JobState.COMPLETED
     try:
         result = mode.loop(ctx)
     except Exception as exc:
@@ -225,7 +233,7 @@ def _run_mode(ctx: Ctx, mode: TrainingMode) -> tuple[TrainedModel | None, str]:
     except BaseException as exc:
         coord.set_done(f"failed: {type(exc).__name__}")
         raise
-    state = "stopped" if ctx.stopped else "completed"
+    state = JobState.STOPPED if ctx.stopped else JobState.COMPLETED
     if rank == plan.reporter:
         coord.set_done(state)
     dist.barrier()

@@ -24,8 +24,8 @@ Consensus (``job.consensus``):
 * ``byzantine``: the aggregator applies the job's robust rule (``f = byzantine_f``,
   ``beta = trim_beta``, ``m = multi_krum_m``); a job left at the default ``fedavg`` gets krum
   (n >= 2f + 3) or the coordinate median (see :mod:`.consensus`).
-* ``raft``: the aggregator is the leader (term ``job.raft_term``, 1 at the start). Each round it sends the new version to
-  every worker and validator (the broadcast); each member stores it (in memory and as
+* ``raft``: the aggregator is the leader (term ``job.raft_term``, 1 at the start). Each round it sends the new version
+  to every worker and validator (the broadcast); each member stores it (in memory and as
   ``<sandbox>/raft/pending.safetensors``) and acknowledges (``all_gather`` of ack flags); with a
   majority of the group (the leader included) the version is committed everywhere
   (``pending.safetensors`` renamed over ``raft/committed.safetensors``, a normal checkpoint that

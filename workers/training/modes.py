@@ -7,8 +7,9 @@ the mode's groups, picks the device and runs the loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from workers.comm import TopologyReducer
 

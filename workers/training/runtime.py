@@ -19,8 +19,7 @@ from torch import nn
 from workers.protocol import TrainJob
 
 from .checkpoint import SandboxQuota, checkpoint_dir, save_checkpoint
-from .common import (Split, Sums, TrainedModel, batch_loss, evaluate, lr_factor, rss_mb, set_lr,
-                     try_load_optimizer)
+from .common import Split, Sums, TrainedModel, batch_loss, evaluate, lr_factor, rss_mb, set_lr, try_load_optimizer
 from .coord import Coordinator
 from .progress import ProgressSink
 from .setup import Encoded, Plan, Setup

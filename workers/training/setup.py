@@ -25,7 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.data import Dataset, DatasetError, Tokenizer, lm_windows, load_dataset, partition, tokenize, train_val_split, unigram_perplexity
+from workers.data import (
+    Dataset,
+    DatasetError,
+    Tokenizer,
+    lm_windows,
+    load_dataset,
+    partition,
+    tokenize,
+    train_val_split,
+    unigram_perplexity,
+)
 from workers.models import TaskInfo, check_compatible
 from workers.protocol import TrainJob
 
