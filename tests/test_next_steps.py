@@ -80,4 +80,5 @@ async def test_service_errors_and_replies_reach_the_client_with_their_tool(home)
         gone = await ok(client, "neural_cluster_status", {"cluster_id": cid})
         assert gone["group_message"] == "the cluster is terminated"
         terminated = await err(client, "neural_cluster_connect", {"cluster_id": cid})
-        assert terminated.endswith(f"cluster {cid} is terminated; create a new one with neural_cluster_init"), terminated
+        expected = f"cluster {cid} is terminated; create a new one with neural_cluster_init"
+        assert terminated.endswith(expected), terminated

@@ -31,12 +31,12 @@ from flow_nexus_server.launchers import NodeHandle, NodeLauncher
 from flow_nexus_server.launchers.docker import DockerLauncher
 from flow_nexus_server.launchers.warm import local_launcher
 from flow_nexus_server.service.backend import check_requested
+from flow_nexus_server.service.errors import Conflict, NextStep, NotFound, ServiceError
 from flow_nexus_server.service.groups import GroupManager
+from flow_nexus_server.service.node_client import NodeClient
 from flow_nexus_server.service.nodes import NodeRegistry, ray_launcher
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.sandbox import SandboxFiles
-from flow_nexus_server.service.errors import Conflict, NextStep, NotFound, ServiceError
-from flow_nexus_server.service.node_client import NodeClient
 from flow_nexus_server.service.telemetry import Directory, Telemetry
 from flow_nexus_server.service.topology import edges as topology_edges
 from flow_nexus_server.states import FORMED_CLUSTER_STATES, LIVE_NODE_STATES, ClusterState, NodeState
@@ -164,7 +164,8 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
                 "(FLOW_NEXUS_MAX_NODES_PER_CLUSTER); ask for fewer"
             )
         with self.store.session() as s:
-            active = s.scalar(select(func.count()).select_from(Cluster).where(Cluster.status != ClusterState.TERMINATED))
+            active = s.scalar(select(func.count()).select_from(Cluster)
+                              .where(Cluster.status != ClusterState.TERMINATED))
         if active and active >= self.settings.limits.max_clusters:
             raise ServiceError(
                 f"{active} clusters are active, the limit is {self.settings.limits.max_clusters} "
@@ -239,7 +240,8 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
             launcher=cluster.launcher, backend=cluster.backend, created_at=cluster.created_at,
             uptime_s=round((cluster.terminated_at or now) - cluster.created_at, 1),
             generation=cluster.generation, group_state=state, group_message=msg, nodes=node_rows,
-            performance=r.Performance(latency_ms=net.get("avg_latency_ms"), bandwidth_mbps=net.get("avg_bandwidth_mbps")),
+            performance=r.Performance(latency_ms=net.get("avg_latency_ms"),
+                                      bandwidth_mbps=net.get("avg_bandwidth_mbps")),
             features=r.Features(
                 daa_enabled=bool(cluster.options.get("daaEnabled")),
                 wasm_enabled=bool(cluster.options.get("wasmOptimization")),
@@ -278,8 +280,8 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
                 ok = gone is True
                 if isinstance(gone, BaseException):
                     log.error("stopping %s failed", node.id, exc_info=gone)
-                self.store.update(Node, node.id, status=NodeState.STOPPED if ok else NodeState.LOST, stopped_at=time.time(),
-                                  error=None if ok else "could not verify the process stopped")
+                self.store.update(Node, node.id, status=NodeState.STOPPED if ok else NodeState.LOST,
+                                  stopped_at=time.time(), error=None if ok else "could not verify the process stopped")
                 self.telemetry.forget(node.id)
                 out.append(r.TerminatedNode(node_id=node.id, pid=node.pid, process_gone=ok))
             all_gone = all(n.process_gone for n in out)

@@ -21,9 +21,9 @@ import numpy as np
 from flow_nexus_server import replies as r
 from flow_nexus_server.launchers import NodeSpec
 from flow_nexus_server.service.clusters import ClusterService
-from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.errors import NextStep, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
+from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.paths import under_allowed_root
 from flow_nexus_server.service.prediction import classification_report, combine, shard_indices
 from flow_nexus_server.store import Checkpoint, Cluster, Node
@@ -360,7 +360,8 @@ class InferenceService:
         source = self.checkpoint_path(path) if path.startswith("ckpt_") else \
             under_allowed_root(path, settings.allowed_roots, "path")
         cluster, nodes = self.inference_nodes(cluster_id)
-        results = parallel(lambda n: self.clusters.client(cluster, n).load_model(p.LoadRequest(path=str(source))), nodes)
+        request = p.LoadRequest(path=str(source))
+        results = parallel(lambda n: self.clusters.client(cluster, n).load_model(request), nodes)
         errors = [f"{n.id}: {e}" for n, e in zip(nodes, results) if isinstance(e, BaseException)]
         if errors:
             raise ServiceError("loading the model failed on " + "; ".join(errors))

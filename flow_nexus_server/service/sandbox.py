@@ -118,7 +118,8 @@ class SandboxFiles:
         else:
             data = content.encode("utf-8")
         if len(data) > self.settings.limits.max_upload_bytes:
-            raise ServiceError(f"the file is {len(data)} bytes, the upload limit is {self.settings.limits.max_upload_bytes} "
+            raise ServiceError(f"the file is {len(data)} bytes, the upload limit is "
+                               f"{self.settings.limits.max_upload_bytes} "
                                "bytes per file (FLOW_NEXUS_MAX_UPLOAD_BYTES)")
         sandbox = Path(node.sandbox).resolve()
         safe_path(sandbox, file_name)  # a clear sentence for the common mistakes; write_no_follow enforces

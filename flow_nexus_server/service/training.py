@@ -25,11 +25,17 @@ from sqlalchemy import func, select
 from flow_nexus_server import replies as r
 from flow_nexus_server.service.budget import check_training_memory
 from flow_nexus_server.service.clusters import ClusterService
-from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.errors import Conflict, NextStep, NotFound, ServiceError
+from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.paths import check_dataset_spec, under_allowed_root
-from flow_nexus_server.states import (ENDED_SESSION_STATES, LIVE_NODE_STATES, ClusterState, SessionState, move,
-                                      transition)
+from flow_nexus_server.states import (
+    ENDED_SESSION_STATES,
+    LIVE_NODE_STATES,
+    ClusterState,
+    SessionState,
+    move,
+    transition,
+)
 from flow_nexus_server.store import Checkpoint, Cluster, MetricSample, Node, TrainingSession
 from workers import protocol as p
 
@@ -209,9 +215,10 @@ class TrainingService:
                 federated=federated, mode=mode, topology=job.topology, architecture=arch, model=job.model,
                 dataset=dataset if len(dataset) <= 200 else dataset[:200] + "...", rounds=job.rounds,
                 local_epochs=local_epochs,
-                extra={"quantization": req.quantization.model_dump() if req.quantization else None} | job.model_dump(exclude={"session_id", "mode", "topology", "dataset", "architecture", "model",
-                                              "epochs", "batch_size", "learning_rate", "optimizer", "rounds",
-                                              "local_epochs", "roles", "layers"}),
+                extra={"quantization": req.quantization.model_dump() if req.quantization else None}
+                | job.model_dump(exclude={"session_id", "mode", "topology", "dataset", "architecture", "model",
+                                          "epochs", "batch_size", "learning_rate", "optimizer", "rounds",
+                                          "local_epochs", "roles", "layers"}),
             )
             with self.store.session() as s:
                 s.add(TrainingSession(id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
@@ -224,7 +231,8 @@ class TrainingService:
             self.live[session_id] = live
             self.by_cluster[cluster_id] = session_id
             svc.event(cluster_id, "session_started",
-                      f"{mode} training on {len(trainers)} worker(s): {data.dataset} ({data.examples} examples), {arch}",
+                      f"{mode} training on {len(trainers)} worker(s): {data.dataset} ({data.examples} examples), "
+                      f"{arch}",
                       session_id=session_id)
             threading.Thread(target=self._watch, args=(live,), name=f"watch-{session_id}", daemon=True).start()
         return r.TrainStartReply(
@@ -332,7 +340,8 @@ class TrainingService:
             live.error = f"{live.error}; auto-healing failed: {exc}"
             return False
         svc.event(live.cluster_id, "session_healed",
-                  f"restart {live.restarts}: {dead.id} replaced, resumed from " + (resume or "the start (no checkpoint)"),
+                  f"restart {live.restarts}: {dead.id} replaced, resumed from "
+                  + (resume or "the start (no checkpoint)"),
                   session_id=live.session_id, data={"restarts": live.restarts, "resume_from": resume})
         return True
 
@@ -424,8 +433,8 @@ class TrainingService:
         node = view.node
         if snap.reporter and snap.samples:
             with self.store.session() as s:
-                s.add_all(MetricSample(session_id=live.session_id, node_id=node.id, seq=m.seq, time=m.time, epoch=m.epoch,
-                                       step=m.step, name=m.name, value=m.value) for m in snap.samples)
+                s.add_all(MetricSample(session_id=live.session_id, node_id=node.id, seq=m.seq, time=m.time,
+                                       epoch=m.epoch, step=m.step, name=m.name, value=m.value) for m in snap.samples)
             view.cursor = snap.samples[-1].seq
             # One event per finished epoch/round, from the samples (a push may hold several epochs).
             by_epoch: dict[int, dict[str, float]] = {}
@@ -607,7 +616,8 @@ class TrainingService:
                 node.metrics["reputation"] = live.reputation[node.node_id]
         # Each node's stats are in its row; carried once, the reply is smaller to send and to validate.
         return reply.model_copy(update={
-            "training": live.model_copy(update={"nodes": None}), "training_progress": live.progress_pct, "current_epoch": live.epoch,
+            "training": live.model_copy(update={"nodes": None}), "training_progress": live.progress_pct,
+            "current_epoch": live.epoch,
             "current_loss": live.metrics.get("loss"),
             "global_accuracy": live.metrics.get("val_accuracy", live.metrics.get("accuracy")),
         })
@@ -634,7 +644,8 @@ class TrainingService:
         for row in rows:
             cluster = self.clusters.get_cluster(row.cluster_id, active=False)
             nodes = sorted(self.store.nodes(row.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
-            snaps = parallel(lambda n: self.clusters.client(cluster, n).training_status(1 << 62), nodes)
+            clients = [self.clusters.client(cluster, n) for n in nodes]
+            snaps = parallel(lambda c: c.training_status(1 << 62), clients)
             same = nodes and all(isinstance(x, p.TrainProgress) and x.session_id == row.id for x in snaps)
             if same and cluster.status != ClusterState.TERMINATED:
                 with self.store.session() as s:
@@ -667,5 +678,5 @@ class TrainingService:
                 if c.status == ClusterState.TRAINING:
                     move(c, ClusterState.NEEDS_CONNECT)
                     c.needs_connect_reason = f"session {row.id} was interrupted"
-            self.clusters.event(row.cluster_id, "session_interrupted", f"session {row.id} interrupted by a server restart",
-                                session_id=row.id)
+            self.clusters.event(row.cluster_id, "session_interrupted",
+                                f"session {row.id} interrupted by a server restart", session_id=row.id)

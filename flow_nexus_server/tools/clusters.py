@@ -9,8 +9,19 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
 from flow_nexus_server import replies as r
-from flow_nexus_server.tools.common import (CREATES, DESTROYS, READ_ONLY, RECONFIGURES, App, ClusterId, call, call_in_loop,
-                                            cluster_init_hinted, cluster_status_hinted, tool)
+from flow_nexus_server.tools.common import (
+    CREATES,
+    DESTROYS,
+    READ_ONLY,
+    RECONFIGURES,
+    App,
+    ClusterId,
+    call,
+    call_in_loop,
+    cluster_init_hinted,
+    cluster_status_hinted,
+    tool,
+)
 from workers.protocol import ArchitectureChoice, BackendChoice, Consensus, Launcher, Topology, architecture_refusal
 
 
@@ -19,14 +30,20 @@ def register(mcp: MCPServer, app: App) -> None:
     async def neural_cluster_init(
         name: Annotated[str, Field(min_length=1, max_length=200, description="Cluster name")],
         topology: Annotated[Topology, Field(description="How nodes exchange gradients/models")] = "mesh",
-        architecture: Annotated[ArchitectureChoice, Field(description="Model family trained on this cluster")] = "transformer",
-        wasmOptimization: Annotated[bool, Field(description="Accepted for Flow Nexus compatibility; stored, changes nothing")] = True,
-        daaEnabled: Annotated[bool, Field(description="Accepted for Flow Nexus compatibility; stored, changes nothing")] = True,
-        consensus: Annotated[Consensus, Field(description="How updates are agreed on (see docs)")] = "proof-of-learning",
+        architecture: Annotated[ArchitectureChoice,
+                                Field(description="Model family trained on this cluster")] = "transformer",
+        wasmOptimization: Annotated[bool, Field(description="Accepted for Flow Nexus compatibility; stored, changes "
+                                                            "nothing")] = True,
+        daaEnabled: Annotated[bool, Field(description="Accepted for Flow Nexus compatibility; stored, changes "
+                                                      "nothing")] = True,
+        consensus: Annotated[Consensus,
+                             Field(description="How updates are agreed on (see docs)")] = "proof-of-learning",
         launcher: Annotated[Launcher, Field(description="Where node processes run")] = "subprocess",
-        backend: Annotated[BackendChoice, Field(description="torch.distributed backend; auto = nccl when every node sees a GPU, else gloo")] = "auto",
+        backend: Annotated[BackendChoice, Field(description="torch.distributed backend; auto = nccl when every node "
+                                                            "sees a GPU, else gloo")] = "auto",
         max_nodes: Annotated[int, Field(ge=1, le=64, description="Most nodes this cluster may hold")] = 8,
-        auto_healing: Annotated[bool, Field(description="Replace failed nodes and resume from the last checkpoint")] = False,
+        auto_healing: Annotated[bool,
+                                Field(description="Replace failed nodes and resume from the last checkpoint")] = False,
         replication_factor: Annotated[int, Field(ge=1, le=8, description="Accepted for compatibility; stored")] = 1,
         idle_timeout_min: Annotated[float, Field(ge=0, le=10_080, description=(
             "Stop the cluster by itself after this many minutes with no training session running and no "

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import anyio
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -28,12 +28,14 @@ from flow_nexus_server.states import ClusterState
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ClusterId = Annotated[str, Field(min_length=1, max_length=64, description="Cluster id from neural_cluster_init (dnc_...)")]
+ClusterId = Annotated[str, Field(min_length=1, max_length=64, description="Cluster id from neural_cluster_init "
+                                                                          "(dnc_...)")]
 NodeId = Annotated[str, Field(min_length=1, max_length=64, description="Node id from neural_node_deploy (node_...)")]
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
-RECONFIGURES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+RECONFIGURES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+                               open_world_hint=False)
 DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False)
 # Overwrites what nodes serve or hold (the loaded model, a sandbox file); the same call again changes nothing more.
 REPLACES = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)

@@ -20,10 +20,11 @@ def register(mcp: MCPServer, app: App) -> None:
     async def execution_stream_subscribe(
         deployment_id: Annotated[str, Field(min_length=1, max_length=64, description="The training session id")],
         cursor: Annotated[int, Field(ge=0, le=2**62, description="Last event id seen; 0 for all")] = 0,
-        wait_s: Annotated[float, Field(ge=0, le=60, description="How long to wait for new events when there are none")] = 10,
+        wait_s: Annotated[float, Field(ge=0, le=60, description="How long to wait for new events when there are "
+                                                                "none")] = 10,
         limit: Annotated[int, Field(ge=1, le=500, description="Most events returned in one reply")] = 100,
     ) -> r.EventStreamReply:
-        """A session's events after `cursor` (epoch done, checkpoint saved, node lost...), waiting briefly for new ones."""
+        """A session's events after `cursor` (epoch done, checkpoint saved, node lost), waiting briefly for new ones."""
         row = await call(app.training.session, deployment_id)
         deadline = anyio.current_time() + wait_s
         while True:

@@ -8,8 +8,8 @@ from mcp.server import MCPServer
 from pydantic import Field
 
 from flow_nexus_server import replies as r
-from flow_nexus_server.tools.common import CREATES, READ_ONLY, REPLACES, App, ClusterId, call, tool
 from flow_nexus_server.service.prediction import Method
+from flow_nexus_server.tools.common import CREATES, READ_ONLY, REPLACES, App, ClusterId, call, tool
 from workers.protocol import ExportFormat
 
 
@@ -28,7 +28,8 @@ def register(mcp: MCPServer, app: App) -> None:
             "replicate: every node answers every example; shard: the batch is split across nodes"))] = "replicate",
         model: Annotated[Literal["global", "local"], Field(description=(
             "global model, or each node's local pre-aggregation model (after federated training)"))] = "global",
-        quantized: Annotated[bool | None, Field(description="Serve the int8 copy (default: the training's quantization setting)")] = None,
+        quantized: Annotated[bool | None, Field(description="Serve the int8 copy (default: the training's "
+                                                            "quantization setting)")] = None,
     ) -> r.PredictReply:
         """Every node with the inference capability runs the model it holds; the server combines the answers."""
         return await call(app.inference.predict, cluster_id, input_data, aggregation or "mean", mode, model, quantized)
@@ -43,7 +44,8 @@ def register(mcp: MCPServer, app: App) -> None:
             "Examples (with labels for accuracy) as for neural_predict_distributed; empty: the held-out split "
             "for node measurements (end-to-end latency needs examples)"))] = "",
         runs: Annotated[int, Field(ge=5, le=2000, description="Timed runs per latency figure")] = 50,
-        quantized: Annotated[bool | None, Field(description="Also measure the int8 copy (memory, latency, accuracy change)")] = None,
+        quantized: Annotated[bool | None, Field(description="Also measure the int8 copy (memory, latency, accuracy "
+                                                            "change)")] = None,
     ) -> r.BenchmarkResult:
         """Measured latency p50/p95/p99, throughput, model size, peak RSS per node, all-reduce figures."""
         result = await call(app.inference.benchmark, model_id, benchmark_type, input_data or None, runs, quantized)
@@ -66,7 +68,8 @@ def register(mcp: MCPServer, app: App) -> None:
     @tool(mcp, title="Load a model into a cluster", annotations=REPLACES)
     async def neural_model_load(
         cluster_id: ClusterId,
-        path: Annotated[str, Field(min_length=1, max_length=4096, description="An export directory, a checkpoint file, or a checkpoint id")],
+        path: Annotated[str, Field(min_length=1, max_length=4096, description="An export directory, a checkpoint "
+                                                                              "file, or a checkpoint id")],
     ) -> r.LoadReply:
         """Every inference node of the cluster loads the model; no training needed before predicting."""
         return await call(app.inference.load, cluster_id, path)

@@ -10,8 +10,18 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.config import MAX_UPLOAD_CHARS
-from flow_nexus_server.tools.common import (CREATES, DESTROYS, READ_ONLY, REPLACES, App, ClusterId, NodeId, call,
-                                           group_change_hinted, tool)
+from flow_nexus_server.tools.common import (
+    CREATES,
+    DESTROYS,
+    READ_ONLY,
+    REPLACES,
+    App,
+    ClusterId,
+    NodeId,
+    call,
+    group_change_hinted,
+    tool,
+)
 from workers import protocol as p
 from workers.protocol import BehaviorKind, Capability, ModelPreset, Role
 
@@ -30,26 +40,32 @@ def register(mcp: MCPServer, app: App) -> None:
         autonomy: Annotated[float, Field(ge=0, le=1, description="Accepted for compatibility; stored as given")] = 0.8,
         layers: Annotated[
             list[p.LayerSpec] | None,
-            Field(max_length=64, description="Layer specs for model 'custom', e.g. {type: embedding, embedding_dim: 64}"),
+            Field(max_length=64, description="Layer specs for model 'custom', e.g. {type: embedding, embedding_dim: "
+                                             "64}"),
         ] = None,
         count: Annotated[int, Field(ge=1, le=16, description="How many identical nodes to deploy")] = 1,
         behavior: Annotated[BehaviorKind, Field(description=(
             "ADVERSARY SIMULATION for robustness testing: a dishonest node sends corrupted updates while claiming "
             "its normal sample count"))] = "honest",
-        behavior_scale: Annotated[float, Field(ge=0, le=1e6, description="Noise scale (gaussian_noise) or factor (scaled)")] = 1.0,
+        behavior_scale: Annotated[float, Field(ge=0, le=1e6, description="Noise scale (gaussian_noise) or factor "
+                                                                         "(scaled)")] = 1.0,
         memory_mb: Annotated[int | None, Field(ge=64, le=16_777_216, description=(
             "Memory each node's training may use besides the node's runtime (default FLOW_NEXUS_NODE_MEMORY_MB, "
             "400): the deploy is refused when the host lacks it, a session whose model needs more is refused, "
-            "and a node whose resident memory passes 1.5 x memory_mb + 512 MB (+2 GB on a GPU node) is stopped"))] = None,
+            "and a node whose resident memory passes 1.5 x memory_mb + 512 MB (+2 GB on a GPU node) is "
+            "stopped"))] = None,
         num_cpus: Annotated[float, Field(gt=0, le=256, description=(
-            "CPUs each node reserves: its Ray placement-group bundle (launcher ray), docker run --cpus (launcher docker)"))] = 1.0,
+            "CPUs each node reserves: its Ray placement-group bundle (launcher ray), docker run --cpus (launcher "
+            "docker)"))] = 1.0,
         num_gpus: Annotated[float, Field(ge=0, le=16, description=(
-            "GPUs each node reserves (launcher ray: Ray sets CUDA_VISIBLE_DEVICES; launcher docker: docker run --gpus); "
+            "GPUs each node reserves (launcher ray: Ray sets CUDA_VISIBLE_DEVICES; launcher docker: docker run "
+            "--gpus); "
             "launcher subprocess refuses it on a machine without GPUs"))] = 0.0,
     ) -> r.DeployReply:
         """Start node processes; returns once each answers its health check (or with each failure's text)."""
         if model == "custom" and not layers:
-            raise ToolError("model 'custom' needs a `layers` list, e.g. [{\"type\": \"dense\", \"units\": 64}, {\"type\": \"output\"}]")
+            raise ToolError("model 'custom' needs a `layers` list, e.g. [{\"type\": \"dense\", \"units\": 64}, "
+                            "{\"type\": \"output\"}]")
         reply = await call(
             app.clusters.deploy_nodes, cluster_id, role=role or node_type, count=count, model=model,
             capabilities=list(dict.fromkeys(capabilities)), autonomy=autonomy, template=template,

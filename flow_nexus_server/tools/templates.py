@@ -24,7 +24,8 @@ def register(mcp: MCPServer, app: App) -> None:
     @tool(mcp, title="List cluster templates", annotations=READ_ONLY)
     async def neural_list_templates(
         category: Annotated[templates.Category | None, Field(description="Only templates of this category")] = None,
-        tier: Annotated[str | None, Field(max_length=32, description="Only templates of this tier (all are 'free')")] = None,
+        tier: Annotated[str | None, Field(max_length=32, description="Only templates of this tier (all are "
+                                                                     "'free')")] = None,
         search: Annotated[str | None, Field(max_length=200, description="Words that must all appear")] = None,
         limit: Annotated[int, Field(ge=1, le=100, description="Most templates listed")] = 20,
     ) -> r.TemplateListReply:

@@ -14,8 +14,17 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service import plots
-from flow_nexus_server.tools.common import (DESTROYS, READ_ONLY, RETRAINS, App, ClusterId, call,
-                                           model_fields_as_parameters, tool, training_started_hinted)
+from flow_nexus_server.tools.common import (
+    DESTROYS,
+    READ_ONLY,
+    RETRAINS,
+    App,
+    ClusterId,
+    call,
+    model_fields_as_parameters,
+    tool,
+    training_started_hinted,
+)
 from workers import protocol as p
 
 
@@ -25,9 +34,12 @@ def register(mcp: MCPServer, app: App) -> None:
     async def neural_train_distributed(
         cluster_id: ClusterId,
         ctx: Context,
-        aggregation_rounds: Annotated[int | None, Field(ge=1, le=1000, description="Alias of rounds (Flow Nexus guides)")] = None,
-        min_nodes_per_round: Annotated[int | None, Field(ge=1, le=64, description="Accepted for compatibility; stored")] = None,
-        wait: Annotated[bool, Field(description="Block (with progress notifications) until done or wait_timeout_s")] = False,
+        aggregation_rounds: Annotated[int | None, Field(ge=1, le=1000, description="Alias of rounds (Flow Nexus "
+                                                                                   "guides)")] = None,
+        min_nodes_per_round: Annotated[int | None, Field(ge=1, le=64, description="Accepted for compatibility; "
+                                                                                  "stored")] = None,
+        wait: Annotated[bool,
+                        Field(description="Block (with progress notifications) until done or wait_timeout_s")] = False,
         wait_timeout_s: Annotated[float, Field(gt=0, le=3600, description="Longest wait when `wait` is set")] = 600,
         **options: Any,
     ) -> r.TrainStartReply:
@@ -49,7 +61,8 @@ def register(mcp: MCPServer, app: App) -> None:
 
     @tool(mcp, title="Training session status", annotations=READ_ONLY)
     async def neural_training_status(
-        session_id: Annotated[str | None, Field(max_length=64, description="Session id from neural_train_distributed")] = None,
+        session_id: Annotated[str | None, Field(max_length=64, description="Session id from "
+                                                                           "neural_train_distributed")] = None,
         job_id: Annotated[str | None, Field(max_length=64, description="Alias of session_id (Flow Nexus)")] = None,
     ) -> r.TrainingStatusReply:
         """One session, running or finished: progress, metric history, per-node stats, checkpoints."""
