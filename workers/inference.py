@@ -618,7 +618,7 @@ def quantize_dynamic_int8(model: nn.Module, *, min_weights: int = MIN_QUANTIZED_
     quantized, the output layer (so the model keeps a float parameter that sets its input
     dtype). Attention projections inside ``nn.MultiheadAttention`` stay float (PyTorch does not
     dynamically quantize them); transformer layers run the regular (non-fused) path.
-    Convolutions and embeddings stay float, so a CNN gains little or nothing: measure with
+    Convolutions and embeddings stay float, so a CNN gains only on its dense layers: measure with
     :func:`model_size_bytes`.
     """
     try:

@@ -157,6 +157,19 @@ def test_base_parameter_counts() -> None:
     assert describe_model(build_model("transformer", "base", text))["parameters"] == expected
 
 
+def test_cnn_base_keeps_the_spatial_layout() -> None:
+    # conv3x3(32)-GN-ReLU-pool2, conv3x3(64)-GN-ReLU-pool2, flatten, dense 128, classifier
+    convs = (1 * 32 * 9 + 32) + 2 * 32 + (32 * 64 * 9 + 64) + 2 * 64
+    for task, grid in [(TaskInfo("images", (1, 28, 28), 10), 7 * 7),  # mnist-5k: 28 -> 14 -> 7
+                       (TaskInfo("vectors", (64,), 10), 2 * 2),  # digits as 8x8: 8 -> 4 -> 2
+                       (TaskInfo("images", (1, 64, 64), 10), 7 * 7)]:  # 16x16 average-pooled to 7x7
+        torch.manual_seed(0)
+        model = build_model("cnn", "base", task)
+        expected = convs + (64 * grid * 128 + 128) + (128 * 10 + 10)
+        assert describe_model(model)["parameters"] == expected, task
+        assert model(_batch(task, n=3)).shape == (3, 10)
+
+
 # --------------------------------------------------------------------------- describe_model
 
 

@@ -74,14 +74,18 @@ class MLPNet(FlowModel):
 
 
 class _ConvBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, pool: tuple[int, int] | None) -> None:
+    """``convs`` 3x3 convolutions (padding 1: the size is kept), each GroupNorm + ReLU, then a max-pool."""
+
+    def __init__(self, c_in: int, c_out: int, pool: tuple[int, int] | None, convs: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm = group_norm(c_out)
+        layers: list[nn.Module] = []
+        for i in range(convs):
+            layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), group_norm(c_out), nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
         self.pool = nn.MaxPool2d(pool) if pool else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(F.relu(self.norm(self.conv(x))))
+        return self.pool(self.convs(x))
 
 
 class _TextConv(nn.Module):
@@ -94,11 +98,16 @@ class _TextConv(nn.Module):
 
 
 class CNNNet(FlowModel):
-    """2-D conv net for images (and vectors reshaped to a square); TextCNN for text."""
+    """Images (and vectors zero-padded to a square grid): conv-pool blocks whose feature maps are
+    flattened, spatial layout kept, into a dense ReLU layer and the classifier (the textbook
+    conv32-pool-conv64-pool-dense128 net for ``base``); text: a TextCNN (max over time)."""
 
     def __init__(self, preset: str, task: TaskInfo, cfg: dict[str, Any]) -> None:
         super().__init__("cnn", preset, task, cfg)
         self.side = 0
+        self.embedding: nn.Embedding | None = None
+        self.grid: nn.Module = nn.Identity()
+        self.dense: nn.Module = nn.Identity()
         if task.kind == "text":
             e = cfg["embedding_dim"]
             self.embedding = nn.Embedding(task.vocab_size, e, padding_idx=PAD_ID)
@@ -107,28 +116,34 @@ class CNNNet(FlowModel):
             self.blocks = nn.ModuleList(_TextConv(e, cfg["filters"], k) for k in self.kernel_sizes)
             d = cfg["filters"] * len(self.kernel_sizes)
         else:
-            self.embedding = None
-            if task.kind == "vectors":
-                dim = task.input_shape[0]
-                self.side = ceil_sqrt(dim)
-                if self.side * self.side != dim:
-                    log.info("cnn: %d features zero-padded to a %dx%d grid", dim, self.side, self.side)
-                c, h, w = 1, self.side, self.side
-            else:
-                c, h, w = task.input_shape
-            blocks = []
-            for width in cfg["channels"]:
-                pool = (2 if h >= 2 else 1, 2 if w >= 2 else 1)
-                if pool == (1, 1):
-                    blocks.append(_ConvBlock(c, width, None))
-                else:
-                    blocks.append(_ConvBlock(c, width, pool))
-                    h, w = h // pool[0], w // pool[1]
-                c = width
-            self.blocks = nn.ModuleList(blocks)
-            d = c
+            d = self._build_image_path(task, cfg)
         self.drop = nn.Dropout(cfg["dropout"])
         self.head = nn.Linear(d, task.num_classes)
+
+    def _build_image_path(self, task: TaskInfo, cfg: dict[str, Any]) -> int:
+        """The conv-pool blocks (a 2x2 max-pool after each while a side is >= 2 px), an adaptive
+        average pool to at most ``max_grid`` per side (large images), and the dense layer; returns
+        the classifier's input width."""
+        if task.kind == "vectors":
+            dim = task.input_shape[0]
+            self.side = ceil_sqrt(dim)
+            if self.side * self.side != dim:
+                log.info("cnn: %d features zero-padded to a %dx%d grid", dim, self.side, self.side)
+            c, h, w = 1, self.side, self.side
+        else:
+            c, h, w = task.input_shape
+        blocks = []
+        for width in cfg["channels"]:
+            pool = (2 if h >= 2 else 1, 2 if w >= 2 else 1)
+            blocks.append(_ConvBlock(c, width, None if pool == (1, 1) else pool, cfg["convs_per_block"]))
+            h, w, c = h // pool[0], w // pool[1], width
+        self.blocks = nn.ModuleList(blocks)
+        cap = cfg["max_grid"]
+        if h > cap or w > cap:
+            h, w = min(h, cap), min(w, cap)
+            self.grid = nn.AdaptiveAvgPool2d((h, w))
+        self.dense = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, cfg["hidden"]), nn.ReLU())
+        return cfg["hidden"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use = self._ckpt()
@@ -145,7 +160,7 @@ class CNNNet(FlowModel):
                 x = vector_square(x, self.side).unsqueeze(1)
             for block in self.blocks:
                 x = checkpointed(use, block, x)
-            h = F.adaptive_avg_pool2d(x, 1).flatten(1)
+            h = checkpointed(use, self.dense, self.grid(x))
         return self.head(self.drop(h))
 
 

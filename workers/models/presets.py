@@ -13,14 +13,17 @@ MLP_PRESETS: dict[str, dict[str, Any]] = {
     "xl": {"hidden": (1024, 1024, 1024, 1024), "embedding_dim": 256, "dropout": 0.1},
 }
 CNN_PRESETS: dict[str, dict[str, Any]] = {
-    # channels: one conv block (3x3 conv, GroupNorm, ReLU, 2x2 max-pool while >= 2 px) each.
+    # images / vectors as a square grid: per entry of channels one block of convs_per_block 3x3
+    # convs (padding 1, GroupNorm, ReLU) and a 2x2 max-pool while a side is >= 2 px; the maps
+    # (average-pooled to at most max_grid x max_grid) are flattened into a dense ReLU layer of
+    # hidden units, then the classifier.
     # embedding_dim / filters / kernel_sizes: the TextCNN used for text.
-    "base": {"channels": (32, 64), "embedding_dim": 64, "filters": 64,
-             "kernel_sizes": (3, 4, 5), "dropout": 0.1},
-    "large": {"channels": (64, 128, 256), "embedding_dim": 128, "filters": 128,
-              "kernel_sizes": (2, 3, 4, 5), "dropout": 0.1},
-    "xl": {"channels": (128, 256, 512, 512), "embedding_dim": 256, "filters": 256,
-           "kernel_sizes": (2, 3, 4, 5, 6), "dropout": 0.1},
+    "base": {"channels": (32, 64), "convs_per_block": 1, "hidden": 128, "max_grid": 7,
+             "embedding_dim": 64, "filters": 64, "kernel_sizes": (3, 4, 5), "dropout": 0.1},
+    "large": {"channels": (32, 64, 128), "convs_per_block": 2, "hidden": 256, "max_grid": 7,
+              "embedding_dim": 128, "filters": 128, "kernel_sizes": (2, 3, 4, 5), "dropout": 0.1},
+    "xl": {"channels": (64, 128, 256), "convs_per_block": 2, "hidden": 512, "max_grid": 7,
+           "embedding_dim": 256, "filters": 256, "kernel_sizes": (2, 3, 4, 5, 6), "dropout": 0.1},
 }
 RNN_PRESETS: dict[str, dict[str, Any]] = {
     "base": {"cell": "lstm", "embedding_dim": 64, "hidden_size": 64, "num_layers": 1, "dropout": 0.1},
