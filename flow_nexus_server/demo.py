@@ -42,8 +42,9 @@ def main(home: str | None = None, keep_home: bool = False) -> int:
     home, stops everything there afterwards and removes it unless ``keep_home``."""
     from rich.console import Console
 
-    given = home or os.environ.get("FLOW_NEXUS_HOME")
-    state_home = Path(given).expanduser() if given else Path(tempfile.mkdtemp(prefix="flow-nexus-demo-"))
+    settings = Settings.from_env(home)
+    given = "home" in settings.model_fields_set  # --home or FLOW_NEXUS_HOME, not the default home
+    state_home = settings.home if given else Path(tempfile.mkdtemp(prefix="flow-nexus-demo-"))
     try:
         return anyio.run(run_demo, Console(), Settings.from_env(state_home))
     finally:
