@@ -1,7 +1,8 @@
 """Published output schemas, flattened: every MCP client validates each reply against its tool's
 output schema, and on a status call that validation costs more than the server's own work.
-Inlined references, ``type: [X, "null"]`` in place of ``anyOf`` and no auto-generated titles
-validate about twice as fast and read more easily; what they accept is the same."""
+Inlined references and no auto-generated titles validate faster and read more easily; what they
+accept is the same. Nullable fields keep ``anyOf`` (a ``type`` list would validate no faster and
+is less portable: the Inspector's --strict check warns about it)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from typing import Any
 
 from mcp.server import MCPServer
 
-_SCALARS = {"string", "number", "integer", "boolean"}
-
 
 def flatten(schema: dict[str, Any]) -> dict[str, Any]:
-    """The same schema with ``$ref``s inlined, nullable scalars as type lists and titles that only
-    repeat a field's name dropped. Our reply models are not recursive, so inlining terminates."""
+    """The same schema with ``$ref``s inlined and titles that only repeat a field's name dropped.
+    Our reply models are not recursive, so inlining terminates."""
     defs = schema.get("$defs", {})
 
     def walk(node: Any, name: str | None = None) -> Any:
@@ -33,25 +32,13 @@ def flatten(schema: dict[str, Any]) -> dict[str, Any]:
                 out[key] = {prop: walk(sub, prop) for prop, sub in value.items()}
             else:
                 out[key] = walk(value)
-        return _nullable_as_type_list(out)
+        return out
 
     return walk(schema)
 
 
 def _is_auto_title(title: Any, name: str) -> bool:
     return title == name.replace("_", " ").title()
-
-
-def _nullable_as_type_list(node: dict[str, Any]) -> dict[str, Any]:
-    options = node.get("anyOf")
-    if not (isinstance(options, list) and len(options) == 2 and {"type": "null"} in options):
-        return node
-    other = next(o for o in options if o != {"type": "null"})
-    if set(other) != {"type"} or other["type"] not in _SCALARS:
-        return node
-    flat = {k: v for k, v in node.items() if k != "anyOf"}
-    flat["type"] = [other["type"], "null"]
-    return flat
 
 
 def flatten_output_schemas(mcp: MCPServer) -> None:

@@ -12,12 +12,12 @@ import json
 from importlib import resources
 
 import pytest
-from mcp import Client
-
 from conftest import ok
+from mcp import Client
+from test_training_e2e import cluster
+
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
-from test_training_e2e import cluster
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
