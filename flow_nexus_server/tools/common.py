@@ -6,7 +6,8 @@ import functools
 import inspect
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -150,23 +151,23 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking service call on a worker thread; service errors become ToolErrors, and so
     does anything unexpected: logged with its traceback, answered with a sentence naming the tool
     (the SDK's own answer would be a bare "Error executing tool X")."""
-    tool_name = sys._getframe(1).f_code.co_name  # the tool function awaiting this call
-    try:
+    with tool_errors(sys._getframe(1).f_code.co_name):  # the tool function awaiting this call
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-    except (ServiceError, NodeRequestError, LaunchError) as exc:
-        raise ToolError(with_hint(str(exc), getattr(exc, "next_step", None))) from exc
-    except Exception as exc:
-        log.exception("unexpected error in %s", tool_name)
-        raise ToolError(f"internal error in {tool_name}: {type(exc).__name__}; see server.log in the server's state "
-                        "home for the details") from exc
 
 
 def call_in_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a memory-only service read on the event loop: on a busy CPU the hop to a worker thread
     and back costs more than the read itself. Errors map as in ``call``."""
-    tool_name = sys._getframe(1).f_code.co_name
-    try:
+    with tool_errors(sys._getframe(1).f_code.co_name):
         return fn(*args, **kwargs)
+
+
+@contextmanager
+def tool_errors(tool_name: str) -> Iterator[None]:
+    """What a client reads when a service call fails: the service's sentence with its next step,
+    or, for anything unexpected, a sentence naming the tool (the traceback goes to the log)."""
+    try:
+        yield
     except (ServiceError, NodeRequestError, LaunchError) as exc:
         raise ToolError(with_hint(str(exc), getattr(exc, "next_step", None))) from exc
     except Exception as exc:
