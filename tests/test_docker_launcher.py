@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +82,89 @@ async def test_ray_missing_says_how_to_install(home):
     async with Client(build_server(Settings.from_env(home))) as client:
         result = await client.call_tool("neural_cluster_init", {"name": "r", "launcher": "ray"})
         assert result.is_error and "pip install 'flow-nexus-server[ray]'" in result.content[0].text
+
+
+# ------------------------------------------------------------------ a fake engine at the CLI boundary
+# This machine has the docker client but no engine. tests/fixtures/fake_docker/docker answers the
+# CLI calls the launcher makes and runs each "container" of the worker image as a local process
+# with a container's clean environment; the tests check the exact commands, the environment
+# (the token by name only), the sandbox mount and the clean-up, and that the nodes train.
+
+FAKE_ENGINE = Path(__file__).parent / "fixtures" / "fake_docker"
+
+
+@pytest.fixture
+def fake_engine(tmp_path, monkeypatch):
+    state = tmp_path / "fake-docker"
+    state.mkdir()
+    monkeypatch.setenv("PATH", f"{FAKE_ENGINE}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("FAKE_DOCKER_STATE", str(state))
+    monkeypatch.setenv("FAKE_DOCKER_PYTHON", sys.executable)
+    yield state
+    for meta in (state / "containers").glob("*.json"):  # a failed test leaves nothing running
+        c = json.loads(meta.read_text())
+        for pid in (c["pid"], c["shim"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def engine_calls(state: Path) -> list[dict]:
+    return [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+
+
+def stored_token(home: Path, cluster_id: str) -> str:
+    from flow_nexus_server.store import Store
+
+    store = Store(Settings.from_env(home).db_url)
+    try:
+        return store.cluster(cluster_id).token
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_fake_engine_runs_trains_and_removes_containers(home, fake_engine):
+    from conftest import ok, pid_alive
+
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "boxes", "launcher": "docker",
+                                                         "architecture": "mlp"}))["cluster_id"]
+        nodes = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2}))["nodes"]
+        assert [n["status"] for n in nodes] == ["deployed"] * 2
+        containers = {c["name"]: c for c in (json.loads(p.read_text())
+                                             for p in (fake_engine / "containers").glob("*.json"))}
+        token = stored_token(home, cid)
+        for n in nodes:
+            c = containers[f"flow-nexus-{cid}-{n['node_id']}"]
+            assert pid_alive(c["pid"]) and token.encode() not in Path(f"/proc/{c['pid']}/cmdline").read_bytes()
+        conn = await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        assert conn["nodes_connected"] == 2
+        run = await ok(client, "neural_train_distributed", {"cluster_id": cid, "dataset": "digits", "epochs": 2,
+                                                             "learning_rate": 0.003, "wait": True})
+        assert run["status"] == "completed" and run["result"]["metrics"]["val_accuracy"] >= 0.7, run
+        term = await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+        assert term["success"] and term["nodes_terminated"] == 2
+
+    calls = engine_calls(fake_engine)
+    runs = [c for c in calls if c["argv"][0] == "run"]
+    assert len(runs) == 2
+    for n, call in zip(nodes, runs):
+        nid, argv = n["node_id"], call["argv"]
+        assert argv[:-1] == [
+            "run", "--detach", "--init", "--name", f"flow-nexus-{cid}-{nid}", "--network", "host",
+            "--label", f"flow-nexus.cluster={cid}", "--label", f"flow-nexus.node={nid}",
+            "--env", TOKEN_ENV, "--env", "FLOW_NEXUS_LEASE_GRACE_S", "--env", "OMP_NUM_THREADS=1",
+            "--volume", f"{n['sandbox_path']}:/sandbox", "--cpus", "1", "flow-nexus-worker:latest",
+            "--node-id", nid, "--cluster-id", cid, "--role", "worker", "--sandbox", "/sandbox",
+            "--threads", "1", "--host", "127.0.0.1", "--controller-url"]
+        assert argv[-1].startswith("http://127.0.0.1:")
+        assert TOKEN_ENV in call["env_names"], "docker run must get the token in its environment"
+    assert not any(token in " ".join(c["argv"]) for c in calls), "the token reached a command line"
+    # Clean-up: every container was stopped with a grace period, then removed; nothing runs.
+    ids = [c["argv"][-1] for c in calls if c["argv"][0] == "rm"]
+    assert len(ids) == 2
+    for cid_ in ids:
+        assert ["stop", "--time", "5", cid_] in [c["argv"] for c in calls]
+        assert ["rm", "--force", cid_] in [c["argv"] for c in calls]
+    assert not list((fake_engine / "containers").glob("*.json"))
+    assert not any(pid_alive(c["pid"]) for c in containers.values())
