@@ -123,6 +123,8 @@ class NodeStatus(BaseModel):
     status: NodeState
     alive: bool = Field(description="Process exists and the control API answered just now")
     pid: int | None
+    host: str | None = Field(None, description="Address of the node's control API: 127.0.0.1 on the server's "
+                             "host, that host's address for a node on another machine (launcher ray)")
     rss_mb: float | None = Field(None, description="Resident memory measured now")
     rank: int | None
     generation: int | None

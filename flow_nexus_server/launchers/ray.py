@@ -508,13 +508,18 @@ class RayLauncher:
             return False, None
         try:
             ray.get(actor.ping.remote(), timeout=self.ping_timeout_s)
-        except ray.exceptions.ActorUnavailableError:
-            return True, None  # unreachable for now; the heartbeat decides whether it is lost
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            # Unreachable or busy. Ray declares an actor dead only once it declares its host dead
+            # (its health checks, ~15 s or more), but a control API that refuses connections has no
+            # agent behind it: the process (or its whole host) is gone. Silence decides otherwise.
+            if _refuses_connections(handle.host, handle.port):
+                log.warning("node %s: Ray cannot reach its actor and %s:%d refuses connections; it is gone",
+                            handle.node_id, handle.host, handle.port)
+                return False, None
+            return True, None
         except ray.exceptions.RayActorError:
             self._reap(ray, handle.node_id)
             return False, None
-        except ray.exceptions.GetTimeoutError:
-            return True, None  # busy; the heartbeat decides
         return True, None
 
     def _gone(self, ray: Any, actor: Any, handle: NodeHandle, timeout_s: float) -> bool:
@@ -583,6 +588,20 @@ def _unreachable(address: str | None) -> str:
             return ""
     except OSError as exc:
         return f"nothing answers at {address} ({exc.strerror or exc})"
+
+
+def _refuses_connections(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """True when ``host:port`` actively refuses a TCP connection (nothing listens there any more);
+    False when it accepts, or gives no answer in time (a cut link looks like a busy node)."""
+    if not port:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
 
 
 def _init_on_keeper_thread(ray: Any, address: str | None,

@@ -213,7 +213,7 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
             h = report.health if report is not None else None
             node_rows.append(r.NodeStatus(
                 node_id=node.id, sandbox_id=Path(node.sandbox).name, role=node.role, status=node.status,
-                alive=is_live and self.telemetry.fresh(report, now), pid=node.pid,
+                alive=is_live and self.telemetry.fresh(report, now), pid=node.pid, host=node.host,
                 rss_mb=round(h.rss_bytes / 2**20, 1) if h else None,
                 rank=node.rank if is_live else None,
                 generation=node.generation if is_live else None,
