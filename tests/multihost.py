@@ -47,6 +47,7 @@ def _ip(*args: str) -> None:
 
 class SimulatedHosts:
     def __init__(self, count: int = 3) -> None:
+        self.cut: set[str] = set()  # hosts a test took away; restore() brings them back
         self.tag = "fnx17" + secrets.token_hex(2)
         self.subnet = f"10.217.{random.randint(16, 250)}"
         self.bridge = f"{self.tag}br"
@@ -102,6 +103,25 @@ class SimulatedHosts:
     def set_link(self, host: Host, up: bool) -> None:
         """Cut (or restore) a host's only cable: its end of the veth pair on the bridge."""
         _ip("link", "set", host.outer, "up" if up else "down")
+        if not up:
+            self.cut.add(host.name)
+
+    def power_off(self, host: Host) -> None:
+        """The host loses power: every process in it dies at once (its Ray node included)."""
+        self.cut.add(host.name)
+        self.kill_processes(host)
+
+    def restore(self) -> None:
+        """Bring every cut host back as a fresh Ray node: link up, old processes gone, `ray start`."""
+        hosts = [h for h in self.hosts if h.name in self.cut]
+        if not hosts:
+            return
+        for h in hosts:
+            self.set_link(h, up=True)
+            self.kill_processes(h)
+        self.start_ray(*hosts)
+        self.wait_alive(hosts)
+        self.cut.clear()
 
     def down(self) -> None:
         """Kill everything inside the namespaces, then remove them, the veths and the bridge."""
@@ -138,7 +158,19 @@ class SimulatedHosts:
         return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"),
                 "GLOO_SOCKET_IFNAME": host.ifname, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
-    def start_ray(self, host: Host) -> None:
+    def start_ray(self, *hosts: Host) -> None:
+        """`ray start` on these hosts, one after the other (side by side, on a busy 2-core machine,
+        a raylet missed Ray's start-up deadline); a host whose start fails is cleared and tried again."""
+        for host in hosts:
+            try:
+                self._ray_start(host)
+            except RuntimeError:
+                if host is self.head:
+                    raise
+                self.kill_processes(host)
+                self._ray_start(host)
+
+    def _ray_start(self, host: Host) -> None:
         argv = [self.ray, "start", "--node-ip-address", host.address, "--num-cpus", str(RAY_NODE_CPUS),
                 "--object-store-memory", str(OBJECT_STORE_BYTES), "--disable-usage-stats"]
         if host is self.head:
@@ -165,11 +197,13 @@ class SimulatedHosts:
         return set(json.loads(proc.stdout.strip().splitlines()[-1]))
 
     def start_cluster(self) -> None:
-        for host in self.hosts:
-            self.start_ray(host)
-        want = {h.address for h in self.hosts}
+        self.start_ray(*self.hosts)
+        self.wait_alive(self.hosts)
+
+    def wait_alive(self, hosts: list[Host]) -> None:
+        want = {h.address for h in hosts}
         deadline = time.monotonic() + 120
-        while (alive := self.alive_ray_nodes()) != want:
+        while not want <= (alive := self.alive_ray_nodes()):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Ray nodes alive: {sorted(alive)}, expected {sorted(want)}")
             time.sleep(1)
