@@ -26,9 +26,12 @@ pytest.importorskip("ray")
 from conftest import StdioRpc, controller_pid, pid_alive, server_command, server_env  # noqa: E402
 from multihost import CannotSimulate, Host, SimulatedHosts  # noqa: E402
 
+from workers.protocol import READY_FILE  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.multihost]
 
 LOOPBACK = "127.0.0.1"
+NODE_PORTS, TELEMETRY_PORT = "30000-30009", "30100"
 DETECT_S = 10.0  # a cut host must be noticed within this (the bar)
 
 
@@ -58,7 +61,9 @@ class Frontend:
     def __init__(self, sim: SimulatedHosts, home, **extra: str) -> None:
         env = {**server_env(home), "HOME": os.environ.get("HOME", "/root"),
                "FLOW_NEXUS_RAY_ADDRESS": sim.ray_address, "FLOW_NEXUS_ADVERTISE_HOST": sim.head.address,
-               "FLOW_NEXUS_RAY_STRATEGY": "SPREAD", "GLOO_SOCKET_IFNAME": sim.head.ifname, **extra}
+               "FLOW_NEXUS_RAY_STRATEGY": "SPREAD", "GLOO_SOCKET_IFNAME": sim.head.ifname,
+               # Pinned, as a firewall needs them (docs/multi-host.md, section 9).
+               "FLOW_NEXUS_RAY_NODE_PORTS": NODE_PORTS, "FLOW_NEXUS_TELEMETRY_PORT": TELEMETRY_PORT, **extra}
         home.parent.mkdir(parents=True, exist_ok=True)
         self._stderr = (home.parent / "frontend.stderr").open("ab")
         self.proc = subprocess.Popen(sim.command(sim.head, server_command()), env=env, text=True,
@@ -171,8 +176,11 @@ def wide(hosts, state_home):
         server.close()
 
 
-def test_spread_nodes_connect_train_and_predict_across_hosts(front, hosts, wide):
+def test_spread_nodes_connect_train_and_predict_across_hosts(front, hosts, wide, state_home):
     cid, where = wide
+    for node_id in where:  # each control API took a port of the pinned range, on every host
+        ready = state_home / "clusters" / cid / "nodes" / node_id / READY_FILE
+        assert int(json.loads(ready.read_text())["port"]) in range(30000, 30010)
     conn = front.tool("neural_cluster_connect", {"cluster_id": cid})
     assert conn["nodes_connected"] == 3
     # Every measured edge joins two different hosts: the probe crossed the bridge.
