@@ -76,6 +76,11 @@ class Frontend:
         assert not result.get("isError"), f"{name} failed: {result['content'][0]['text']}"
         return result["structuredContent"]
 
+    def terminate_quietly(self, cluster_id: str) -> None:
+        """Clean-up after a failed test: free the hosts' CPUs for the next test (errors ignored)."""
+        if self.proc.poll() is None:
+            self.rpc.send("tools/call", {"name": "neural_cluster_terminate", "arguments": {"cluster_id": cluster_id}})
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -120,12 +125,16 @@ def spread_cluster(front: Frontend, sim: SimulatedHosts, name: str, **init) -> t
     """A cluster of one worker per host (SPREAD), connected; its node ids -> host."""
     cid = front.tool("neural_cluster_init", {"name": name, "launcher": "ray", "architecture": "mlp",
                                              **init})["cluster_id"]
-    deploy = front.tool("neural_node_deploy", {"cluster_id": cid, "count": len(sim.hosts)})
-    assert [n["status"] for n in deploy["nodes"]] == ["deployed"] * len(sim.hosts), deploy
-    status = front.tool("neural_cluster_status", {"cluster_id": cid})
-    where = {n["node_id"]: host_of(sim, n["host"]) for n in status["nodes"]}
-    assert sorted(h.name for h in where.values()) == [h.name for h in sim.hosts], \
-        f"SPREAD should put one node on each host: {[(n, h.name) for n, h in where.items()]}"
+    try:
+        deploy = front.tool("neural_node_deploy", {"cluster_id": cid, "count": len(sim.hosts)})
+        assert [n["status"] for n in deploy["nodes"]] == ["deployed"] * len(sim.hosts), deploy
+        status = front.tool("neural_cluster_status", {"cluster_id": cid})
+        where = {n["node_id"]: host_of(sim, n["host"]) for n in status["nodes"]}
+        assert sorted(h.name for h in where.values()) == [h.name for h in sim.hosts], \
+            f"SPREAD should put one node on each host: {[(n, h.name) for n, h in where.items()]}"
+    except BaseException:
+        front.terminate_quietly(cid)
+        raise
     return cid, where
 
 
@@ -171,7 +180,13 @@ def wide(hosts, state_home):
     hosts.restore()
     server = Frontend(hosts, state_home)
     try:
-        yield spread_cluster(server, hosts, "wide", auto_healing=True)
+        cluster = spread_cluster(server, hosts, "wide", auto_healing=True)
+    finally:
+        server.close()
+    yield cluster
+    server = Frontend(hosts, state_home)
+    try:
+        server.terminate_quietly(cluster[0])
     finally:
         server.close()
 
@@ -234,8 +249,8 @@ def test_killed_host_is_detected_and_auto_healing_replaces_its_node(front, hosts
 def test_controller_restart_reattaches_nodes_on_other_hosts(live_hosts, state_home):
     hosts = live_hosts
     first = Frontend(hosts, state_home)
+    cid, where = spread_cluster(first, hosts, "survivor")
     try:
-        cid, where = spread_cluster(first, hosts, "survivor")
         first.tool("neural_cluster_connect", {"cluster_id": cid})
         old = controller_pid(state_home)
         assert old is not None
@@ -258,6 +273,7 @@ def test_controller_restart_reattaches_nodes_on_other_hosts(live_hosts, state_ho
         term = second.tool("neural_cluster_terminate", {"cluster_id": cid})
         assert term["success"] and term["nodes_terminated"] == 3
     finally:
+        second.terminate_quietly(cid)
         second.close()
 
 
@@ -265,6 +281,13 @@ def test_controller_restart_reattaches_nodes_on_other_hosts(live_hosts, state_ho
 @pytest.mark.multihostslow
 def test_link_down_fails_the_session_naming_the_node(front, hosts):
     cid, where = spread_cluster(front, hosts, "cut")
+    try:
+        link_down_scenario(front, hosts, cid, where)
+    finally:
+        front.terminate_quietly(cid)
+
+
+def link_down_scenario(front: Frontend, hosts: SimulatedHosts, cid: str, where: dict[str, Host]) -> None:
     front.tool("neural_cluster_connect", {"cluster_id": cid})
     victim_host = hosts.hosts[1]
     victim = next(n for n, h in where.items() if h is victim_host)
