@@ -274,3 +274,18 @@ async def _sleep(seconds: float) -> None:
     import anyio
 
     await anyio.sleep(seconds)
+
+
+def test_a_refusing_control_api_means_the_node_is_gone():
+    """When Ray cannot say (its host may be gone), a port that refuses connections decides."""
+    import socket
+
+    from flow_nexus_server.launchers.ray import _refuses_connections
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert not _refuses_connections("127.0.0.1", port)
+    assert _refuses_connections("127.0.0.1", port)  # closed: nothing listens there any more
+    assert not _refuses_connections("127.0.0.1", 0)  # no port known: no verdict
