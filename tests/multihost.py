@@ -160,14 +160,16 @@ class SimulatedHosts:
 
     def start_ray(self, *hosts: Host) -> None:
         """`ray start` on these hosts, one after the other (side by side, on a busy 2-core machine,
-        a raylet missed Ray's start-up deadline); a host whose start fails is cleared and tried again."""
+        a raylet missed Ray's start-up deadline); a host whose start fails is cleared and tried again
+        (the head before any other: a retried head is a new cluster)."""
         for host in hosts:
             try:
                 self._ray_start(host)
-            except RuntimeError:
-                if host is self.head:
-                    raise
+            except RuntimeError:  # Ray gives a raylet 30 s to register, which a loaded machine can miss
                 self.kill_processes(host)
+                if host is self.head:
+                    shutil.rmtree(self.temp_dir, ignore_errors=True)
+                    self.temp_dir.mkdir(mode=0o700)
                 self._ray_start(host)
 
     def _ray_start(self, host: Host) -> None:
