@@ -23,6 +23,7 @@ from pathlib import Path
 
 RAY_PORT = 6379  # each namespace has its own ports: the default cannot clash with another cluster
 RAY_NODE_CPUS = 2
+START_ATTEMPTS = 3
 OBJECT_STORE_BYTES = 80 * 2**20  # Ray's minimum is 75 MiB; the default (30% of RAM per node) is far more
 
 
@@ -163,14 +164,17 @@ class SimulatedHosts:
         a raylet missed Ray's start-up deadline); a host whose start fails is cleared and tried again
         (the head before any other: a retried head is a new cluster)."""
         for host in hosts:
-            try:
-                self._ray_start(host)
-            except RuntimeError:  # Ray gives a raylet 30 s to register, which a loaded machine can miss
-                self.kill_processes(host)
-                if host is self.head:
-                    shutil.rmtree(self.temp_dir, ignore_errors=True)
-                    self.temp_dir.mkdir(mode=0o700)
-                self._ray_start(host)
+            for attempt in range(START_ATTEMPTS):
+                try:
+                    self._ray_start(host)
+                    break
+                except RuntimeError:  # Ray gives a raylet 30 s to register, which a loaded machine can miss
+                    if attempt == START_ATTEMPTS - 1:
+                        raise
+                    self.kill_processes(host)
+                    if host is self.head:
+                        shutil.rmtree(self.temp_dir, ignore_errors=True)
+                        self.temp_dir.mkdir(mode=0o700)
 
     def _ray_start(self, host: Host) -> None:
         argv = [self.ray, "start", "--node-ip-address", host.address, "--num-cpus", str(RAY_NODE_CPUS),
