@@ -49,6 +49,7 @@ def _ip(*args: str) -> None:
 class SimulatedHosts:
     def __init__(self, count: int = 3) -> None:
         self.cut: set[str] = set()  # hosts a test took away; restore() brings them back
+        self.token = secrets.token_hex(32)
         self.tag = "fnx17" + secrets.token_hex(2)
         self.subnet = f"10.217.{random.randint(16, 250)}"
         self.bridge = f"{self.tag}br"
@@ -157,7 +158,15 @@ class SimulatedHosts:
     def ray_env(self, host: Host) -> dict[str, str]:
         """The environment of `ray start` on a host; the node actors inherit it from the raylet."""
         return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"),
-                "GLOO_SOCKET_IFNAME": host.ifname, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+                "GLOO_SOCKET_IFNAME": host.ifname, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                **self.ray_auth}
+
+    @property
+    def ray_auth(self) -> dict[str, str]:
+        """Ray's token authentication, on for every process of this cluster (docs/multi-host.md,
+        section 1) with a token of its own: left to itself, `ray start --head` turns it on only
+        when ~/.ray/auth_token exists, which another Ray user of this machine may have made."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     def start_ray(self, *hosts: Host) -> None:
         """`ray start` on these hosts, one after the other (side by side, on a busy 2-core machine,

@@ -61,7 +61,7 @@ class Frontend:
     def __init__(self, sim: SimulatedHosts, home, **extra: str) -> None:
         env = {**server_env(home), "HOME": os.environ.get("HOME", "/root"),
                "FLOW_NEXUS_RAY_ADDRESS": sim.ray_address, "FLOW_NEXUS_ADVERTISE_HOST": sim.head.address,
-               "FLOW_NEXUS_RAY_STRATEGY": "SPREAD", "GLOO_SOCKET_IFNAME": sim.head.ifname,
+               "FLOW_NEXUS_RAY_STRATEGY": "SPREAD", "GLOO_SOCKET_IFNAME": sim.head.ifname, **sim.ray_auth,
                # Pinned, as a firewall needs them (docs/multi-host.md, section 9).
                "FLOW_NEXUS_RAY_NODE_PORTS": NODE_PORTS, "FLOW_NEXUS_TELEMETRY_PORT": TELEMETRY_PORT, **extra}
         home.parent.mkdir(parents=True, exist_ok=True)
