@@ -146,10 +146,12 @@ async def test_fake_engine_runs_trains_and_removes_containers(home, fake_engine)
         assert term["success"] and term["nodes_terminated"] == 2
 
     calls = engine_calls(fake_engine)
-    runs = [c for c in calls if c["argv"][0] == "run"]
+    runs = {c["argv"][c["argv"].index("--name") + 1]: c for c in calls if c["argv"][0] == "run"}
     assert len(runs) == 2
-    for n, call in zip(nodes, runs):
-        nid, argv = n["node_id"], call["argv"]
+    for n in nodes:  # deployed side by side: the calls come in any order
+        nid = n["node_id"]
+        call = runs[f"flow-nexus-{cid}-{nid}"]
+        argv = call["argv"]
         assert argv[:-1] == [
             "run", "--detach", "--init", "--name", f"flow-nexus-{cid}-{nid}", "--network", "host",
             "--label", f"flow-nexus.cluster={cid}", "--label", f"flow-nexus.node={nid}",
