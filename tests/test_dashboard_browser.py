@@ -6,6 +6,7 @@ Chromium is driven over its DevTools protocol (a websocket; a few commands: navi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -44,7 +45,9 @@ class Browser:
         port = wait_for(lambda: port_file.exists() and port_file.read_text().split("\n")[0], 60, "DevTools port")
         pages = wait_for(lambda: [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json()
                                   if t["type"] == "page"], 30, "a page target")
-        self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.stack = contextlib.ExitStack()
+        self.ws = self.stack.enter_context(connect(pages[0]["webSocketDebuggerUrl"], max_size=None,
+                                                   open_timeout=30))
         self.ids = itertools.count(1)
 
     def call(self, method: str, **params: Any) -> dict:
@@ -67,7 +70,7 @@ class Browser:
 
     def close(self) -> None:
         try:
-            self.ws.close()
+            self.stack.close()
         finally:
             self.proc.terminate()
             try:

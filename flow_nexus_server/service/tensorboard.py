@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,20 @@ def worker_tag(node_id: str, name: str) -> str:
 
 
 class TensorBoardLog:
-    """One ``SummaryWriter`` per running session; opened on its first write, closed at its end."""
+    """One ``SummaryWriter`` per running session, opened on its first write and closed at its end.
+
+    Writes go through a queue to one writer thread: the telemetry listener and a training call
+    never wait for a file, nor for the first import of torch's TensorBoard module."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._writers: dict[str, Any] = {}
         self._broken: set[str] = set()
         self._finished: set[str] = set()  # a late push must not open a second file for an ended session
-        self._lock = threading.Lock()
         self._unavailable: str | None = None
+        self._queue: queue.Queue[tuple[str, Callable[[Any], object]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def session_dir(self, session_id: str) -> Path:
         return self.root / session_id
@@ -51,56 +57,75 @@ class TensorBoardLog:
     def start(self, session_id: str, config: dict[str, Any]) -> None:
         """The session's hparams (its options), written when it starts."""
         hparams = {k: config[k] for k in HPARAM_KEYS if isinstance(config.get(k), (int, float, str, bool))}
-        self._write(session_id, lambda w: _add_hparams_start(w, hparams))
+        self._submit(session_id, lambda w: _add_hparams_start(w, hparams))
 
     def scalars(self, session_id: str, points: Iterable[tuple[str, int, float]]) -> None:
         """Global metrics: (name, epoch or round, value)."""
         points = list(points)
         if points:
-            self._write(session_id, lambda w: [w.add_scalar(name, value, epoch) for name, epoch, value in points])
+            self._submit(session_id, lambda w: [w.add_scalar(name, value, epoch) for name, epoch, value in points])
 
     def worker_scalar(self, session_id: str, node_id: str, name: str, epoch: int, value: float) -> None:
-        self._write(session_id, lambda w: w.add_scalar(worker_tag(node_id, name), value, epoch))
+        self._submit(session_id, lambda w: w.add_scalar(worker_tag(node_id, name), value, epoch))
 
     def finish(self, session_id: str, status: str) -> None:
-        """The session ended: its hparams status, then the files are flushed and closed."""
-        self._write(session_id, lambda w: _add_hparams_end(w, status))
-        with self._lock:
-            writer = self._writers.pop(session_id, None)
-            self._broken.discard(session_id)
-            self._finished.add(session_id)
-        if writer is not None:
-            try:
-                writer.close()
-                self._make_private(session_id)
-            except Exception:
-                log.exception("closing the TensorBoard log of session %s failed", session_id)
+        """The session ended: its hparams status, then its files are closed."""
+        self._submit(session_id, lambda w: _add_hparams_end(w, status))
+        self._submit(session_id, _CLOSE)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write what is queued, close every file, stop the thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout_s)
+
+    # ------------------------------------------------------------------ the writer thread
+    def _submit(self, session_id: str, action: Callable[[Any], object]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tensorboard-writer", daemon=True)
+                self._thread.start()
+        self._queue.put((session_id, action))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            session_id, action = item
+            if action is _CLOSE:
+                self._close_session(session_id)
+            else:
+                self._write(session_id, action)
         for session_id in list(self._writers):
-            with self._lock:
-                writer = self._writers.pop(session_id, None)
-            if writer is not None:
-                writer.close()
+            self._close_session(session_id)
 
-    # ------------------------------------------------------------------ internals
-    def _write(self, session_id: str, action: Any) -> None:
-        with self._lock:
-            if session_id in self._broken or session_id in self._finished or self._unavailable:
-                return
-            try:
-                writer = self._writers.get(session_id) or self._open(session_id)
-                action(writer)
-                writer.flush()
-            except Exception:
-                self._broken.add(session_id)
-                log.exception("writing the TensorBoard log of session %s failed; it is not written further",
-                              session_id)
+    def _write(self, session_id: str, action: Callable[[Any], object]) -> None:
+        if session_id in self._broken or session_id in self._finished or self._unavailable:
+            return
+        try:
+            writer = self._writers.get(session_id) or self._open(session_id)
+            action(writer)
+            writer.flush()
+        except Exception:
+            self._broken.add(session_id)
+            log.exception("writing the TensorBoard log of session %s failed; it is not written further", session_id)
+
+    def _close_session(self, session_id: str) -> None:
+        self._finished.add(session_id)
+        self._broken.discard(session_id)
+        writer = self._writers.pop(session_id, None)
+        if writer is None:
+            return
+        try:
+            writer.close()
+            self._make_private(session_id)
+        except Exception:
+            log.exception("closing the TensorBoard log of session %s failed", session_id)
 
     def _open(self, session_id: str) -> Any:
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:  # the tensorboard package is a dependency; an odd install may lack it
+        except ImportError as exc:  # tensorboard is a dependency; an odd install may lack it
             self._unavailable = str(exc)
             log.warning("no TensorBoard logs: %s (pip install 'tensorboard>=2.14')", exc)
             raise
@@ -120,6 +145,13 @@ class TensorBoardLog:
                 os.chmod(os.path.join(top, name), PRIVATE_FILE_MODE)
 
 
+def _close_marker(_writer: Any) -> None:
+    """Queued by ``finish``: the writer thread closes the session's files when it gets here."""
+
+
+_CLOSE = _close_marker
+
+
 def _add_hparams_start(writer: Any, hparams: dict[str, Any]) -> None:
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -130,9 +162,15 @@ def _add_hparams_start(writer: Any, hparams: dict[str, Any]) -> None:
 
 
 def _add_hparams_end(writer: Any, status: str) -> None:
-    from tensorboard.plugins.hparams import api_pb2
-    from tensorboard.plugins.hparams.summary import session_end_pb
+    """The hparams session-end record (what torch's ``hparams()`` builds, with the real status)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams.api_pb2 import Status
+    from tensorboard.plugins.hparams.metadata import PLUGIN_DATA_VERSION, PLUGIN_NAME, SESSION_END_INFO_TAG
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 
-    ended = {"completed": api_pb2.STATUS_SUCCESS, "failed": api_pb2.STATUS_FAILURE,
-             "stopped": api_pb2.STATUS_ABORTED}.get(status, api_pb2.STATUS_UNKNOWN)
-    writer.file_writer.add_summary(session_end_pb(ended))
+    # TensorBoard knows no "stopped on request": that one, like interrupted, ends unknown.
+    ended = {"completed": Status.STATUS_SUCCESS, "failed": Status.STATUS_FAILURE}.get(status, Status.STATUS_UNKNOWN)
+    content = HParamsPluginData(session_end_info=SessionEndInfo(status=ended), version=PLUGIN_DATA_VERSION)
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME,
+                                                                      content=content.SerializeToString()))
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)]))
