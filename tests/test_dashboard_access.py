@@ -64,3 +64,17 @@ def test_codes_expire_and_new_ones_need_the_token(tmp_path):
     assert minted.status_code == 200 and minted.json()["login_path"].startswith("/dashboard/login?code=")
     # A foreign Host is refused before anything else (DNS rebinding).
     assert client.get("/dashboard", headers={"Host": "evil.example"}).status_code == 421
+
+
+def test_the_dashboard_command_refuses_a_wide_bind_without_a_token(tmp_path):
+    """The MCP endpoint's rule: beyond loopback only with a token (exit 2, nothing served)."""
+    import subprocess
+
+    from conftest import server_command, server_env
+
+    home = tmp_path / "home"
+    done = subprocess.run([server_command(), "dashboard", "--host", "0.0.0.0", "--port", "8799"],
+                          env=server_env(home), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert "refusing to bind 0.0.0.0" in done.stderr and "FLOW_NEXUS_TOKEN" in done.stderr
+    assert not (home / "controller.sock").exists()

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import HttpServer, StdioRpc, start_server
+from conftest import HttpServer, StdioRpc, server_command, server_env, start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: install Debian's chromium package "
@@ -148,6 +148,13 @@ def test_dashboard_in_chromium(home, tmp_path, browser):
         log = (home / "server.log").read_text(errors="replace") + server.stderr()
         assert token not in log and code not in log
         assert "/dashboard/login" in log  # the access log has the request, without its query string
+
+        # Another link for another browser, asked with the bearer token (read from <home>/http-token).
+        fresh = subprocess.run([server_command(), "--port", str(server.port), "dashboard", "--new-link"],
+                               env=server_env(home), capture_output=True, text=True, timeout=60)
+        assert fresh.returncode == 0, fresh.stderr
+        second = re.search(r"log in \(one use[^)]*\): (\S+)", fresh.stdout)[1]
+        assert second != link and httpx.get(second).status_code == 303
     finally:
         if rpc is not None:
             rpc.proc.stdin.close()

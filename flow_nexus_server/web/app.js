@@ -187,7 +187,7 @@ function renderCheckpoints(checkpoints) {
   $("checkpoints").innerHTML = checkpoints.length ? `<table><thead><tr><th>checkpoint</th><th>session</th>
     <th>epoch</th><th>node</th><th>saved</th><th>file</th></tr></thead><tbody>${checkpoints.map((k) => `<tr>
     <td>${esc(k.checkpoint_id)}</td><td>${esc(k.session_id)}</td><td class="num">${k.epoch}</td><td>${esc(k.node_id)}</td>
-    <td>${clock(k.created_at)}</td><td class="muted">${k.deleted ? "deleted" : esc(k.path.split("/").pop())}</td></tr>`).join("")}
+    <td>${clock(k.created_at)}</td><td class="muted clip" title="${esc(k.path)}">${k.deleted ? "deleted" : esc(k.path.split("/").pop())}</td></tr>`).join("")}
     </tbody></table>` : '<p class="empty">No checkpoint yet.</p>';
 }
 
