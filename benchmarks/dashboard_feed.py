@@ -47,8 +47,8 @@ def tool(proc: subprocess.Popen, state: dict, name: str, args: dict) -> dict:
     return result["structuredContent"]
 
 
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+def cpu_seconds(procs: list[psutil.Process]) -> list[float]:
+    return [p.cpu_times().user + p.cpu_times().system for p in procs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             assert login.status_code == 303, login.status_code
             time.sleep(5)  # training under way
 
-            def window(with_feed: bool) -> tuple[float, int]:
+            def window(with_feed: bool) -> tuple[list[float], int]:
                 stop = threading.Event()
                 received = [0]
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(1.0)  # the snapshot is not part of the steady state
                 t0, c0 = time.monotonic(), cpu_seconds(procs)
                 time.sleep(args.window_s)
-                share = (cpu_seconds(procs) - c0) / (time.monotonic() - t0)
+                share = [(c1 - c) / (time.monotonic() - t0) for c, c1 in zip(c0, cpu_seconds(procs))]
                 stop.set()
                 if reader:
                     reader.join(timeout=5)
@@ -117,15 +117,23 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for _ in range(args.pairs):
                 rows.append((window(False), window(True)))
-            without = sum(r[0][0] for r in rows) / len(rows)
-            with_feed = sum(r[1][0] for r in rows) / len(rows)
-            rate = sum(r[1][1] for r in rows) / len(rows) / args.window_s
-            print(f"{args.nodes} nodes training; dashboard front-end + controller CPU, share of one core: "
-                  f"without feed {100 * without:.1f}%, with one page's feed {100 * with_feed:.1f}%, "
-                  f"feed cost {100 * (with_feed - without):.1f}% (feed {rate / 1024:.1f} KiB/s)")
+            def mean(values: list[float]) -> float:
+                return sum(values) / len(values)
+
+            without = mean([sum(r[0][0]) for r in rows])
+            with_feed = mean([sum(r[1][0]) for r in rows])
+            front_with = mean([r[1][0][0] for r in rows])  # the dashboard front-end serves nothing but the feed
+            front_without = mean([r[0][0][0] for r in rows])
+            rate = mean([r[1][1] for r in rows]) / args.window_s
+            rounds = tool(front, state, "neural_cluster_status", {"cluster_id": cid}).get("current_epoch")
+            print(f"{args.nodes} nodes training (round {rounds} reached); share of one core: front-end + controller "
+                  f"without feed {100 * without:.1f}%, with one page's feed {100 * with_feed:.1f}% (difference "
+                  f"{100 * (with_feed - without):.1f}%); the front-end alone {100 * front_without:.2f}% -> "
+                  f"{100 * front_with:.2f}%; feed {rate / 1024:.1f} KiB/s")
             print(json.dumps({"nodes": args.nodes, "cpu_without_feed": without, "cpu_with_feed": with_feed,
-                              "feed_cost": with_feed - without, "feed_bytes_per_s": rate,
-                              "windows": [[a[0], b[0]] for a, b in rows]}))
+                              "feed_cost": with_feed - without, "frontend_without": front_without,
+                              "frontend_with": front_with, "feed_bytes_per_s": rate, "rounds": rounds,
+                              "windows": [[sum(a[0]), sum(b[0])] for a, b in rows]}))
             tool(front, state, "neural_cluster_terminate", {"cluster_id": cid})
         finally:
             front.stdin.close()

@@ -17,6 +17,9 @@ at any time without touching the work.
   larger one gets 413 with a JSON-RPC error sentence, before the body is read.
 - ``GET /healthz`` answers ``{"status": "ok", "version": ...}`` without auth; ``GET /metrics``
   is the controller's Prometheus text.
+- ``/dashboard`` is the dashboard page (``dashboard_pages``): reached with a cookie session that a
+  one-time login code buys (``dashboard_access``), never with the bearer token; its feed
+  ``/dashboard/feed`` is forwarded to the controller like ``/mcp``.
 - While it runs, the app holds the controller's ``/attach`` stream (so idle clusters are not
   stopped under it) and starts a new controller if the one it used is gone.
 """
