@@ -12,7 +12,9 @@ function esc(v) {
 }
 function num(v, digits = 4) {
   if (v === null || v === undefined) return "–";
-  return Math.abs(v) >= 1000 ? Math.round(v).toLocaleString() : Number(v).toPrecision(digits).replace(/\.?0+$/, "");
+  if (Math.abs(v) >= 1000) return Math.round(v).toLocaleString();
+  const text = Number(v).toPrecision(digits);
+  return text.includes(".") && !text.includes("e") ? text.replace(/0+$/, "").replace(/\.$/, "") : text;
 }
 function bytes(v) { return v == null ? "–" : (v / 1048576).toFixed(0) + " MiB"; }
 function secs(v) {
