@@ -9,6 +9,7 @@ import sys
 
 from flow_nexus_server import __version__
 from flow_nexus_server.config import Settings, settings_lines, settings_markdown
+from flow_nexus_server.dashboard_access import LOGIN_CODE_TTL_S
 from flow_nexus_server.home import HTTP_TOKEN_FILE, PRIVATE_UMASK
 from flow_nexus_server.logs import DropQueryStrings, setup_logging
 
@@ -60,6 +61,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sets = sub.add_parser("settings", help="the FLOW_NEXUS_* settings in effect")
     sets.add_argument("--markdown", action="store_true", help="print instead the table of every setting "
                       "(docs/settings.md)")
+    dash = sub.add_parser("dashboard", help="serve the HTTP front-end with its dashboard page (on loopback unless "
+                          "--host says otherwise) and print its address and a one-time login link",
+                          description="Serve the HTTP front-end (MCP at /mcp, the dashboard at /dashboard) and print "
+                          "the dashboard's address and a one-time login link (one use, valid "
+                          f"{LOGIN_CODE_TTL_S:.0f} s). The link sets a cookie session and leads to the bare page: "
+                          "the bearer token never reaches the browser. Binding beyond loopback needs a token, as "
+                          "for --transport http.")
+    for flag, kwargs in (("--host", {"help": "address to bind (default 127.0.0.1)"}),
+                         ("--port", {"type": int, "help": "port to bind (default 8765)"}),
+                         ("--token-file", {"metavar": "PATH", "help": "file holding the bearer token"}),
+                         ("--allowed-host", {"action": "append", "metavar": "HOST[:PORT]",
+                                             "help": "extra Host header value to accept; repeatable"})):
+        dash.add_argument(flag, default=argparse.SUPPRESS, **kwargs)  # the same options as before the command
+    dash.add_argument("--new-link", action="store_true", help="print a new one-time login link from the dashboard "
+                      "already serving on --host/--port (it asks with the bearer token) and exit")
     sub.add_parser("controller", help="run the home's controller in the foreground (front-ends start it by "
                    "themselves; it owns the clusters, nodes and sessions)")
     args, rest = ap.parse_known_args(argv)
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(settings_markdown() if args.markdown else "\n".join(settings_lines(settings)) + "\n")
         return 0
     token: str | None = None
-    if args.transport == "http":
+    if args.transport == "http" or args.command == "dashboard":
         token, problem = http_token(args, settings)
         if problem:
             sys.stderr.write(f"flow-nexus-server: {problem}\n")
@@ -99,15 +115,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return status_command(settings, as_json=args.json) if args.command == "status" else \
             stop_command(settings, cluster_id=args.cluster_id, stop_all=args.all)
+    if args.command == "dashboard" and args.new_link:
+        return print_new_login_link(settings, host=args.host, port=args.port, token=token)
     setup_logging(settings.log_file, args.verbose)
     if args.command == "controller":
         from flow_nexus_server.controller.daemon import run as run_controller
 
         return run_controller(settings)
-    if args.transport == "http":
+    if args.transport == "http" or args.command == "dashboard":
         if token is None:
             token = generated_http_token(settings)
-        return serve_http(settings, host=args.host, port=args.port, token=token, allowed_hosts=args.allowed_host)
+        return serve_http(settings, host=args.host, port=args.port, token=token, allowed_hosts=args.allowed_host,
+                          show_dashboard=args.command == "dashboard")
     return serve_stdio(settings)
 
 
@@ -192,8 +211,47 @@ def serve_stdio(settings: Settings) -> int:
     return relay_stdio(paths)
 
 
+def dashboard_url(host: str, port: int, path: str) -> str:
+    """The URL a browser on this machine opens (a wildcard bind is reached on loopback)."""
+    from flow_nexus_server.http_app import host_port
+
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host.strip("[]"), host)
+    return f"http://{host_port(shown, port)}{path}"
+
+
+def print_new_login_link(settings: Settings, *, host: str, port: int, token: str | None) -> int:
+    """``dashboard --new-link``: a fresh one-time link from the front-end already serving there."""
+    import httpx
+
+    from flow_nexus_server.dashboard_access import LOGIN_CODES_PATH
+
+    if token is None:
+        path = settings.home / HTTP_TOKEN_FILE
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            sys.stderr.write(f"flow-nexus-server: no token given and none in {path}: is a dashboard serving this "
+                             "home? Start one with 'flow-nexus-server dashboard'.\n")
+            return 1
+    try:
+        reply = httpx.post(dashboard_url(host, port, LOGIN_CODES_PATH), headers={"Authorization": f"Bearer {token}"},
+                           timeout=10)
+    except httpx.HTTPError as exc:
+        sys.stderr.write(f"flow-nexus-server: no dashboard answers at {dashboard_url(host, port, '')} ({exc}); start "
+                         "one with 'flow-nexus-server dashboard'\n")
+        return 1
+    if reply.status_code != 200:
+        where = dashboard_url(host, port, "")
+        sys.stderr.write(f"flow-nexus-server: the server at {where} refused ({reply.status_code}): the token is not "
+                         "the one it uses (--token-file, FLOW_NEXUS_TOKEN or <home>/http-token)\n")
+        return 1
+    body = reply.json()
+    print(f"log in (one use, within {body['expires_in_s']:.0f} s): {dashboard_url(host, port, body['login_path'])}")
+    return 0
+
+
 def serve_http(settings: Settings, *, host: str, port: int, token: str,
-               allowed_hosts: list[str] | None = None) -> int:
+               allowed_hosts: list[str] | None = None, show_dashboard: bool = False) -> int:
     """A front-end: MCP over streamable HTTP with a bearer token, forwarded to the home's controller.
     SIGTERM or Ctrl-C end this process only; the clusters run on in the controller."""
     import signal
@@ -201,6 +259,7 @@ def serve_http(settings: Settings, *, host: str, port: int, token: str,
     import uvicorn
 
     from flow_nexus_server.controller.channel import ControllerUnavailable, ensure_controller
+    from flow_nexus_server.dashboard_access import DASHBOARD_PATH, LOGIN_PATH, DashboardAccess
     from flow_nexus_server.http_app import create_app
 
     def leave(signum: int, _frame: object) -> None:
@@ -216,7 +275,15 @@ def serve_http(settings: Settings, *, host: str, port: int, token: str,
     except ControllerUnavailable as exc:
         log.error("%s", exc)
         return 1
-    app = create_app(paths, settings=settings, host=host, port=port, token=token, allowed_hosts=allowed_hosts)
+    access = DashboardAccess()
+    app = create_app(paths, settings=settings, host=host, port=port, token=token, allowed_hosts=allowed_hosts,
+                     access=access)
+    if show_dashboard:
+        # On stdout for the person who started it; never logged (the access log drops query strings).
+        print(f"dashboard: {dashboard_url(host, port, DASHBOARD_PATH)}\n"
+              f"log in (one use, within {access.code_ttl_s:.0f} s): "
+              f"{dashboard_url(host, port, LOGIN_PATH)}?code={access.new_code()}\n"
+              "another link later: flow-nexus-server dashboard --new-link", flush=True)
     logging.getLogger("uvicorn.access").addFilter(DropQueryStrings())
     config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on", timeout_graceful_shutdown=5,
                             ws="none", server_header=False)

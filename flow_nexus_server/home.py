@@ -68,9 +68,10 @@ def prepare_home(settings: Settings) -> None:
 
 
 def _home_paths(home: Path) -> list[Path]:
-    """The home, the server's files in it and everything under clusters/ and scratch/ (no symlink followed)."""
+    """The home, the server's files in it and everything under clusters/, scratch/ and tensorboard/ (no
+    symlink followed)."""
     paths = [home, *(p for p in home.iterdir() if is_state_file(p, home))]
-    for sub in ("clusters", "scratch"):
+    for sub in ("clusters", "scratch", "tensorboard"):
         for top, _dirs, files in os.walk(home / sub):  # symlinked directories are not entered
             paths.append(Path(top))
             paths.extend(Path(top) / name for name in files)

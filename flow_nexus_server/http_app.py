@@ -17,6 +17,9 @@ at any time without touching the work.
   larger one gets 413 with a JSON-RPC error sentence, before the body is read.
 - ``GET /healthz`` answers ``{"status": "ok", "version": ...}`` without auth; ``GET /metrics``
   is the controller's Prometheus text.
+- ``/dashboard`` is the dashboard page (``dashboard_pages``): reached with a cookie session that a
+  one-time login code buys (``dashboard_access``), never with the bearer token; its feed
+  ``/dashboard/feed`` is forwarded to the controller like ``/mcp``.
 - While it runs, the app holds the controller's ``/attach`` stream (so idle clusters are not
   stopped under it) and starts a new controller if the one it used is gone.
 """
@@ -43,6 +46,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from flow_nexus_server import __version__
 from flow_nexus_server.config import HTTP_MAX_BODY_BYTES, Settings
 from flow_nexus_server.controller.channel import ControllerPaths, ControllerUnavailable, ensure_controller
+from flow_nexus_server.dashboard_access import DASHBOARD_PATH, LOGIN_CODES_PATH, LOGIN_PATH, DashboardAccess
+from flow_nexus_server.dashboard_pages import dashboard_message, dashboard_routes
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +135,16 @@ async def healthz(_: Request) -> JSONResponse:
 
 
 class CheckCaller:
-    """Host / Origin checks and the bearer token, for everything but ``/healthz``."""
+    """Host / Origin checks and the bearer token, for everything but ``/healthz``; the dashboard's
+    pages take its cookie session instead of the token (its login route checks the code)."""
 
-    def __init__(self, app: ASGIApp, token: str, hosts: list[str], origins: list[str]) -> None:
+    def __init__(self, app: ASGIApp, token: str, hosts: list[str], origins: list[str],
+                 access: DashboardAccess | None = None) -> None:
         if not token:
             raise ValueError("the bearer token must not be empty")
         self.app, self.token = app, f"Bearer {token}".encode()
         self.hosts, self.origins = set(hosts), set(origins)
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == "/healthz":
@@ -147,6 +155,13 @@ class CheckCaller:
             reply: Response = Response("Invalid Host header", status_code=421)
         elif headers.get("origin") and headers["origin"] not in self.origins:
             reply = Response("Invalid Origin header", status_code=403)
+        elif self.access is not None and is_dashboard_page(scope["path"]):
+            if scope["path"] == LOGIN_PATH or self.access.valid_cookie(headers.get("cookie")):
+                await self.app(scope, receive, send)
+                return
+            reply = dashboard_message(401, "Not logged in", "Open the login link that <code>flow-nexus-server "
+                                      "dashboard</code> printed, or get a new one with <code>flow-nexus-server "
+                                      "dashboard --new-link</code>.")
         elif not hmac.compare_digest(headers.get("authorization", "").encode("utf-8", "replace"), self.token):
             reply = JSONResponse({"error": "invalid_token", "error_description": "Authentication required"},
                                  status_code=401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
@@ -156,9 +171,14 @@ class CheckCaller:
         await reply(scope, receive, send)
 
 
+def is_dashboard_page(path: str) -> bool:
+    """The dashboard's own routes but the one that mints login codes (that one takes the token)."""
+    return (path == DASHBOARD_PATH or path.startswith(DASHBOARD_PATH + "/")) and path != LOGIN_CODES_PATH
+
+
 # Not forwarded: this hop's own connection handling, and the caller's credentials.
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-authorization",
-                "authorization", "host", "content-length"}
+                "authorization", "cookie", "host", "content-length"}
 
 
 def create_app(
@@ -169,9 +189,12 @@ def create_app(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     allowed_hosts: Iterable[str] | None = None,
+    access: DashboardAccess | None = None,
 ) -> Starlette:
-    """The HTTP front-end app for the controller at ``paths``."""
+    """The HTTP front-end app for the controller at ``paths``; ``access`` holds the dashboard's
+    login codes and cookie sessions (a new one when not given)."""
     hosts, origins = allowed_hosts_and_origins(host, port, allowed_hosts)
+    access = access or DashboardAccess()
     client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(paths.http_socket)),
                                base_url="http://controller", timeout=httpx.Timeout(30.0, read=None))
 
@@ -217,7 +240,8 @@ def create_app(
     methods = ["GET", "POST", "DELETE"]
     return Starlette(
         routes=[Route("/healthz", healthz, methods=["GET"]), Route(MCP_PATH, forward, methods=methods),
-                Route("/metrics", forward, methods=["GET"])],
+                Route("/metrics", forward, methods=["GET"]), *dashboard_routes(access, forward)],
         lifespan=lifespan,
-        middleware=[Middleware(GuardRequests), Middleware(CheckCaller, token=token, hosts=hosts, origins=origins)],
+        middleware=[Middleware(GuardRequests),
+                    Middleware(CheckCaller, token=token, hosts=hosts, origins=origins, access=access)],
     )

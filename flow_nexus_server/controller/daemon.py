@@ -42,6 +42,8 @@ from flow_nexus_server.config import DEFAULT_IDLE_TIMEOUT_MIN, HTTP_MAX_BODY_BYT
 from flow_nexus_server.controller.channel import ControllerPaths
 from flow_nexus_server.controller.commands import store_view
 from flow_nexus_server.controller.core import Controller
+from flow_nexus_server.dashboard_access import DASHBOARD_FEED_PATH
+from flow_nexus_server.service.dashboard import DashboardFeed
 from flow_nexus_server.states import LIVE_NODE_STATES, ClusterState, SessionState
 from flow_nexus_server.store import Cluster, Node, TrainingSession
 
@@ -156,7 +158,8 @@ def status_payload(ctrl: Controller, frontends: Frontends) -> dict[str, Any]:
 
 
 def control_app(ctrl: Controller, mcp: MCPServer, frontends: Frontends, stop: anyio.Event) -> Starlette:
-    """The controller's HTTP socket: MCP for HTTP front-ends, and the CLI's status / stop / metrics."""
+    """The controller's HTTP socket: MCP for HTTP front-ends, the CLI's status / stop / metrics, and
+    the dashboard page's feed."""
     # The socket is reachable by the home's owner only; Host checks and auth are the HTTP front-end's.
     mcp_app = mcp.streamable_http_app(
         streamable_http_path="/mcp", max_request_body_size=HTTP_MAX_BODY_BYTES,
@@ -189,6 +192,13 @@ def control_app(ctrl: Controller, mcp: MCPServer, frontends: Frontends, stop: an
                     await anyio.sleep(ATTACH_BEAT_S)
         return StreamingResponse(beats(), media_type="text/plain")
 
+    feed = DashboardFeed(ctrl.clusters, ctrl.training)
+
+    async def dashboard_feed(_: Request) -> StreamingResponse:
+        # The page's server-sent events; the HTTP front-end checks the caller's cookie first.
+        return StreamingResponse(feed.stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
     async def metrics(_: Request) -> Response:
         try:
             from flow_nexus_server.service.metrics import render_metrics
@@ -200,6 +210,7 @@ def control_app(ctrl: Controller, mcp: MCPServer, frontends: Frontends, stop: an
     return Starlette(routes=[
         Route("/status", status, methods=["GET"]), Route("/stop", stop_route, methods=["POST"]),
         Route("/attach", attach, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
+        Route(DASHBOARD_FEED_PATH, dashboard_feed, methods=["GET"]),
         Mount("/", app=mcp_app),
     ])
 

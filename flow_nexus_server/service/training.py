@@ -28,6 +28,7 @@ from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import Conflict, NextStep, NotFound, ServiceError
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.paths import check_dataset_spec, under_allowed_root
+from flow_nexus_server.service.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 from flow_nexus_server.states import (
     ENDED_SESSION_STATES,
     LIVE_NODE_STATES,
@@ -142,6 +143,7 @@ class TrainingService:
         self.live: dict[str, LiveSession] = {}
         self.by_cluster: dict[str, str] = {}  # cluster_id -> most recent session_id
         self._closed = threading.Event()
+        self.tensorboard = TensorBoardLog(clusters.settings.home / TENSORBOARD_DIR)
         clusters.telemetry.on_progress = self.on_progress
         clusters.on_node_lost.append(self._node_lost)
 
@@ -230,6 +232,7 @@ class TrainingService:
             live = LiveSession(session_id, cluster_id, mode, time.time(), views, job=job)
             self.live[session_id] = live
             self.by_cluster[cluster_id] = session_id
+            self.tensorboard.start(session_id, config.model_dump())
             svc.event(cluster_id, "session_started",
                       f"{mode} training on {len(trainers)} worker(s): {data.dataset} ({data.examples} examples), "
                       f"{arch}",
@@ -436,6 +439,7 @@ class TrainingService:
                 s.add_all(MetricSample(session_id=live.session_id, node_id=node.id, seq=m.seq, time=m.time,
                                        epoch=m.epoch, step=m.step, name=m.name, value=m.value) for m in snap.samples)
             view.cursor = snap.samples[-1].seq
+            self.tensorboard.scalars(live.session_id, ((m.name, m.epoch, m.value) for m in snap.samples))
             # One event per finished epoch/round, from the samples (a push may hold several epochs).
             by_epoch: dict[int, dict[str, float]] = {}
             for m in snap.samples:
@@ -457,6 +461,8 @@ class TrainingService:
                 s.add(MetricSample(session_id=live.session_id, node_id=node.id, seq=0, time=time.time(),
                                    epoch=snap.epoch, step=snap.step, name="local_loss",
                                    value=snap.node_stats["local_loss"]))
+            self.tensorboard.worker_scalar(live.session_id, node.id, "local_loss", snap.epoch,
+                                           snap.node_stats["local_loss"])
         known = set(view.snapshot.checkpoints) if view.snapshot else set()
         for path in snap.checkpoints:
             if path not in known:
@@ -521,6 +527,7 @@ class TrainingService:
         self.clusters.event(live.cluster_id, f"session_{status}",
                             f"session {live.session_id} {status}" + (f": {live.error}" if live.error else ""),
                             session_id=live.session_id)
+        self.tensorboard.finish(live.session_id, status)
         live.done.set()
 
     # ----------------------------------------------------------------- status
@@ -603,6 +610,7 @@ class TrainingService:
 
     def close(self) -> None:
         self._closed.set()
+        self.tensorboard.close()
 
     # ------------------------------------------- cluster views that include training
     def cluster_status(self, cluster_id: str) -> r.ClusterStatusReply:
