@@ -142,12 +142,11 @@ class NodeAgent:
         try:
             ds = load_dataset(job.dataset, self.sandbox)
             check_compatible(job.architecture, ds.kind)
-            if job.differential_privacy is not None and job.differential_privacy.mode == "local":
-                _check_dp_layers(job, ds)
         except (DatasetError, ModelError) as exc:
             return p.DatasetCheck(ok=False, error=str(exc))
         return p.DatasetCheck(
             ok=True, dataset=ds.name, kind=ds.kind, examples=len(ds), num_classes=ds.num_classes,
+            input_shape=list(ds.input_shape),
             label_names=list(ds.label_names)[:50], private=is_private(job.dataset, self.sandbox),
             **self._memory_estimate(job, ds),
         )
@@ -516,20 +515,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def _check_dp_layers(job: p.TrainJob, ds: Any) -> None:
-    """Local DP trains with opacus' per-example gradients: a model with a layer opacus cannot
-    handle is refused here, before the session starts, naming the layer."""
-    import torch
-
-    from workers.budget import probe_task
-    from workers.models import ModelError, build_model
-    from workers.privacy import unsupported_layers
-
-    with torch.device("meta"):
-        model = build_model(job.architecture, job.model, probe_task(ds), layers=job.layers or None)
-    problems = unsupported_layers(model)
-    if problems:
-        raise ModelError(f"local differential privacy cannot train this {job.architecture} model: "
-                         + "; ".join(problems[:3]) + " (opacus computes per-example gradients only for the "
-                         "layers it supports; choose another architecture or use mode 'central')")

@@ -196,3 +196,30 @@ def session_refusal(job: TrainJob, n_workers: int) -> str | None:
     if dp is not None and dp.mode == "central":
         return budget_refusal(central_cost(dp, n_workers), dp.target_epsilon, "central DP")
     return None
+
+
+def layer_refusal(job: TrainJob, kind: str, input_shape: list[int], num_classes: int) -> str | None:
+    """Why local DP cannot train ``job``'s model: the layers opacus computes no per-example
+    gradients for, named. The model is built on torch's meta device (no memory) for a stand-in
+    task of the data's kind (the layer types do not depend on the sizes)."""
+    import torch
+
+    from workers.models import ModelError, TaskInfo, build_model
+
+    dp = job.differential_privacy
+    if dp is None or dp.mode != "local":
+        return None
+    text = kind in ("text", "lm")
+    task = TaskInfo(kind, () if text else tuple(input_shape), 64 if kind == "lm" else max(2, num_classes),  # type: ignore[arg-type]
+                    64 if text else 0, 16 if text else 0)
+    try:
+        with torch.device("meta"):
+            model = build_model(job.architecture, job.model, task, layers=job.layers or None)
+    except ModelError:
+        return None  # the node's own checks answer for a model that cannot be built
+    problems = unsupported_layers(model)
+    if not problems:
+        return None
+    return (f"local differential privacy cannot train this {job.architecture} model: " + "; ".join(problems)
+            + " (opacus computes per-example gradients only for the layers it supports); choose a model without "
+            "that layer (the mlp and cnn presets work), or differential_privacy mode 'central'")

@@ -367,6 +367,7 @@ class DatasetCheck(BaseModel):
     kind: str = ""
     examples: int = 0
     num_classes: int = 0
+    input_shape: list[int] = Field(default_factory=list, description="One example's shape (vectors, images)")
     label_names: list[str] = Field(default_factory=list)
     private: bool = Field(False, description="The data is a file in this node's own sandbox")
     parameters: int = Field(0, description="Parameters of the job's model (0: not estimated)")

@@ -106,3 +106,13 @@ def test_layers_opacus_cannot_train_are_named():
     assert privacy.unsupported_layers(nn.Sequential(nn.Linear(3, 3), nn.ReLU())) == []
     problems = privacy.unsupported_layers(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
     assert problems and "BatchNorm" in problems[0]
+
+
+@pytest.mark.parametrize(("architecture", "layer"), [("rnn", "nn.LSTM"), ("transformer", "nn.MultiheadAttention")])
+def test_local_dp_refuses_models_with_layers_opacus_cannot_train(architecture, layer):
+    job = _job(architecture=architecture, differential_privacy=LOCAL)
+    refusal = privacy.layer_refusal(job, "text", [], 2)
+    assert refusal is not None and layer in refusal and "mode 'central'" in refusal
+    assert privacy.layer_refusal(_job(architecture="mlp", differential_privacy=LOCAL), "text", [], 2) is None
+    assert privacy.layer_refusal(_job(architecture="cnn", differential_privacy=LOCAL), "images", [1, 8, 8], 10) is None
+    assert privacy.layer_refusal(_job(architecture=architecture, differential_privacy=CENTRAL), "text", [], 2) is None
