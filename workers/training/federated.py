@@ -214,7 +214,7 @@ def _privacy_plan(ctx: Ctx, is_agg: bool) -> tuple[RoundCost | None, int]:
 def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None]:
     """One round: local training, gather, aggregate, broadcast, commit, report. Returns
     (stopping, this worker's own model when the round is its last)."""
-    job, model, d = ctx.job, ctx.model, fed.d
+    model, d = ctx.model, fed.d
     is_worker = ctx.plan.is_worker
     ctx.epoch = rnd
     ctx.sink.update(epoch=rnd)
@@ -244,7 +244,7 @@ def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None
     if flag >= FAILED:  # every member raises the aggregator's error
         agree(agg_error, None, fed.group)
     stopping = flag > 0
-    final = stopping or rnd == job.rounds
+    final = stopping or rnd == fed.last_round  # the last round, or the last a privacy budget allows
     local_model = copy.deepcopy(model) if (is_worker and final) else None  # this worker's own last model
     candidate = payload[:d].clone()
     set_weights(model, candidate)
