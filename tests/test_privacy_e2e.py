@@ -91,5 +91,8 @@ async def test_secure_aggregation_trains_and_refusals_name_the_problem(home):
         text = await err(client, "neural_train_distributed", base | {"differential_privacy": {
             "mode": "central", "noise_multiplier": 0.5, "max_grad_norm": 1.0, "target_epsilon": 1.0}})
         assert "above target_epsilon 1" in text
+        text = await err(client, "neural_train_distributed", base | {"differential_privacy": {
+            "mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 1.0}})
+        assert "one federated round of local DP-SGD" in text and "above target_epsilon 1" in text
         status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
         assert status["status"] == "connected"  # nothing changed by the refusals

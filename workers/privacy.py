@@ -223,3 +223,15 @@ def layer_refusal(job: TrainJob, kind: str, input_shape: list[int], num_classes:
     return (f"local differential privacy cannot train this {job.architecture} model: " + "; ".join(problems)
             + " (opacus computes per-example gradients only for the layers it supports); choose a model without "
             "that layer (the mlp and cnn presets work), or differential_privacy mode 'central'")
+
+
+def local_budget_refusal(job: TrainJob, smallest_shard: int, largest_shard: int) -> str | None:
+    """Local DP under ``target_epsilon``: refused before start when one round on the smallest
+    shard (as the server estimates it from the nodes' checks) already spends more. The nodes
+    check again with the exact shard sizes before any training."""
+    dp = job.differential_privacy
+    if dp is None or dp.mode != "local" or dp.target_epsilon is None or smallest_shard < 1:
+        return None
+    cost = local_cost(dp, smallest_shard, job.batch_size, job.local_epochs, largest_shard)
+    return budget_refusal(cost, dp.target_epsilon, f"local DP-SGD ({job.local_epochs} local epoch(s) at sample "
+                          f"rate {cost.sample_rate:.3g}, about {smallest_shard} records on the smallest shard)")

@@ -39,6 +39,7 @@ from flow_nexus_server.states import (
 from flow_nexus_server.store import Checkpoint, Cluster, MetricSample, Node, TrainingSession
 from workers import protocol as p
 from workers.privacy import layer_refusal as dp_layer_refusal
+from workers.privacy import local_budget_refusal as dp_local_budget_refusal
 from workers.privacy import session_refusal as privacy_refusal
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,10 @@ class TrainingService:
                 check_training_memory(node, check, job, svc.settings)
             data = checks[0]
             if refusal := dp_layer_refusal(job, data.kind, data.input_shape, data.num_classes):
+                raise ServiceError(refusal)
+            shards = [int(c.examples * (1 - job.validation_split)) // (1 if c.private else len(trainers))
+                      for c in checks]  # type: ignore[union-attr]
+            if refusal := dp_local_budget_refusal(job, min(shards), max(shards)):
                 raise ServiceError(refusal)
             started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
             failures = [f"{n.id}: {res}" for n, res in zip(nodes, started) if isinstance(res, BaseException)]

@@ -116,3 +116,10 @@ def test_local_dp_refuses_models_with_layers_opacus_cannot_train(architecture, l
     assert privacy.layer_refusal(_job(architecture="mlp", differential_privacy=LOCAL), "text", [], 2) is None
     assert privacy.layer_refusal(_job(architecture="cnn", differential_privacy=LOCAL), "images", [1, 8, 8], 10) is None
     assert privacy.layer_refusal(_job(architecture=architecture, differential_privacy=CENTRAL), "text", [], 2) is None
+
+
+def test_local_dp_refuses_a_target_one_round_exceeds():
+    job = _job(differential_privacy=LOCAL | {"target_epsilon": 1.0}, batch_size=32)
+    refusal = privacy.local_budget_refusal(job, 719, 719)
+    assert refusal is not None and "above target_epsilon 1" in refusal and "719 records" in refusal
+    assert privacy.local_budget_refusal(_job(differential_privacy=LOCAL | {"target_epsilon": 3.0}), 719, 719) is None
