@@ -14,7 +14,8 @@ from workers.data import load_dataset, partition, train_val_split
 from workers.privacy import local_cost
 from workers.protocol import DifferentialPrivacy
 
-pytestmark = pytest.mark.anyio
+# Real node processes: each test is tens of seconds on an idle 2-core machine (minutes under load).
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 async def _cluster(client: Client, workers: int) -> str:
