@@ -146,6 +146,7 @@ class NodeAgent:
             return p.DatasetCheck(ok=False, error=str(exc))
         return p.DatasetCheck(
             ok=True, dataset=ds.name, kind=ds.kind, examples=len(ds), num_classes=ds.num_classes,
+            input_shape=list(ds.input_shape),
             label_names=list(ds.label_names)[:50], private=is_private(job.dataset, self.sandbox),
             **self._memory_estimate(job, ds),
         )
@@ -513,3 +514,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -212,6 +212,32 @@ class Quantization(BaseModel):
     method: Literal["dynamic"] = "dynamic"
 
 
+DPMode = Literal["local", "central"]
+
+
+class DifferentialPrivacy(BaseModel):
+    """Differential privacy for a federated session (README, Privacy). ``local``: DP-SGD on every
+    worker (opacus: per-example clipping to ``max_grad_norm``, Gaussian noise of std
+    ``noise_multiplier * max_grad_norm`` per step, Poisson-sampled batches), protecting each
+    training record against everyone who sees the worker's updates. ``central``: the aggregator
+    clips each worker's round update to ``max_grad_norm`` and adds Gaussian noise of std
+    ``noise_multiplier * max_grad_norm`` to their sum (user-level DP: one worker's whole shard).
+    The spent epsilon comes from opacus' RDP accountant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: DPMode = Field(description="local: DP-SGD on each worker; central: the aggregator clips and noises")
+    noise_multiplier: float = Field(ge=0.1, le=100, description=(
+        "Noise standard deviation as a multiple of max_grad_norm (larger: more privacy, lower accuracy)"))
+    max_grad_norm: float = Field(gt=0, le=1e4, description=(
+        "local: per-example gradient clipping norm; central: clipping norm of each worker's round update"))
+    target_epsilon: float | None = Field(None, gt=0, le=1000, description=(
+        "Stop before the spent epsilon would exceed this (refused when one round already would)"))
+    delta: float | None = Field(None, gt=0, lt=0.1, description=(
+        "delta of (epsilon, delta)-DP; default min(1e-5, 1/n), n = records of the largest shard (local) "
+        "or workers (central)"))
+
+
 class JobOptions(BaseModel):
     """The training options a node job carries as the client gave them. Declared once, here: the
     neural_train_distributed tool publishes these fields as its parameters, templates and the
@@ -253,6 +279,12 @@ class JobOptions(BaseModel):
         "Proof-of-learning: a round is rejected when validation loss rises by more than this fraction "
         "(a huge value turns the check off: plain FedAvg)"))
     reputation_weighting: bool = Field(False, description="Weight updates by each node's reputation")
+    differential_privacy: DifferentialPrivacy | None = Field(None, description=(
+        "Federated only: {mode: local|central, noise_multiplier, max_grad_norm, target_epsilon?, delta?}; "
+        "the spent epsilon is reported every round (README, Privacy)"))
+    secure_aggregation: bool = Field(False, description=(
+        "Federated only: workers mask their updates pairwise (X25519 key agreement, Shamir-shared "
+        "secrets for dropouts) so the aggregator learns only the sum; needs aggregation_rule fedavg"))
 
 
 class TrainOptions(JobOptions):
@@ -335,6 +367,7 @@ class DatasetCheck(BaseModel):
     kind: str = ""
     examples: int = 0
     num_classes: int = 0
+    input_shape: list[int] = Field(default_factory=list, description="One example's shape (vectors, images)")
     label_names: list[str] = Field(default_factory=list)
     private: bool = Field(False, description="The data is a file in this node's own sandbox")
     parameters: int = Field(0, description="Parameters of the job's model (0: not estimated)")

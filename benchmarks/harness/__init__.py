@@ -14,6 +14,8 @@ table (ratios are ours / theirs) and writes every figure to JSON. Rows (``--only
 * ``federated`` (federated.py) FedAvg 4 clients x 5 rounds on digits, 64-64-10 MLP: our train call
                 vs Flower's simulation engine (``benchmarks/flower_baseline.py`` in a side venv).
 * ``byzantine`` (federated.py) accuracy with one worker sending noisy weights: robust rules vs plain FedAvg.
+* ``privacy`` (privacy.py) accuracy and round time with local DP (epsilon 3, opacus) and with secure
+  aggregation, beside plain FedAvg (a Flower DP baseline is not wired in: that line is skipped).
 * ``predict``   (serving.py) client-measured single-example ``neural_predict_distributed`` through
                 1, 2, 4 nodes.
 * ``status``    (status.py) ``neural_cluster_status`` latency on a 4-node cluster while it trains

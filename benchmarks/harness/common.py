@@ -16,7 +16,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "benchmarks"
 DEFAULT_JSON = BENCH_DIR / "results" / "bench.json"
-ROWS = ("deploy", "sync", "bytes", "allreduce", "federated", "byzantine", "predict", "status", "memory")
+ROWS = ("deploy", "sync", "bytes", "allreduce", "federated", "byzantine", "privacy", "predict", "status", "memory")
 FLOWER_HINT = ("skipped: flwr not installed (pip install flwr[simulation]==1.41.0 in a side venv "
                "and pass --flower-python)")
 

@@ -39,6 +39,9 @@ from flow_nexus_server.states import (
 )
 from flow_nexus_server.store import Checkpoint, Cluster, MetricSample, Node, TrainingSession
 from workers import protocol as p
+from workers.privacy import layer_refusal as dp_layer_refusal
+from workers.privacy import local_budget_refusal as dp_local_budget_refusal
+from workers.privacy import session_refusal as privacy_refusal
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +202,8 @@ class TrainingService:
             if job.consensus == "gossip" and mode != "federated":
                 raise ServiceError("consensus 'gossip' averages models between neighbours after local training; "
                                    "use it with federated=true")
+            if refusal := privacy_refusal(job, len(trainers)):
+                raise ServiceError(refusal)
             checks = parallel(lambda n: svc.client(cluster, n).validate_job(job), trainers)
             for node, check in zip(trainers, checks):
                 if isinstance(check, BaseException):
@@ -207,6 +212,12 @@ class TrainingService:
                     raise ServiceError(check.error or f"node {node.id} cannot run this job")
                 check_training_memory(node, check, job, svc.settings)
             data = checks[0]
+            if refusal := dp_layer_refusal(job, data.kind, data.input_shape, data.num_classes):
+                raise ServiceError(refusal)
+            shards = [int(c.examples * (1 - job.validation_split)) // (1 if c.private else len(trainers))
+                      for c in checks]  # type: ignore[union-attr]
+            if refusal := dp_local_budget_refusal(job, min(shards), max(shards)):
+                raise ServiceError(refusal)
             started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
             failures = [f"{n.id}: {res}" for n, res in zip(nodes, started) if isinstance(res, BaseException)]
             if failures:
@@ -450,7 +461,7 @@ class TrainingService:
                 if not any(k in values for k in ("val_loss", "loss", "val_accuracy", "val_perplexity")):
                     continue
                 shown = {k: round(v, 4) for k, v in values.items() if k in ("loss", "val_loss", "val_accuracy",
-                                                                             "val_perplexity")}
+                                                                             "val_perplexity", "dp_epsilon")}
                 self.clusters.event(live.cluster_id, "epoch_completed",
                                     f"{unit} {epoch}/{snap.total_epochs}: {shown}",
                                     session_id=live.session_id, data={"epoch": epoch, **values})
@@ -515,6 +526,8 @@ class TrainingService:
         live.ended = time.time()
         view = live.view()
         final = {**view.metrics, "elapsed_s": view.elapsed_s, "epochs_done": view.epoch, "nodes": view.nodes}
+        if reason := _end_reason(live, view.metrics):
+            final["end_reason"] = reason
         with self.store.session() as s:
             row = s.get(TrainingSession, live.session_id)
             move(row, status)
@@ -525,7 +538,8 @@ class TrainingService:
                 if failed:
                     c.needs_connect_reason = f"session {live.session_id} failed"
         self.clusters.event(live.cluster_id, f"session_{status}",
-                            f"session {live.session_id} {status}" + (f": {live.error}" if live.error else ""),
+                            f"session {live.session_id} {status}" + (f": {live.error}" if live.error else "")
+                            + (f" ({final['end_reason']})" if "end_reason" in final else ""),
                             session_id=live.session_id)
         self.tensorboard.finish(live.session_id, status)
         live.done.set()
@@ -688,3 +702,12 @@ class TrainingService:
                     c.needs_connect_reason = f"session {row.id} was interrupted"
             self.clusters.event(row.cluster_id, "session_interrupted",
                                 f"session {row.id} interrupted by a server restart", session_id=row.id)
+
+
+def _end_reason(live: LiveSession, metrics: dict[str, float]) -> str | None:
+    """Why a session ended before its last epoch/round, when a rule (not a failure) decided it."""
+    if metrics.get("dp_budget_stop") and live.job is not None and live.job.differential_privacy is not None:
+        return (f"stopped at the privacy budget: epsilon {metrics.get('dp_epsilon', 0.0):.3g} spent of "
+                f"target_epsilon {live.job.differential_privacy.target_epsilon:g} (delta "
+                f"{metrics.get('dp_delta', 0.0):.3g}); another round would exceed it")
+    return None

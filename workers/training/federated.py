@@ -62,13 +62,16 @@ import torch.distributed as dist
 from torch import nn
 
 from workers.aggregation import AggregationError, aggregate
+from workers.privacy import RoundCost, budget_refusal, central_aggregate, central_cost, clip_update, noised_mean
 from workers.protocol import Behavior
+from workers.secagg import default_threshold
 
 from .adversary import HONEST, behavior_of, corrupt_weights, describe, is_honest
 from .commit import PlainCommit, broadcast, commit_rule, evaluate_members
-from .common import Sums, TrainedModel, epoch_order, flat_weights, grad_norm, make_optimizer, set_weights
+from .common import Sums, TrainedModel, TrainingError, epoch_order, flat_weights, grad_norm, make_optimizer, set_weights
 from .consensus import WEIGHTED_RULES, Reputation, resolve_rule, rule_kwargs
 from .coord import agree, error_of
+from .private import LocalDP, SecAggStats, secure_sum, session_cost
 from .runtime import Ctx
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,10 @@ class _Federation:
     spe: int
     accum: int
     commit: PlainCommit
+    last_round: int = 0  # job.rounds, or fewer when target_epsilon allows fewer
+    dp_cost: RoundCost | None = None  # what one round spends (differential_privacy)
+    local_dp: LocalDP | None = None  # this worker's DP-SGD (local differential privacy)
+    secagg: SecAggStats | None = None  # secure aggregation's cost on this rank
     agg_seconds: float = 0.0
     rounds_done: int = 0
 
@@ -108,11 +115,13 @@ class _Federation:
 def run_federated(ctx: Ctx) -> TrainedModel | None:
     fed = _start(ctx)
     local_model: nn.Module | None = None
-    for rnd in range(ctx.start, ctx.job.rounds + 1):
+    for rnd in range(ctx.start, fed.last_round + 1):
         stopping, last_local = _round(ctx, fed, rnd)
         local_model = last_local or local_model
         if stopping:
             break
+    if fed.local_dp is not None:
+        fed.local_dp.close()
     if not ctx.plan.is_worker and not fed.is_agg:
         return None  # a validator holds no model of its own
     return ctx.trained(ctx.model, local_model)
@@ -150,7 +159,18 @@ def _start(ctx: Ctx) -> _Federation:
     reputation = Reputation(list(plan.workers)) if is_agg else None
     if reputation is not None:
         reputation.report(ctx.sink)
+    dp_cost, last_round = _privacy_plan(ctx, is_agg)
+    local_dp = None
+    if is_worker and job.differential_privacy is not None and job.differential_privacy.mode == "local":
+        assert opt is not None
+        local_dp = LocalDP(ctx, model, opt)
+    if job.secure_aggregation and is_agg:
+        ctx.say(f"secure aggregation: {len(plan.workers)} workers mask their updates pairwise (X25519, "
+                f"ChaCha20 masks over 2^64 fixed point), unmasking threshold "
+                f"{default_threshold(len(plan.workers))}; the aggregator sees only the sum")
     ctx.report_baseline()
+    if job.differential_privacy is not None or job.secure_aggregation:
+        ctx.coord.barrier("privacy-ready", members)  # opacus' import may take long: wait on the store
 
     initial = flat_weights(model)
     broadcast(ctx, initial, agg, group, members)
@@ -159,29 +179,62 @@ def _start(ctx: Ctx) -> _Federation:
     commit.start(initial)
     return _Federation(group=group, worker_group=ctx.groups.get("workers"), members=members, agg=agg,
                        is_agg=is_agg, d=d, rule=rule, kwargs=rule_kwargs(job), behavior=behavior, opt=opt,
-                       reputation=reputation, spe=spe, accum=accum, commit=commit)
+                       reputation=reputation, spe=spe, accum=accum, commit=commit, last_round=last_round,
+                       dp_cost=dp_cost, local_dp=local_dp,
+                       secagg=SecAggStats() if job.secure_aggregation else None)
+
+
+def _privacy_plan(ctx: Ctx, is_agg: bool) -> tuple[RoundCost | None, int]:
+    """(what a round spends, the last round to run) under differential_privacy; every rank
+    computes the same from the job and the shard sizes, so they stop together. A target that
+    not even one round fits fails the job before any training."""
+    job = ctx.job
+    dp = job.differential_privacy
+    if dp is None:
+        return None, job.rounds
+    if dp.mode == "local":
+        cost = session_cost(ctx)
+        what = f"local DP-SGD ({job.local_epochs} local epoch(s) at sample rate {cost.sample_rate:.3g})"
+    else:
+        cost, what = central_cost(dp, len(ctx.plan.workers)), "central DP"
+    if refusal := budget_refusal(cost, dp.target_epsilon, what):
+        raise TrainingError(refusal)
+    last = job.rounds
+    if dp.target_epsilon is not None:
+        last = min(job.rounds, cost.affordable_rounds(dp.target_epsilon, job.rounds))
+    if is_agg:
+        planned = cost.after(job.rounds)
+        ctx.say(f"differential privacy ({dp.mode}): noise_multiplier {dp.noise_multiplier:g}, max_grad_norm "
+                f"{dp.max_grad_norm:g}; epsilon after {job.rounds} rounds {planned:.3g} at delta {cost.delta:.3g}"
+                + (f"; target_epsilon {dp.target_epsilon:g} allows {last} round(s)"
+                   if dp.target_epsilon is not None else ""))
+    return cost, last
 
 
 def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None]:
     """One round: local training, gather, aggregate, broadcast, commit, report. Returns
     (stopping, this worker's own model when the round is its last)."""
-    job, model, d = ctx.job, ctx.model, fed.d
+    model, d = ctx.model, fed.d
     is_worker = ctx.plan.is_worker
     ctx.epoch = rnd
     ctx.sink.update(epoch=rnd)
     t_round = time.perf_counter()
     local = Sums(ctx.num_classes)
     if is_worker:
-        local_training(ctx, model, fed.opt, rnd, local, fed.worker_group, fed.spe, fed.accum)
+        local_training(ctx, model, fed.opt, rnd, local, fed.worker_group, fed.spe, fed.accum, fed.local_dp)
     ctx.coord.barrier(f"round-{rnd}", fed.members)  # long waits happen here, on the store
-    row = _row(ctx, fed, local, rnd)
+    secure = None
+    if fed.secagg is not None:  # the weights travel masked; the row keeps only the figures
+        vector = _secure_vector(ctx, fed, rnd) if is_worker else None
+        secure = secure_sum(ctx, fed.group, fed.members, fed.agg, vector, d + 1, fed.secagg)
+    row = _row(ctx, fed, local, rnd, with_weights=fed.secagg is None)
     t0 = time.perf_counter()
     table = [torch.empty_like(row) for _ in fed.members] if fed.is_agg else None
     dist.gather(row, gather_list=table, dst=fed.agg, group=fed.group)
     ctx.comm_s += time.perf_counter() - t0
     if fed.is_agg:
         assert table is not None
-        glob_w, flag, status, agg_error, train_sums = _aggregate(ctx, fed, table, rnd)
+        glob_w, flag, status, agg_error, train_sums = _aggregate(ctx, fed, table, rnd, secure)
     else:
         ctx.bytes_sent += row.numel() * 4
         glob_w, flag, status, agg_error, train_sums = torch.empty(d), 0.0, OK, None, Sums(ctx.num_classes)
@@ -191,11 +244,12 @@ def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None
     if flag >= FAILED:  # every member raises the aggregator's error
         agree(agg_error, None, fed.group)
     stopping = flag > 0
-    final = stopping or rnd == job.rounds
+    final = stopping or rnd == fed.last_round  # the last round, or the last a privacy budget allows
     local_model = copy.deepcopy(model) if (is_worker and final) else None  # this worker's own last model
     candidate = payload[:d].clone()
     set_weights(model, candidate)
     val, extra_metrics = fed.commit.commit(rnd, candidate, status == OK)
+    extra_metrics = {**extra_metrics, **_privacy_metrics(ctx, fed, rnd)}
     fed.rounds_done += 1
     seconds = time.perf_counter() - t_round
     if val is None:
@@ -213,9 +267,53 @@ def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None
     return stopping, local_model
 
 
-def _row(ctx: Ctx, fed: _Federation, local: Sums, rnd: int) -> torch.Tensor:
-    """What this member sends the aggregator: its weights (corrupted by a simulated adversary),
-    its example count, stop flag, training sums and learning rate (``_ROW``)."""
+def _privacy_metrics(ctx: Ctx, fed: _Federation, rnd: int) -> dict[str, float]:
+    """The round's privacy figures: epsilon spent so far (opacus' accountant), and what secure
+    aggregation cost; the last round a privacy budget allows says so."""
+    out: dict[str, float] = {}
+    dp = ctx.job.differential_privacy
+    if fed.dp_cost is not None and dp is not None:
+        out["dp_epsilon"] = fed.dp_cost.after(rnd)
+        out["dp_delta"] = fed.dp_cost.delta
+        if fed.local_dp is not None:  # this worker's own accountant, stepped by its optimizer
+            ctx.sink.node_stat("dp_epsilon_local", fed.local_dp.epsilon())
+        if rnd == fed.last_round < ctx.job.rounds:
+            out["dp_budget_stop"] = 1.0
+            ctx.say(f"stopped after round {rnd} of {ctx.job.rounds}: the privacy budget is reached (epsilon "
+                    f"{out['dp_epsilon']:.3g}; round {rnd + 1} would spend {fed.dp_cost.after(rnd + 1):.3g} > "
+                    f"target_epsilon {dp.target_epsilon:g})")
+    if fed.secagg is not None and fed.secagg.rounds:
+        out.update(fed.secagg.last)
+        for name, value in fed.secagg.last.items():
+            ctx.sink.node_stat(name, value)
+    return out
+
+
+def _secure_vector(ctx: Ctx, fed: _Federation, rnd: int) -> np.ndarray:
+    """What a worker adds into the secure sum: its count-weighted update and its count (FedAvg), or
+    under central DP its update clipped to max_grad_norm and a 1 (the aggregator cannot clip it)."""
+    assert ctx.data is not None
+    delta = (_sent_weights(ctx, fed, rnd).double() - fed.commit.committed.double()).numpy()
+    dp = ctx.job.differential_privacy
+    if dp is not None and dp.mode == "central":
+        return np.append(clip_update(delta, dp.max_grad_norm), 1.0)
+    n = float(ctx.data.n_examples)
+    return np.append(n * delta, n)
+
+
+def _sent_weights(ctx: Ctx, fed: _Federation, rnd: int) -> torch.Tensor:
+    """This worker's weights as it sends them (corrupted by a simulated adversary)."""
+    sent = flat_weights(ctx.model)
+    if not is_honest(fed.behavior):
+        sent = corrupt_weights(sent, fed.commit.committed, fed.behavior, seed=ctx.job.seed, rank=ctx.plan.rank,
+                               when=rnd)
+    return sent
+
+
+def _row(ctx: Ctx, fed: _Federation, local: Sums, rnd: int, with_weights: bool = True) -> torch.Tensor:
+    """What this member sends the aggregator: its weights (corrupted by a simulated adversary;
+    none under secure aggregation), its example count, stop flag, training sums and learning
+    rate (``_ROW``)."""
     is_worker = ctx.plan.is_worker
     extra = torch.tensor([
         float(ctx.data.n_examples) if (is_worker and ctx.data) else 0.0,
@@ -224,18 +322,19 @@ def _row(ctx: Ctx, fed: _Federation, local: Sums, rnd: int) -> torch.Tensor:
         local.train["samples"], local.train["tokens"], local.train["gnorm_sum"], local.train["gnorm_n"],
         ctx.lr,
     ], dtype=torch.float32)
-    sent = flat_weights(ctx.model)
-    if not is_honest(fed.behavior):
-        sent = corrupt_weights(sent, fed.commit.committed, fed.behavior, seed=ctx.job.seed, rank=ctx.plan.rank,
-                               when=rnd)
+    sent = _sent_weights(ctx, fed, rnd) if (with_weights and is_worker) else torch.zeros(
+        fed.d if with_weights else 0)
     return torch.cat([sent, extra])
 
 
-def _aggregate(ctx: Ctx, fed: _Federation, table: list[torch.Tensor],
-               rnd: int) -> tuple[torch.Tensor, float, float, Any, Sums]:
+def _aggregate(ctx: Ctx, fed: _Federation, table: list[torch.Tensor], rnd: int,
+               secure: np.ndarray | None = None) -> tuple[torch.Tensor, float, float, Any, Sums]:
     """The aggregator: (candidate weights, flag, status, error, the workers' summed training
-    figures) from the gathered rows."""
-    job, plan, d, rule, reputation = ctx.job, ctx.plan, fed.d, fed.rule, fed.reputation
+    figures) from the gathered rows (without weights under secure aggregation: ``secure`` holds
+    the sum of the workers' vectors instead)."""
+    job, plan, rule, reputation = ctx.job, ctx.plan, fed.rule, fed.reputation
+    d = fed.d if secure is None else 0  # weights in a row
+    central = job.differential_privacy is not None and job.differential_privacy.mode == "central"
     assert reputation is not None
     ctx.bytes_received += (len(fed.members) - 1) * table[0].numel() * 4
     rows = torch.stack([table[fed.members.index(r)] for r in plan.workers])
@@ -252,7 +351,10 @@ def _aggregate(ctx: Ctx, fed: _Federation, table: list[torch.Tensor],
     t_agg = time.perf_counter()
     info: dict[str, Any] = {}
     try:
-        new, info = aggregate(rule, rows[:, :d].numpy(), weights=weights, **fed.kwargs)
+        if secure is not None or central:
+            new = _private_aggregate(ctx, fed, rows[:, :d], secure)
+        else:
+            new, info = aggregate(rule, rows[:, :d].numpy(), weights=weights, **fed.kwargs)
         if not np.isfinite(new).all():
             raise AggregationError(f"the {rule} aggregate holds NaN or inf values")
     except AggregationError as exc:  # e.g. a diverged (or Byzantine) worker sent NaN weights
@@ -270,6 +372,23 @@ def _aggregate(ctx: Ctx, fed: _Federation, table: list[torch.Tensor],
         _log_round(ctx, rnd, rule, info, reputation.observe(info, rule), reputation)
     reputation.report(ctx.sink)
     return glob_w, flag, status, agg_error, train_sums
+
+
+def _private_aggregate(ctx: Ctx, fed: _Federation, rows: torch.Tensor, secure: np.ndarray | None) -> np.ndarray:
+    """The new global model from the secure sum (FedAvg: sum of count x update over the summed
+    counts) and/or under central DP (clipped updates, summed, Gaussian noise, / workers)."""
+    dp = ctx.job.differential_privacy
+    central = dp is not None and dp.mode == "central"
+    g = fed.commit.committed.double().numpy()
+    rng = np.random.default_rng()  # fresh OS entropy: the noise must not follow from the job's seed
+    if secure is None:
+        assert dp is not None
+        return g + central_aggregate(rows.double().numpy() - g, dp, rng)
+    total, count = secure[:fed.d], float(secure[fed.d])
+    if central:
+        assert dp is not None
+        return g + noised_mean(total, round(count), dp, rng)  # the workers clipped their own updates
+    return g + total / count
 
 
 def failed_info(rows: torch.Tensor) -> dict[str, Any]:
@@ -293,17 +412,21 @@ def _log_round(ctx: Ctx, rnd: int, rule: str, info: dict[str, Any], flagged: lis
 
 
 def local_training(ctx: Ctx, model: nn.Module, opt: torch.optim.Optimizer | None, rnd: int, local: Sums,
-                   worker_group: object, spe: int, accum: int) -> None:
+                   worker_group: object, spe: int, accum: int, dp: LocalDP | None = None) -> None:
     """``local_epochs`` over this worker's whole shard; workers agree on stopping between
-    local epochs (after a store barrier, so an uneven split cannot time the check out)."""
+    local epochs (after a store barrier, so an uneven split cannot time the check out). With
+    ``dp`` each local epoch is DP-SGD over Poisson-sampled batches instead."""
     job, plan = ctx.job, ctx.plan
     assert ctx.data is not None and opt is not None
     n = len(ctx.data.train)
     params = list(model.parameters())
     # The session's step counts rounds; these node stats show progress inside a round.
-    ctx.sink.node_stat("round_steps", job.local_epochs * spe)
+    ctx.sink.node_stat("round_steps", dp.cost.steps if dp is not None else job.local_epochs * spe)
     ctx.sink.node_stat("round_steps_done", 0)
     for le in range(job.local_epochs):
+        if dp is not None:
+            dp.epoch(rnd, le, local, job.rounds * job.local_epochs * dp.cost.steps // job.local_epochs)
+            spe = 0  # the DP epoch did this epoch's steps
         order = epoch_order(n, job.seed, rnd * 10_000 + le, plan.worker_index)
         for s in range(spe):
             t0 = time.perf_counter()
