@@ -23,10 +23,18 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 ARCHITECTURES = ("mlp", "cnn", "rnn", "transformer")
 # (dataset, architecture) -> bar: a few points under the cluster's accuracy in the README run.
 BARS: dict[tuple[str, str], float] = {
-    ("digits", "mlp"): 0.91,
-    ("digits", "cnn"): 0.94,
-    ("digits", "rnn"): 0.85,
-    ("digits", "transformer"): 0.92,
+    ("digits", "mlp"): 0.91,  # measured 0.944 (reference: logistic regression 0.953)
+    ("digits", "cnn"): 0.94,  # 0.975
+    ("digits", "rnn"): 0.88,  # 0.919
+    ("digits", "transformer"): 0.92,  # 0.953
+    ("mnist-5k", "mlp"): 0.85,  # 0.886 (reference: conv-pool CNN 0.956)
+    ("mnist-5k", "cnn"): 0.93,  # 0.967
+    ("mnist-5k", "rnn"): 0.74,  # 0.791
+    ("mnist-5k", "transformer"): 0.33,  # 0.409: 3 epochs are far too few for a small ViT (README)
+    ("bbc-news", "mlp"): 0.64,  # 0.697 (reference: TF-IDF + logistic regression 0.980)
+    ("bbc-news", "cnn"): 0.82,  # 0.867
+    ("tweet-polarity", "mlp"): 0.90,  # 0.922 (reference: TF-IDF + logistic regression 0.926)
+    ("tweet-polarity", "cnn"): 0.89,  # 0.916
 }
 FAST_DATASETS = ("digits",)
 """Datasets whose four pairs fit the default run; the others are marked archslow."""
