@@ -21,6 +21,9 @@ table (ratios are ours / theirs) and writes every figure to JSON. Rows (``--only
 * ``status``    (status.py) ``neural_cluster_status`` latency on a 4-node cluster while it trains
                 (in-memory client and the SDK stdio client).
 * ``memory``    (serving.py) peak RSS per node (``neural_performance_benchmark`` memory figures).
+* ``architectures`` (architectures.py) each architecture on each built-in classification dataset through
+                a 2-worker cluster, beside its twin trained on one process and a reference model
+                (central.py); only with ``--only architectures`` (it trains for about an hour).
 
 A figure that could not be measured is reported with the reason, never estimated. The harness
 is a command-line program (main.py): it writes its table to stdout and its progress to stderr.

@@ -16,7 +16,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "benchmarks"
 DEFAULT_JSON = BENCH_DIR / "results" / "bench.json"
-ROWS = ("deploy", "sync", "bytes", "allreduce", "federated", "byzantine", "privacy", "predict", "status", "memory")
+ROWS = ("deploy", "sync", "bytes", "allreduce", "federated", "byzantine", "privacy", "predict", "status",
+        "memory", "architectures")
+DEFAULT_ROWS = ROWS[:-1]  # architectures trains 20 models three ways (about an hour): asked for by --only
 FLOWER_HINT = ("skipped: flwr not installed (pip install flwr[simulation]==1.41.0 in a side venv "
                "and pass --flower-python)")
 

@@ -16,8 +16,8 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from benchmarks.harness import deploy, federated, privacy, serving, status, sync
-from benchmarks.harness.common import DEFAULT_JSON, ROWS, TARGETS, BenchError, Row, machine_facts, say
+from benchmarks.harness import architectures, deploy, federated, privacy, serving, status, sync
+from benchmarks.harness.common import DEFAULT_JSON, DEFAULT_ROWS, ROWS, TARGETS, BenchError, Row, machine_facts, say
 from benchmarks.harness.session import Bench
 from benchmarks.harness.table import render
 
@@ -25,10 +25,11 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "deploy": deploy.row_deploy, "sync": sync.row_sync, "allreduce": sync.row_allreduce,
     "predict": serving.row_predict, "bytes": sync.row_bytes, "status": status.row_status,
     "memory": serving.row_memory, "federated": federated.row_federated, "byzantine": federated.row_byzantine,
-    "privacy": privacy.row_privacy,
+    "privacy": privacy.row_privacy, "architectures": architectures.row_architectures,
 }
 # The comparisons that are most sensitive to other load run while fewest nodes exist.
-RUN_ORDER = ("deploy", "sync", "allreduce", "federated", "byzantine", "privacy", "predict", "bytes", "status", "memory")
+RUN_ORDER = ("deploy", "sync", "allreduce", "federated", "byzantine", "privacy", "predict", "bytes", "status", "memory",
+             "architectures")
 
 
 def quiet_logging(log_file: Path) -> None:
@@ -48,7 +49,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="reduced version for CI smoke runs (< 3 minutes)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
                     help=f"where to write the results (default {DEFAULT_JSON})")
-    ap.add_argument("--only", nargs="+", choices=ROWS, metavar="ROW", help=f"run only these rows: {', '.join(ROWS)}")
+    ap.add_argument("--only", nargs="+", choices=ROWS, metavar="ROW",
+                    help=f"run only these rows: {', '.join(ROWS)} (default: all but architectures)")
+    ap.add_argument("--arch-datasets", nargs="+", choices=architectures.DATASETS, metavar="DATASET",
+                    help="architectures row: only these datasets (default: all; --quick: digits)")
+    ap.add_argument("--arch-architectures", nargs="+", choices=architectures.ARCHITECTURES, metavar="ARCH",
+                    help="architectures row: only these architectures (default: all)")
     ap.add_argument("--flower-python", metavar="PATH",
                     help="python of a side venv with flwr[simulation]==1.41.0 and torch, for the federated baseline")
     ap.add_argument("--home",
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the selected rows, print the table, write the JSON; 1 when a row failed."""
     import anyio
 
-    selected = list(dict.fromkeys(args.only or ROWS))
+    selected = list(dict.fromkeys(args.only or DEFAULT_ROWS))
     machine = machine_facts()
     given_home = args.home
     home = Path(given_home).expanduser().resolve() if given_home else Path(tempfile.mkdtemp(prefix="fn-bench-"))
