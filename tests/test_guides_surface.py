@@ -97,7 +97,8 @@ def test_preset_parameter_table_matches_the_built_models():
 def test_compression_true_is_top_k_half_and_sparse_only_when_smaller():
     opts = p.TrainOptions(dataset="digits", gradient_compression=True)
     assert opts.gradient_compression == 0.5
-    assert p.TrainOptions(dataset="digits", gradient_compression=True, compression_ratio=0.1).gradient_compression == 0.1
+    tenth = p.TrainOptions(dataset="digits", gradient_compression=True, compression_ratio=0.1)
+    assert tenth.gradient_compression == 0.1
     assert p.TrainOptions(dataset="digits", gradient_compression=False).gradient_compression is None
     with pytest.raises(ValueError, match="disagree"):
         p.TrainOptions(dataset="digits", gradient_compression=0.2, compression_ratio=0.3)
@@ -134,3 +135,32 @@ def test_convergence_rate_is_the_measured_fall_per_epoch():
     assert convergence_rate({1: {"val_loss": 1.0}}) is None
     assert convergence_rate({1: {"val_loss": 1.0}, 3: {"val_loss": 0.8}}) == pytest.approx(0.1)
     assert convergence_rate({1: {"loss": 2.0}, 2: {"loss": 1.0}}) == pytest.approx(0.5)
+
+
+async def test_checkpoints_on_improvement_best_kept_schedule_and_compression_that_does_not_pay(home):
+    """Digits on two workers: compression true (ratio 0.5) goes dense with the figures to show it,
+    the step schedule drops the learning rate, checkpoints follow improvements and the best stays."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "c", "architecture": "mlp"}))["cluster_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        run = await ok(client, "neural_train_distributed", {
+            "cluster_id": cid, "dataset": "digits", "epochs": 4, "batch_size": 32, "learning_rate": 0.01,
+            "gradient_compression": True, "lr_schedule": "step", "checkpoint_on_improvement": 0.01,
+            "checkpoint_best": True, "max_checkpoints": 1, "wait": True, "wait_timeout_s": 300})
+        assert run["status"] == "completed", run["result"]
+        assert run["config"]["extra"]["gradient_compression"] == 0.5
+        status = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
+        lrs = [value for _, _, value in status["history"]["lr"]]
+        assert lrs[0] > lrs[-1] and math.isclose(lrs[-1] / 0.01, 0.01, rel_tol=0.2)  # x0.1 twice
+        nodes = list(status["live"]["nodes"].values())
+        assert all(n["dense_fallback_buckets"] > 0 and n["bytes_saved"] == 0 for n in nodes)
+        assert all(n["sent_bytes"] == n["dense_bytes"] > 0 for n in nodes)
+        written = status["checkpoints"]
+        kept = [c for c in written if not c["deleted"]]
+        assert len(written) >= 2  # val_loss improved by more than 1% after epoch 1
+        best = next(n["best_checkpoint_epoch"] for n in nodes if n.get("best_checkpoint_epoch"))
+        val_loss = {int(epoch): value for epoch, _, value in status["history"]["val_loss"]}
+        assert val_loss[best] == min(val_loss.values())  # the best by val_loss ...
+        assert any(c["epoch"] == best for c in kept)  # ... survives max_checkpoints=1
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})

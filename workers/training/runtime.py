@@ -222,10 +222,10 @@ class Ctx:
                 if name in metrics:
                     parts.append(f"{name} {metrics[name]:.4g}")
             self.say(", ".join(parts))
-            improved = self.improved(metrics)
+            is_best, improved = self.judge_checkpoint(metrics)
             due = final or (self.job.checkpoint_every > 0 and epoch % self.job.checkpoint_every == 0)
             on_improvement = self.job.checkpoint_on_improvement is not None and improved
-            best = self.job.checkpoint_best and improved
+            best = self.job.checkpoint_best and is_best
             if (due or on_improvement or best) and model is not None:
                 self.write_checkpoint(epoch, model, optimizer, best=best)
         if local is not None and local.train["count"] > 0:
@@ -233,25 +233,24 @@ class Ctx:
         self.node_stats()
         return metrics
 
-    def improved(self, metrics: dict[str, float]) -> bool:
-        """Whether checkpoint_metric beat its best so far by checkpoint_on_improvement (any gain for
-        checkpoint_best alone); the best is updated when it did."""
+    def judge_checkpoint(self, metrics: dict[str, float]) -> tuple[bool, bool]:
+        """(a new best checkpoint_metric, better than the best so far by checkpoint_on_improvement);
+        the best is updated when it is one."""
         name = self.job.checkpoint_metric
         value = metrics.get(name)
         if value is None or not math.isfinite(value):
-            return False
-        lower_is_better = name in ("val_loss", "val_perplexity")
-        margin = self.job.checkpoint_on_improvement or 0.0
+            return False, False
         best = self.best_metric
+        margin = self.job.checkpoint_on_improvement or 0.0
         if best is None:
-            better = True
-        elif lower_is_better:
-            better = value < best * (1.0 - margin) if best > 0 else value < best
-        else:
-            better = value > best * (1.0 + margin) if best > 0 else value > best
-        if better:
             self.best_metric = value
-        return better
+            return True, True
+        sign = 1.0 if name in ("val_loss", "val_perplexity") else -1.0  # lower is better for losses
+        is_best = sign * value < sign * best
+        enough = sign * value < sign * best - margin * abs(best)
+        if is_best:
+            self.best_metric = value
+        return is_best, enough
 
     def node_stats(self, **extra: float) -> None:
         s = self.sink
