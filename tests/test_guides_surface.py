@@ -44,11 +44,16 @@ async def test_unknown_and_compatibility_arguments_are_reported_not_dropped(home
         quiet = await ok(client, "neural_cluster_list", {})
         assert quiet["ignored"] == {} and quiet["unknown"] == []
 
+        # the guide's 162M-parameter layer list does not fit a node: refused with the numbers
+        guide_node = {"cluster_id": cid, "node_type": "parameter_server", "role": "parameter_server",
+                      "model": "large", "template": "nodejs", "autonomy": 0.9,
+                      "capabilities": ["gradient_storage", "weight_updates", "synchronization"]}
+        refused = await err(client, "neural_node_deploy", {**guide_node, "layers": GUIDE_LAYERS})
+        assert "161,904,464 parameters (162M)" in refused and "5,559 MB" in refused and "400 MB" in refused
         # a layer list on a 'large' node builds the model from it, said in the reply
-        node = await ok(client, "neural_node_deploy", {
-            "cluster_id": cid, "node_type": "parameter_server", "role": "parameter_server", "model": "large",
-            "template": "nodejs", "autonomy": 0.9, "capabilities": ["gradient_storage", "weight_updates",
-                                                                     "synchronization"], "layers": GUIDE_LAYERS})
+        small = [{**GUIDE_LAYERS[0], "embedding_dim": 32}, {**GUIDE_LAYERS[1], "num_heads": 4, "hidden_dim": 64,
+                                                            "num_layers": 1}, GUIDE_LAYERS[2]]
+        node = await ok(client, "neural_node_deploy", {**guide_node, "layers": small})
         assert node["nodes"][0]["model"] == "custom" and "model" in node["ignored"]
         assert node["capabilities"] == ["gradient_storage", "weight_updates", "synchronization"]
         assert "layers[0].vocab_size" in node["ignored"]
@@ -137,13 +142,19 @@ def test_convergence_rate_is_the_measured_fall_per_epoch():
     assert convergence_rate({1: {"loss": 2.0}, 2: {"loss": 1.0}}) == pytest.approx(0.5)
 
 
-async def test_checkpoints_on_improvement_best_kept_schedule_and_compression_that_does_not_pay(home):
+async def test_checkpoints_on_improvement_best_kept_schedule_and_compression_that_does_not_pay(home, tmp_path):
     """Digits on two workers: compression true (ratio 0.5) goes dense with the figures to show it,
     the step schedule drops the learning rate, checkpoints follow improvements and the best stays."""
     async with Client(build_server(Settings.from_env(home))) as client:
         cid = (await ok(client, "neural_cluster_init", {"name": "c", "architecture": "mlp"}))["cluster_id"]
         await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
         await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        outside = tmp_path / "outside" / "d.csv"
+        outside.parent.mkdir()
+        outside.write_text("f1,label\n1,SECRET_A\n2,SECRET_B\n")
+        text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": str(outside)})
+        assert "outside the allowed roots" in text and str(home) in text and "sandbox" in text, text
+        assert "SECRET" not in text  # the host file was not read: the path named a (missing) sandbox file
         run = await ok(client, "neural_train_distributed", {
             "cluster_id": cid, "dataset": "digits", "epochs": 4, "batch_size": 32, "learning_rate": 0.01,
             "gradient_compression": True, "lr_schedule": "step", "checkpoint_on_improvement": 0.01,

@@ -44,8 +44,8 @@ async def test_limits_and_paths(home, tmp_path, monkeypatch):
         assert list(outside.iterdir()) == [] and not (home / "x").exists()
         assert Path("/etc/passwd").read_text() != "x"
 
-        text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": str(outside / "d.csv")})
-        assert "outside the allowed roots" in text and str(home) in text
+        # (an absolute path outside the roots names a sandbox file: test_guides_surface checks it on a connected
+        # cluster)
         text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": "../secret.csv"})
         assert "'..'" in text
         text = await err(client, "neural_train_distributed", {"cluster_id": cid, "dataset": str(data_root / "d.csv")})

@@ -23,7 +23,7 @@ from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 from workers.data import load_dataset
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.walkthrough]
 
 TEST_EXAMPLES = 400
 

@@ -45,7 +45,7 @@ def sandbox_path(spec: str, roots: list[Path]) -> str | None:
     if not text.startswith("/") or "\0" in text:
         return None
     cut = next((i for i, c in enumerate(text) if c in "*?["), len(text))
-    fixed = os.path.dirname(text[:cut]) if cut < len(text) else text
+    fixed = os.path.dirname(text[:cut])  # the directory it lies in: a symlinked file under a root stays a host path
     try:
         resolved = Path(fixed or "/").resolve()
     except (OSError, RuntimeError):
