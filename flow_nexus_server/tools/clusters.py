@@ -78,7 +78,9 @@ def register(mcp: MCPServer, app: App) -> None:
 
     @tool(mcp, title="Cluster status", annotations=READ_ONLY)
     async def neural_cluster_status(cluster_id: ClusterId) -> r.ClusterStatusReply:
-        """Live state of every node (alive, pid, RSS, rank, heartbeat) merged with the store."""
+        """Live state of every node (alive, pid, RSS, rank, heartbeat) merged with the store, and the current
+        session in the guides' shape: training_sessions, worker / parameter_server / aggregator stats,
+        convergence_rate, estimated_completion, throughput (all measured, read from memory)."""
         if app.clusters.rows_cached(cluster_id):  # the usual case: nothing but memory to read
             return cluster_status_hinted(call_in_loop(app.training.cluster_status, cluster_id))
         return cluster_status_hinted(await call(app.training.cluster_status, cluster_id))
