@@ -36,7 +36,8 @@ class Limits(BaseSettings):
 
     model_config = _FROM_ENV
 
-    max_nodes_per_cluster: int = Field(16, description="Largest max_nodes neural_cluster_init accepts")
+    max_nodes_per_cluster: int = Field(100, description="Largest max_nodes neural_cluster_init accepts (the host's "
+                                       "memory and FLOW_NEXUS_MAX_NODE_PROCESSES still decide each deploy)")
     max_clusters: int = Field(32, description="Clusters that may be active at once")
     max_node_processes: int = Field(32, description="Node processes this server may run at once, all clusters together")
     max_sandbox_bytes: int = Field(256 << 20, description="Bytes a node's sandbox may hold (uploads and checkpoints)")

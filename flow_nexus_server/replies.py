@@ -13,7 +13,16 @@ from flow_nexus_server.service.errors import NextStep
 from flow_nexus_server.states import ClusterState, NodeState, SessionState
 
 
-class ClusterInitReply(BaseModel):
+class ToolReply(BaseModel):
+    """What every tool reply carries besides its own fields: the arguments that changed nothing."""
+
+    ignored: dict[str, str] = Field(default_factory=dict, description=(
+        "Arguments accepted for Flow Nexus compatibility that change nothing here, each with the reason"))
+    unknown: list[str] = Field(default_factory=list, description=(
+        "Arguments this tool does not know; they were not used"))
+
+
+class ClusterInitReply(ToolReply):
     success: bool
     cluster_id: str
     name: str
@@ -64,7 +73,7 @@ class GroupChange(BaseModel):
         return self._next_step
 
 
-class DeployReply(BaseModel):
+class DeployReply(ToolReply):
     success: bool
     cluster_id: str
     node_id: str = Field(description="The first deployed node (see `nodes` for all)")
@@ -102,7 +111,7 @@ class RankInfo(BaseModel):
     role: str
 
 
-class ConnectReply(BaseModel):
+class ConnectReply(ToolReply):
     success: bool
     cluster_id: str
     topology: str
@@ -149,7 +158,54 @@ class Performance(BaseModel):
     bandwidth_mbps: float | None = Field(None, description="Average edge bandwidth measured at the last connect")
 
 
-class ClusterStatusReply(BaseModel):
+class WorkerStats(BaseModel):
+    node_id: str
+    samples_processed: float | None = Field(None, description="Examples this worker trained on in the session")
+    avg_step_time_ms: float | None = Field(None, description="Measured mean optimizer-step time")
+    local_loss: float | None = Field(None, description="Its training loss over its last epoch / round")
+    memory_mb: float | None = Field(None, description="Its resident memory, measured by the node")
+
+
+class ParameterServerStats(BaseModel):
+    node_id: str
+    gradient_updates: float | None = Field(None, description="Optimizer updates it applied to its shard")
+    sync_latency_ms: float | None = Field(None, description="Measured mean time from the workers' gradients to "
+                                                           "its fresh weights")
+    memory_mb: float | None = None
+
+
+class AggregatorStats(BaseModel):
+    node_id: str
+    checkpoints_created: float | None = None
+    consensus_rounds: float | None = Field(None, description="Rounds (or epochs) it aggregated and put to the "
+                                                            "commit rule")
+    rejected_rounds: float | None = None
+    avg_consensus_ms: float | None = Field(None, description="Measured mean time of one aggregation + commit")
+    memory_mb: float | None = None
+
+
+class Throughput(BaseModel):
+    samples_per_s: float | None = Field(None, description="Training examples per second over the last epoch")
+    tokens_per_s: float | None = Field(None, description="Training tokens per second (text and language models)")
+
+
+class SessionSummary(BaseModel):
+    """A training session as the Flow Nexus guides read it (every figure measured)."""
+
+    session_id: str
+    status: SessionState
+    mode: str
+    epoch: int
+    total_epochs: int
+    metrics: dict[str, float | None] = Field(description=(
+        "global_loss, global_accuracy, validation_accuracy, validation_loss, perplexity, convergence_rate"))
+    workers: list[WorkerStats]
+    time_elapsed_s: float
+    estimated_completion: str | None = Field(None, description="UTC time the session should end (ISO 8601), "
+                                                               "extrapolated from measured progress")
+
+
+class ClusterStatusReply(ToolReply):
     success: bool
     cluster_id: str
     name: str
@@ -173,6 +229,15 @@ class ClusterStatusReply(BaseModel):
     current_epoch: int | None = None
     current_loss: float | None = None
     global_accuracy: float | None = Field(None, description="Latest validation accuracy of the global model")
+    training_sessions: list[SessionSummary] = Field(default_factory=list, description=(
+        "The current (or last) session in the guides' shape"))
+    worker_stats: list[WorkerStats] = Field(default_factory=list)
+    parameter_server_stats: list[ParameterServerStats] = Field(default_factory=list)
+    aggregator_stats: list[AggregatorStats] = Field(default_factory=list)
+    convergence_rate: float | None = Field(None, description=(
+        "Mean relative fall of the validation loss (else training loss) per epoch / round over the last five"))
+    estimated_completion: str | None = Field(None, description="UTC time the session should end (ISO 8601)")
+    throughput: Throughput | None = None
 
 
 class ClusterSummary(BaseModel):
@@ -185,13 +250,13 @@ class ClusterSummary(BaseModel):
     created_at: float
 
 
-class ClusterListReply(BaseModel):
+class ClusterListReply(ToolReply):
     success: bool
     clusters: list[ClusterSummary]
     count: int
 
 
-class NodeRemoveReply(BaseModel):
+class NodeRemoveReply(ToolReply):
     success: bool
     cluster_id: str
     node_id: str
@@ -201,7 +266,7 @@ class NodeRemoveReply(BaseModel):
     group: GroupChange
 
 
-class NodeLogsReply(BaseModel):
+class NodeLogsReply(ToolReply):
     success: bool
     node_id: str
     status: NodeState
@@ -216,15 +281,27 @@ class TerminatedNode(BaseModel):
     process_gone: bool
 
 
-class TerminateReply(BaseModel):
+class Artifacts(BaseModel):
+    final_model: str | None = Field(None, description="Directory of the final model's export (pytorch format), "
+                                                      "None when no node held a model")
+    final_model_files: list[str] = Field(default_factory=list)
+    checkpoints: list[str] = Field(default_factory=list)
+    logs: list[str] = Field(default_factory=list, description="Each node's log file")
+
+
+class TerminateReply(ToolReply):
     success: bool = Field(description="True only when every node process is verifiably gone")
     cluster_id: str
     status: ClusterState
     nodes_terminated: int
     nodes: list[TerminatedNode]
     message: str
-    final_metrics: dict[str, Any] | None = Field(None, description="Of the last training session")
+    final_metrics: dict[str, Any] | None = Field(None, description=(
+        "Of the last training session: its final metrics plus total_epochs, total_steps, samples_processed, "
+        "final_loss, final_perplexity (language models), training_time_s"))
     checkpoints: list[str] = Field(default_factory=list, description="Checkpoint files kept on disk")
+    checkpoints_saved: int = Field(0, description="Checkpoint files kept on disk (count)")
+    artifacts: Artifacts | None = Field(None, description="Real paths: final model export, checkpoints, logs")
 
 
 class TrainConfig(BaseModel):
@@ -276,7 +353,7 @@ class TrainingLive(BaseModel):
     reputation: dict[str, float] = Field(default_factory=dict, description="node_id -> reputation in [0, 1]")
 
 
-class TrainStartReply(BaseModel):
+class TrainStartReply(ToolReply):
     success: bool
     session_id: str
     cluster_id: str
@@ -289,7 +366,7 @@ class TrainStartReply(BaseModel):
     message: str
 
 
-class TrainingStatusReply(BaseModel):
+class TrainingStatusReply(ToolReply):
     success: bool
     session_id: str
     cluster_id: str
@@ -304,14 +381,14 @@ class TrainingStatusReply(BaseModel):
     error: str | None
 
 
-class TrainingStopReply(BaseModel):
+class TrainingStopReply(ToolReply):
     success: bool
     session_id: str
     status: SessionState
     message: str
 
 
-class UploadReply(BaseModel):
+class UploadReply(ToolReply):
     success: bool
     node_id: str
     path: str = Field(description="Where the file now lies inside the node's sandbox")
@@ -331,14 +408,14 @@ class TemplateInfo(BaseModel):
     training: dict[str, Any] | None = Field(None, description="The neural_train_distributed arguments it suggests")
 
 
-class TemplateListReply(BaseModel):
+class TemplateListReply(ToolReply):
     success: bool
     templates: list[TemplateInfo]
     count: int
     total_matching: int
 
 
-class TemplateDeployReply(BaseModel):
+class TemplateDeployReply(ToolReply):
     success: bool
     template_id: str
     cluster_id: str
@@ -347,6 +424,8 @@ class TemplateDeployReply(BaseModel):
     connection: ConnectReply
     training: TrainStartReply | None = Field(None, description="Set when custom_config.train was true")
     suggested_training: dict[str, Any] | None = Field(None, description="Arguments for neural_train_distributed")
+    model_size: dict[str, Any] | None = Field(None, description=(
+        "custom_config.model_size as built: asked_parameters, the nearest preset and its parameters, a message"))
 
 
 class EventInfo(BaseModel):
@@ -358,7 +437,7 @@ class EventInfo(BaseModel):
     data: dict[str, Any] | None = None
 
 
-class EventStreamReply(BaseModel):
+class EventStreamReply(ToolReply):
     success: bool
     deployment_id: str
     status: SessionState = Field(description="The session's status when the reply was made")
@@ -367,7 +446,7 @@ class EventStreamReply(BaseModel):
     resource_uri: str = Field(description="The same events as an MCP resource")
 
 
-class PlotInfo(BaseModel):
+class PlotInfo(ToolReply):
     session_id: str
     epochs_plotted: int
     bytes: int
@@ -380,6 +459,9 @@ class ClassificationMetrics(BaseModel):
     macro_precision: float
     macro_recall: float
     macro_f1: float
+    precision: float = Field(description="The guides' name for macro_precision")
+    recall: float = Field(description="The guides' name for macro_recall")
+    f1_score: float = Field(description="The guides' name for macro_f1")
     support: int
     label_names: list[str]
     confusion_matrix: list[list[int]] = Field(description="Rows: true class, columns: predicted class")
@@ -396,7 +478,7 @@ class NodePrediction(BaseModel):
     examples: int
 
 
-class PredictReply(BaseModel):
+class PredictReply(ToolReply):
     success: bool
     cluster_id: str
     prediction: str | list[str] = Field(description="Label name (one example) or names (a batch)")
@@ -422,7 +504,7 @@ class LatencyStats(BaseModel):
     nodes: int
 
 
-class BenchmarkResult(BaseModel):
+class BenchmarkResult(ToolReply):
     success: bool
     model_id: str
     benchmark_type: str
@@ -436,7 +518,7 @@ class BenchmarkResult(BaseModel):
     timestamp: float
 
 
-class ExportReply(BaseModel):
+class ExportReply(ToolReply):
     success: bool
     model_id: str
     format: str
@@ -445,7 +527,7 @@ class ExportReply(BaseModel):
     bytes: int
 
 
-class LoadReply(BaseModel):
+class LoadReply(ToolReply):
     success: bool
     cluster_id: str
     source: str

@@ -545,6 +545,7 @@ class CommHookState:
         self.received_bytes = 0
         self.comm_seconds = 0.0
         self.buckets = 0
+        self.dense_fallbacks = 0  # buckets sent dense because top-k would have moved more bytes
         # GPU buckets on the mesh path: (start, end) CUDA events, read when stats() is asked.
         self._gpu_spans: list[tuple[Any, Any]] = []
         self._lock = threading.Lock()
@@ -588,6 +589,7 @@ class CommHookState:
                 "received_bytes": self.received_bytes,
                 "comm_seconds": self.comm_seconds,
                 "buckets": self.buckets,
+                "dense_fallback_buckets": self.dense_fallbacks,
             }
 
     # background thread --------------------------------------------------------
@@ -703,6 +705,37 @@ def _topk_pack(state: CommHookState, bucket: Any, buf: torch.Tensor,
     return packed, k, idx_dtype
 
 
+def topk_payload_bytes(numel: int, element_size: int, ratio: float) -> int:
+    """Bytes of one rank's top-k part of a bucket: k values and k indices (int32 below 2**31 entries)."""
+    k = min(numel, max(1, int(ratio * numel)))
+    return k * (element_size + (4 if numel < 2**31 else 8))
+
+
+def sparse_pays(topology: str, ranks: int, numel: int, element_size: int, ratio: float) -> bool:
+    """Whether exchanging top-k parts moves fewer bytes over the whole group than a dense all-reduce.
+
+    Every rank decides alike (no rank-dependent figure): a dense all-reduce moves about
+    2 (n-1) x the bucket in total; gathering the parts moves n (n-1) parts along a mesh, ring or
+    hierarchy (counted as a ring), (n+1) (n-1) through a star's hub. With int32 indices, ratio
+    0.5 never pays; on 4 ranks top-k pays below a ratio of 1/4."""
+    if ranks <= 1:
+        return False
+    part = topk_payload_bytes(numel, element_size, ratio)
+    gathered = (ranks + 1 if topology == "star" else ranks) * part
+    return gathered < 2 * numel * element_size
+
+
+def _fold_residuals(state: CommHookState, bucket: Any, buf: torch.Tensor) -> None:
+    """Add the error-feedback residuals into ``buf`` and drop them (a dense exchange sends it all)."""
+    flat = buf.view(-1)
+    offset = 0
+    for key, n in _residual_slots(bucket, buf.numel()):
+        residual = state.residuals.pop(key, None)
+        if residual is not None and residual.numel() == n and residual.dtype == flat.dtype:
+            flat[offset : offset + n].add_(residual)
+        offset += n
+
+
 def _sparse_sum_mean(table: torch.Tensor, k: int, idx_dtype: torch.dtype, buf: torch.Tensor) -> torch.Tensor:
     """Sum every rank's (values, indices) row of ``table`` into ``buf`` densely, divide by ranks."""
     vbytes = k * buf.element_size()
@@ -735,7 +768,8 @@ def make_ddp_hook(
       and later buckets fail fast. Call ``state.close()`` when done with the model.
     * ``compression=r`` (top-k, ``0 < r <= 1``): per bucket, the error-feedback residual is
       added, the ``k = max(1, int(r * numel))`` largest-magnitude entries are kept and only
-      their (value, int32 index) pairs are exchanged: mesh with an async ``dist.all_gather``
+      their (value, int32 index) pairs are exchanged, when that moves fewer bytes than dense
+      (``sparse_pays``; otherwise the bucket plus its residual goes dense): mesh with an async ``dist.all_gather``
       of the fixed-size packed parts; ring / star / hierarchical with
       :meth:`TopologyReducer.allgather` on the communication thread (the packed parts travel
       along the topology: around the ring, through the hub, or via cluster leaders). Every
@@ -823,6 +857,11 @@ def _topk_hook(st, bucket):  # type: ignore[no-untyped-def]
         st._record(0, 0, 0, 0.0)
         return _done_future(buf)
     assert st.compression is not None
+    if not sparse_pays(red.topology, red.size, buf.numel(), buf.element_size(), st.compression):
+        _fold_residuals(st, bucket, buf)  # dense carries everything: nothing is left over
+        with st._lock:
+            st.dense_fallbacks += 1
+        return (_dense_mesh_hook if red.topology == "mesh" else _dense_thread_hook)(st, bucket)
     dense, _ = red.dense_bytes_for(buf.numel(), buf.element_size())
     start = time.perf_counter()
     packed, k, idx_dtype = _topk_pack(st, bucket, buf, st.compression)

@@ -12,7 +12,7 @@ import sys
 from enum import Enum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -28,7 +28,8 @@ Topology = Literal["mesh", "ring", "star", "hierarchical"]
 Backend = Literal["gloo", "nccl"]
 BackendChoice = Literal["auto", Backend]  # what a cluster asks for; auto = nccl when every node sees a GPU
 Launcher = Literal["subprocess", "docker", "ray"]
-Capability = Literal["training", "inference"]
+Capability = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+"""A node capability: free-form, stored and shown; `training` and `inference` decide what a node takes part in."""
 Architecture = Literal["transformer", "cnn", "rnn", "mlp"]
 UnbuiltArchitecture = Literal["gnn", "hybrid"]  # Flow Nexus names no node builds: refused with a sentence
 ArchitectureName = Literal[Architecture, UnbuiltArchitecture]
@@ -42,7 +43,10 @@ Partition = Literal["iid", "dirichlet"]
 TrainMode = Literal["sync", "parameter_server", "federated"]
 Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
 AggregationRule = Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"]
-ExportFormat = Literal["safetensors", "torchscript"]
+ExportFormat = Literal["safetensors", "torchscript", "pytorch"]
+LRSchedule = Literal["constant", "cosine", "warmup_cosine", "step", "plateau"]
+CheckpointMetric = Literal["val_loss", "val_accuracy", "val_f1_macro", "val_perplexity"]
+DEFAULT_COMPRESSION_RATIO = 0.5
 BehaviorKind = Literal["honest", "gaussian_noise", "sign_flip", "scaled", "nan"]
 
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -263,11 +267,27 @@ class JobOptions(BaseModel):
     gradient_accumulation: int = Field(1, ge=1, le=64, description="Micro-batches per optimizer step")
     mixed_precision: bool = Field(False, description=(
         "bf16 autocast (CPU, and the GPU of synchronous training on nccl where it supports bf16)"))
-    gradient_compression: float | None = Field(None, gt=0, le=1, description=(
-        "Top-k ratio of gradient entries sent (error feedback keeps the rest)"))
+    gradient_compression: bool | Annotated[float, Field(gt=0, le=1)] | None = Field(None, description=(
+        "Top-k gradient compression: true (ratio from compression_ratio, default 0.5) or the ratio itself; "
+        "error feedback keeps the rest; the sparse encoding is sent only when smaller than dense"))
+    compression_ratio: float | None = Field(None, gt=0, le=1, description=(
+        "Fraction of gradient entries sent when gradient_compression is true (default 0.5)"))
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory")
     checkpoint_every: int = Field(0, ge=0, le=1000, description=(
         "Epochs/rounds between checkpoints (0: only at the end)"))
+    checkpoint_on_improvement: float | None = Field(None, ge=0, le=1, description=(
+        "Also checkpoint when checkpoint_metric improves on its best by at least this fraction "
+        "(0.01: loss < best_loss * 0.99)"))
+    checkpoint_best: bool = Field(False, description=(
+        "Keep the checkpoint with the best checkpoint_metric (never rotated away by max_checkpoints)"))
+    checkpoint_metric: CheckpointMetric = Field("val_loss", description=(
+        "Validation metric checkpoint_best and checkpoint_on_improvement judge by"))
+    lr_schedule: LRSchedule = Field("warmup_cosine", description=(
+        "Learning-rate schedule over the optimizer steps: constant, cosine (to 10%), warmup_cosine (linear "
+        "warm-up, then cosine to 10%), step (x0.1 at 50% and 75% of the steps), plateau (x0.5 after 2 "
+        "epochs/rounds without a better val_loss)"))
+    warmup_steps: int | None = Field(None, ge=0, le=100_000, description=(
+        "Warm-up steps of warmup_cosine (default 5% of the steps, at most 100)"))
     max_checkpoints: int = Field(3, ge=1, le=100, description="Keep the last N checkpoints")
     resume_from: str | None = Field(None, max_length=4096, description="Checkpoint id or path to continue from")
     aggregation_rule: AggregationRule = Field("fedavg", description=(
@@ -285,6 +305,19 @@ class JobOptions(BaseModel):
     secure_aggregation: bool = Field(False, description=(
         "Federated only: workers mask their updates pairwise (X25519 key agreement, Shamir-shared "
         "secrets for dropouts) so the aggregator learns only the sum; needs aggregation_rule fedavg"))
+
+    @model_validator(mode="after")
+    def _compression_as_ratio(self) -> JobOptions:
+        """gradient_compression as the guides write it (true + compression_ratio) becomes the ratio."""
+        given = self.gradient_compression
+        if given is True:
+            self.gradient_compression = self.compression_ratio or DEFAULT_COMPRESSION_RATIO
+        elif given is False:
+            self.gradient_compression = None
+        elif given is not None and self.compression_ratio is not None and given != self.compression_ratio:
+            raise ValueError(f"gradient_compression {given} and compression_ratio {self.compression_ratio} disagree; "
+                             "give gradient_compression=true with compression_ratio, or the ratio alone")
+        return self
 
 
 class TrainOptions(JobOptions):

@@ -3,7 +3,8 @@
 Export layout (a directory): ``config.json`` (architecture, preset, task, labels, training
 facts), ``tokenizer.json`` for text models, ``labels.json``, the weights as
 ``model.safetensors`` (always; a TorchScript export adds ``model.torchscript.pt`` for other
-programs), and ``README.md`` (a model card with the metrics the model was trained to).
+programs, a pytorch export ``model.pt``: a plain state dict for ``torch.load(weights_only=True)``),
+and ``README.md`` (a model card with the metrics the model was trained to).
 
 Loading never runs code from the files: the model is rebuilt from ``config.json`` and its
 weights read from safetensors; ``config["weights"]`` must name a file inside the export
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TORCHSCRIPT = "model.torchscript.pt"
+PYTORCH = "model.pt"
 
 
 class ServingError(ValueError):
@@ -49,8 +51,8 @@ def example_batch(trained: TrainedModel, n: int = 1) -> torch.Tensor:
 
 def export_model(trained: TrainedModel, directory: Path, fmt: str, card: dict[str, Any],
                  job: dict[str, Any] | None) -> list[Path]:
-    if fmt not in ("safetensors", "torchscript"):
-        raise ServingError(f"unknown export format {fmt!r}; use safetensors or torchscript")
+    if fmt not in ("safetensors", "torchscript", "pytorch"):
+        raise ServingError(f"unknown export format {fmt!r}; use safetensors, torchscript or pytorch")
     from safetensors.torch import save_model
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -68,9 +70,15 @@ def export_model(trained: TrainedModel, directory: Path, fmt: str, card: dict[st
             raise ServingError(f"TorchScript tracing failed for {trained.architecture}: {exc}; "
                                "export as safetensors instead") from exc
         files.append(traced)
+    if fmt == "pytorch":
+        # A plain state dict of tensors: torch.load(..., weights_only=True) reads it without running code.
+        state = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
+        torch.save(state, str(directory / PYTORCH))
+        files.append(directory / PYTORCH)
     info = describe_model(model)
     config = {
         "format": fmt, "weights": path.name, **({"torchscript": TORCHSCRIPT} if fmt == "torchscript" else {}),
+        **({"pytorch": PYTORCH} if fmt == "pytorch" else {}),
         "architecture": trained.architecture, "preset": trained.preset,
         "task": asdict(trained.task), "max_len": trained.max_len, "label_names": trained.label_names,
         "layers": (job or {}).get("layers"), "parameters": info["parameters"],
@@ -90,10 +98,11 @@ def model_card(config: dict[str, Any], card: dict[str, Any]) -> str:
     metrics = config.get("metrics") or {}
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)))
     training = config.get("training") or {}
+    shown = config.get("torchscript") or config.get("pytorch") or config["weights"]
     facts = "\n".join(f"- {k}: {v}" for k, v in {**training, **card}.items() if v is not None)
     return f"""# {config['architecture']} ({config['preset']}) exported by flow-nexus-server
 
-- format: {config['format']} (`{config.get('torchscript') or config['weights']}`), {config['parameters']:,} parameters
+- format: {config['format']} (`{shown}`), {config['parameters']:,} parameters
 - input: {config['task']['kind']} {tuple(config['task']['input_shape'])}, max_len {config['max_len']}
 - labels: {', '.join(config['label_names']) or '(language model)'}
 

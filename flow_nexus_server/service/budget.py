@@ -9,6 +9,7 @@ node whose resident memory passes its limit while running is stopped.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from flow_nexus_server.config import Settings
 from flow_nexus_server.service.errors import ServiceError
@@ -59,3 +60,53 @@ def check_training_memory(node: Node, check: p.DatasetCheck, job: p.TrainJob, se
         f"{model} has {check.parameters:,} parameters; training it with batch_size {job.batch_size} needs about "
         f"{need:,.0f} MB per node{detail}, over the {budget:,} MB (memory_mb) node {node.id} was deployed with; "
         f"use fewer or smaller layers, a smaller preset or batch_size, or deploy nodes with memory_mb >= {suggest}")
+
+
+TRAIN_COPIES = 9
+"""float32 copies of the weights training holds per node (workers.budget: measured 8.7 for an MLP with Adam)."""
+
+
+def layer_list_parameters(layers: list[dict[str, Any]]) -> int | None:
+    """Parameters a layer list declares by its own sizes (its vocab_size and num_classes, before the
+    dataset's replace them); None when a layer's input size cannot be known without the data."""
+    width, total = None, 0
+    for layer in layers:
+        kind = layer.get("type")
+        if kind == "embedding":
+            if not layer.get("vocab_size") or not layer.get("embedding_dim"):
+                return None
+            width = layer["embedding_dim"]
+            total += layer["vocab_size"] * width
+        elif kind == "transformer_block" and width:
+            hidden = layer.get("hidden_dim") or 4 * width
+            per_block = 4 * width * width + 4 * width + 2 * width * hidden + hidden + width + 4 * width
+            total += (layer.get("num_layers") or 1) * per_block
+        elif kind in ("lstm", "gru") and width:
+            size, gates = layer.get("hidden_size") or width, 4 if kind == "lstm" else 3
+            directions = 2 if layer.get("bidirectional") else 1
+            per_layer = gates * (width * size + size * size + 2 * size) * directions
+            total += (layer.get("num_layers") or 1) * per_layer
+            width = size * directions
+        elif kind == "dense" and width and layer.get("units"):
+            total += width * layer["units"] + layer["units"]
+            width = layer["units"]
+        elif kind == "output" and width and layer.get("num_classes"):
+            total += width * layer["num_classes"] + layer["num_classes"]
+        elif kind not in ("dropout",):
+            return None
+    return total
+
+
+def check_layer_list_memory(layers: list[dict[str, Any]] | None, memory_mb: int) -> None:
+    """Refuse, at deploy, a layer list whose declared model cannot be trained within ``memory_mb``."""
+    params = layer_list_parameters(layers or [])
+    if not params:
+        return
+    need = params * 4 * TRAIN_COPIES / 2**20
+    if need <= memory_mb:
+        return
+    raise ServiceError(
+        f"the layer list declares a model of about {params:,} parameters ({params / 1e6:,.0f}M); training it needs "
+        f"about {need:,.0f} MB per node ({TRAIN_COPIES} float32 copies: weights, gradients, optimizer state, "
+        f"communication and checkpoint copies), over the {memory_mb:,} MB (memory_mb) a node gets; use fewer or "
+        f"smaller layers, or deploy with memory_mb >= {math.ceil(need / 100) * 100} where the host has that much")

@@ -24,7 +24,7 @@ from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import NextStep, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
 from flow_nexus_server.service.parallel import parallel
-from flow_nexus_server.service.paths import under_allowed_root
+from flow_nexus_server.service.paths import sandbox_path, under_allowed_root
 from flow_nexus_server.service.prediction import classification_report, combine, shard_indices
 from flow_nexus_server.store import Checkpoint, Cluster, Node
 from workers import protocol as p
@@ -36,8 +36,10 @@ INPUT_KEYS = ("inputs", "input", "data", "X", "x", "features", "text", "texts")
 LABEL_KEYS = ("labels", "label", "y", "targets", "target")
 
 
-def parse_input_data(input_data: str, roots: list[Path]) -> Any:
-    """JSON text -> its value; a path to a .json/.jsonl/.csv/.txt file -> examples; other text -> itself."""
+def parse_input_data(input_data: str, roots: list[Path], sandboxes: list[Path] | None = None) -> Any:
+    """JSON text -> its value; a path to a .json/.jsonl/.csv/.txt file -> examples; other text -> itself.
+    A file path is a host file under ``roots`` or, outside them (``/data/test.json`` as the guides
+    write it) or relative, that path inside one of ``sandboxes`` (the first that holds it)."""
     text = input_data.strip()
     if text[:1] in "{[\"" or text in ("null", "true", "false") or _is_number(text):
         try:
@@ -46,11 +48,29 @@ def parse_input_data(input_data: str, roots: list[Path]) -> Any:
             if text[:1] in "{[":
                 raise
     if "\n" not in text and len(text) < 4096 and text.endswith((".json", ".jsonl", ".csv", ".txt")):
+        return _read_examples(example_file(text, roots, sandboxes or []))
+    return input_data  # raw text for a text model
+
+
+def example_file(text: str, roots: list[Path], sandboxes: list[Path]) -> Path:
+    """Where the examples file ``text`` names is: a host path under ``roots`` wins; else the same path
+    inside the first sandbox holding it."""
+    if Path(text).is_absolute() and sandbox_path(text, roots) is None:
         path = under_allowed_root(text, roots, "input_data file")
         if not path.is_file():
             raise ServiceError(f"input_data file {path} does not exist")
-        return _read_examples(path)
-    return input_data  # raw text for a text model
+        return path
+    relative = text.lstrip("/")
+    if ".." in Path(relative).parts:
+        raise ServiceError(f"input_data file {text!r} may not contain '..'")
+    for sandbox in sandboxes:
+        root = sandbox.resolve()
+        candidate = (root / relative).resolve()
+        if root in candidate.parents and candidate.is_file():
+            return candidate
+    raise ServiceError(f"input_data file {text} is outside the allowed roots ({', '.join(map(str, roots))}) "
+                       "and in no sandbox of this cluster's nodes",
+                       next_step=NextStep.UPLOAD)
 
 
 MAX_JSON_DEPTH = 32  # examples need a few levels: a batch of images is batch, channel, row, column
@@ -104,14 +124,12 @@ def _is_number(text: str) -> bool:
 def _read_examples(path: Path) -> Any:
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".json":
-        return loads_json(raw, f"input_data file {path}")
+        value = loads_json(raw, f"input_data file {path}")
+        records = isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+        return _records_as_examples(value) if records else value  # an array of records reads like JSONL
     if path.suffix == ".jsonl":
-        rows = [loads_json(line, f"line {i} of input_data file {path}")
-                for i, line in enumerate(raw.splitlines(), 1) if line.strip()]
-        objects = [row if isinstance(row, dict) else {} for row in rows]  # other lines are inputs as they are
-        inputs = [next((obj[k] for k in INPUT_KEYS if k in obj), row) for obj, row in zip(objects, rows)]
-        labels = [next((obj[k] for k in LABEL_KEYS if k in obj), None) for obj in objects]
-        return {"inputs": inputs, "labels": labels} if all(v is not None for v in labels) else inputs
+        return _records_as_examples([loads_json(line, f"line {i} of input_data file {path}")
+                                     for i, line in enumerate(raw.splitlines(), 1) if line.strip()])
     if path.suffix == ".csv":
         import csv
 
@@ -125,6 +143,14 @@ def _read_examples(path: Path) -> Any:
         inputs = [row[text] for row in rows] if text else [_numbers(row, feats, path) for row in rows]
         return {"inputs": inputs, "labels": [row[label] for row in rows]} if label else inputs
     return [line for line in raw.splitlines() if line.strip()]
+
+
+def _records_as_examples(rows: list[Any]) -> Any:
+    """Records ({"text": ..., "label": ...}) as inputs, with their labels when every record has one."""
+    objects = [row if isinstance(row, dict) else {} for row in rows]  # other lines are inputs as they are
+    inputs = [next((obj[k] for k in INPUT_KEYS if k in obj), row) for obj, row in zip(objects, rows)]
+    labels = [next((obj[k] for k in LABEL_KEYS if k in obj), None) for obj in objects]
+    return {"inputs": inputs, "labels": labels} if all(v is not None for v in labels) else inputs
 
 
 def split_examples(payload: Any) -> tuple[list[Any], list[Any] | None, bool]:
@@ -166,6 +192,12 @@ class InferenceService:
             raise ServiceError(f"no node of cluster {cluster_id} holds a model yet", next_step=NextStep.TRAIN_OR_LOAD)
         return cluster, [n for n, _ in ready], [i for _, i in ready]
 
+    def sandboxes(self, cluster_id: str) -> list[Path]:
+        """The cluster's node sandboxes where an examples file may lie: aggregators' first (the guides
+        place a test file there), then the others."""
+        nodes = sorted(self.clusters.store.nodes(cluster_id), key=lambda n: (n.role != "aggregator", n.id))
+        return [Path(n.sandbox) for n in nodes if n.sandbox]
+
     def quantized_default(self, cluster: Cluster) -> bool:
         q = cluster.options.get("quantization") or {}
         return bool(q.get("enabled"))
@@ -173,9 +205,9 @@ class InferenceService:
     # ---------------------------------------------------------------- predict
     def predict(self, cluster_id: str, input_data: str, aggregation: str, mode: str, model: str,
                 quantized: bool | None) -> r.PredictReply:
-        payload = parse_input_data(input_data, self.clusters.settings.allowed_roots)
         svc = self.clusters
         cluster, nodes = self.inference_nodes(cluster_id)
+        payload = parse_input_data(input_data, svc.settings.allowed_roots, self.sandboxes(cluster_id))
         use_int8 = self.quantized_default(cluster) if quantized is None else quantized
         use_local = model == "local"
         start = time.perf_counter()
@@ -243,7 +275,9 @@ class InferenceService:
             model="int8" if use_int8 else model, nodes_used=len(replies), examples=len(pred_names),
             individual_predictions=per_node, details=examples[:MAX_EXAMPLES_SHOWN],
             details_truncated=len(examples) > MAX_EXAMPLES_SHOWN, total_latency_ms=total_ms,
-            metrics=r.ClassificationMetrics(**report) if report else None,
+            metrics=r.ClassificationMetrics(**report, precision=report["macro_precision"],
+                                            recall=report["macro_recall"], f1_score=report["macro_f1"])
+            if report else None,
         )
 
     # ------------------------------------------------------------- benchmark
@@ -354,6 +388,19 @@ class InferenceService:
                                       f"{fmt} export to {target}")
         return r.ExportReply(success=True, model_id=model_id, format=fmt, directory=out.directory, files=out.files,
                              bytes=out.bytes)
+
+    def final_export(self, cluster_id: str) -> r.ExportReply | None:
+        """The model a cluster serves, exported in the pytorch format before the cluster stops (its
+        final artifact); None when no node holds a model. A failure is logged, never stops the terminate."""
+        try:
+            self.serving_nodes(cluster_id)
+        except ServiceError:
+            return None
+        try:
+            return self.export(cluster_id, "pytorch", None)
+        except Exception:
+            log.exception("exporting the final model of %s failed", cluster_id)
+            return None
 
     def load(self, cluster_id: str, path: str) -> r.LoadReply:
         settings = self.clusters.settings

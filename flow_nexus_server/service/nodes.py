@@ -22,6 +22,7 @@ from flow_nexus_server.config import Settings
 from flow_nexus_server.launchers import LaunchError, NodeLauncher, NodeSpec
 from flow_nexus_server.launchers.docker import UnavailableLauncher
 from flow_nexus_server.service.backend import check_gpus
+from flow_nexus_server.service.budget import check_layer_list_memory
 from flow_nexus_server.service.errors import Conflict, NextStep, ServiceError
 from flow_nexus_server.service.node_client import NodeRequestError
 from flow_nexus_server.service.parallel import parallel
@@ -76,6 +77,7 @@ class NodeRegistry:
             cluster = self.get_cluster(cluster_id)
             check_gpus(num_gpus, cluster.launcher)
             check_memory(count, memory_mb or self.settings.limits.node_memory_mb)
+            check_layer_list_memory(layers, memory_mb or self.settings.limits.node_memory_mb)
             live = self.store.nodes(cluster_id)
             if len(live) + count > cluster.max_nodes:
                 raise ServiceError(

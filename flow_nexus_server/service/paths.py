@@ -32,11 +32,40 @@ def under_allowed_root(path: str, roots: list[Path], what: str) -> Path:
     return resolved
 
 
+# Corpora the Flow Nexus guides name that exist only as downloads: this server downloads nothing.
+DOWNLOAD_ONLY_DATASETS = ("wikitext-103", "wikitext-2", "wikitext", "openwebtext", "c4", "the-pile", "bookcorpus")
+
+
+def sandbox_path(spec: str, roots: list[Path]) -> str | None:
+    """The guides' sandbox paths: an absolute path or glob such as ``/data/train_*.json`` that lies
+    outside every allowed root names the same path inside each node's own sandbox; returned
+    relative (``data/train_*.json``). None for anything else: a host path under an allowed root
+    (which wins), a relative path (already read in the sandbox), a name or inline JSON."""
+    text = spec.strip()
+    if not text.startswith("/") or "\0" in text:
+        return None
+    cut = next((i for i, c in enumerate(text) if c in "*?["), len(text))
+    fixed = os.path.dirname(text[:cut])  # the directory it lies in: a symlinked file under a root stays a host path
+    try:
+        resolved = Path(fixed or "/").resolve()
+    except (OSError, RuntimeError):
+        return None
+    if any(resolved == root or root in resolved.parents for root in roots):
+        return None
+    relative = text.lstrip("/")
+    return relative if relative and ".." not in Path(relative).parts else None
+
+
 def check_dataset_spec(spec: str, roots: list[Path], inline_limit: int) -> None:
     """Refuse dataset specs that would read outside the allowed places, before any node sees them."""
     text = spec.strip()
     if text.lower() in BUILTIN_DATASETS:
         return
+    if text.lower() in DOWNLOAD_ONLY_DATASETS:
+        raise ServiceError(f"dataset {text!r} is a download and this server reads no network: for a language model "
+                           "use the built-in 'bbc-news-lm' (BBC News text, perplexity reported), or upload your own "
+                           "text files (.txt, one document per line) to each worker and name them as the dataset",
+                           next_step=NextStep.UPLOAD)
     if text.startswith(("{", "[")):
         size = len(text.encode())
         if size > inline_limit:

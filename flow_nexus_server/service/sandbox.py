@@ -26,6 +26,12 @@ NAME_MAX = 255  # bytes in one path component (Linux file systems)
 PATH_MAX = 4096  # bytes in a whole path, with its terminating NUL
 
 
+def in_sandbox_name(name: str) -> str:
+    """The guides write sandbox files as absolute paths (``/data/train_shard_1.json``): that path
+    inside the node's sandbox. Relative names are already inside it."""
+    return name.lstrip("/") if name.startswith("/") and name.strip("/") else name
+
+
 def safe_path(root: Path, name: str) -> Path:
     """``root / name`` when it stays inside ``root`` (no absolute path, no '..', no symlink escape)."""
     if not name or "\0" in name or name.startswith(("/", "\\")) or Path(name).is_absolute():
@@ -122,6 +128,7 @@ class SandboxFiles:
                                f"{self.settings.limits.max_upload_bytes} "
                                "bytes per file (FLOW_NEXUS_MAX_UPLOAD_BYTES)")
         sandbox = Path(node.sandbox).resolve()
+        file_name = in_sandbox_name(file_name)
         safe_path(sandbox, file_name)  # a clear sentence for the common mistakes; write_no_follow enforces
         relative = Path(file_name)  # no '..', no absolute path: checked above
         target = sandbox / relative

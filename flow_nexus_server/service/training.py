@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,11 +23,14 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from flow_nexus_server import replies as r
+from flow_nexus_server.launchers.local import NODE_LOG
 from flow_nexus_server.service.budget import check_training_memory
+from flow_nexus_server.service.cluster_model import cluster_model, options_ignored
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import Conflict, NextStep, NotFound, ServiceError
+from flow_nexus_server.service.guide_view import guide_fields
 from flow_nexus_server.service.parallel import parallel
-from flow_nexus_server.service.paths import check_dataset_spec, under_allowed_root
+from flow_nexus_server.service.paths import check_dataset_spec, sandbox_path, under_allowed_root
 from flow_nexus_server.service.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 from flow_nexus_server.states import (
     ENDED_SESSION_STATES,
@@ -94,6 +97,7 @@ class LiveSession:
     done: threading.Event = field(default_factory=threading.Event)
     lost_seen: threading.Event = field(default_factory=threading.Event)  # set with ``lost``
     lock: threading.Lock = field(default_factory=threading.Lock)  # pushes vs. a restart swapping nodes
+    epoch_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # the reporter's, per epoch/round
 
     def reporter(self) -> NodeView | None:
         return next((v for v in self.nodes if v.snapshot and v.snapshot.reporter), None)
@@ -139,6 +143,15 @@ class LiveSession:
         return out
 
 
+def session_totals(live: LiveSession) -> dict[str, Any]:
+    """What a whole session did, from the controller's memory: epochs, steps, samples, time, final loss."""
+    view = live.view()
+    samples = sum(stats.get("samples_processed", 0.0) for stats in (view.nodes or {}).values())
+    return {"total_epochs": view.epoch, "total_steps": view.step, "samples_processed": samples,
+            "final_loss": view.metrics.get("val_loss", view.metrics.get("loss")),
+            "final_perplexity": view.metrics.get("val_perplexity"), "training_time_s": view.elapsed_s}
+
+
 class TrainingService:
     def __init__(self, clusters: ClusterService) -> None:
         self.clusters = clusters
@@ -163,6 +176,9 @@ class TrainingService:
         if req.batch_size > limits.max_batch_size:
             raise ServiceError(f"batch_size {req.batch_size} is above this server's limit of {limits.max_batch_size} "
                                "(FLOW_NEXUS_MAX_BATCH_SIZE)")
+        asked_dataset = req.dataset
+        if in_sandbox := sandbox_path(req.dataset, svc.settings.allowed_roots):
+            req = req.model_copy(update={"dataset": in_sandbox})  # the same path inside each node's sandbox
         check_dataset_spec(req.dataset, svc.settings.allowed_roots, limits.max_inline_dataset_bytes)
         dataset, epochs, batch_size, federated = req.dataset, req.epochs, req.batch_size, req.federated
         learning_rate, optimizer, local_epochs = req.learning_rate, req.optimizer, req.local_epochs
@@ -187,14 +203,14 @@ class TrainingService:
                                    next_step=NextStep.DEPLOY_WORKERS)
             mode = "federated" if federated else ("parameter_server" if "parameter_server" in roles else "sync")
             arch = req.architecture or cluster.architecture
-            first = trainers[0]
-            layers = first.layers if first.model == "custom" else None
+            preset, layers, ignored = cluster_model(nodes, trainers)
+            ignored |= options_ignored(req, mode)
             resume = self._resolve_resume(req.resume_from)
             session_id = "train_" + secrets.token_hex(6)
             job = p.TrainJob(
                 **req.model_dump(include=set(p.JobOptions.model_fields)) | {"resume_from": resume},
                 session_id=session_id, mode=mode, topology=cluster.connected_topology or cluster.topology,
-                architecture=arch, model=first.model, layers=layers, rounds=req.rounds or epochs, roles=roles,
+                architecture=arch, model=preset, layers=layers, rounds=req.rounds or epochs, roles=roles,
                 consensus=req.consensus or cluster.consensus,
                 behaviors=[p.Behavior(**(n.options.get("behavior") or {})) for n in nodes],
                 sandbox_quota_bytes=limits.max_sandbox_bytes,  # checkpoints count toward it
@@ -208,6 +224,11 @@ class TrainingService:
             for node, check in zip(trainers, checks):
                 if isinstance(check, BaseException):
                     raise ServiceError(f"node {node.id} could not check the job: {check}")
+                if not check.ok and in_sandbox:
+                    roots = ", ".join(map(str, svc.settings.allowed_roots))
+                    raise ServiceError(f"dataset {asked_dataset} is outside the allowed roots ({roots}), so it names "
+                                       f"{in_sandbox} in each node's sandbox, and node {node.id} cannot read it "
+                                       f"there: {check.error}", next_step=NextStep.UPLOAD)
                 if not check.ok:
                     raise ServiceError(check.error or f"node {node.id} cannot run this job")
                 check_training_memory(node, check, job, svc.settings)
@@ -253,7 +274,7 @@ class TrainingService:
             success=True, session_id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
             nodes_training=len(trainers), roles={n.id: n.role for n in nodes}, config=config,
             data=data.model_dump(exclude={"ok", "error"}),
-            message="training started",
+            message="training started", ignored=ignored,
         )
 
     def _resolve_resume(self, resume: str | None) -> str | None:
@@ -455,6 +476,7 @@ class TrainingService:
             by_epoch: dict[int, dict[str, float]] = {}
             for m in snap.samples:
                 by_epoch.setdefault(m.epoch, {})[m.name] = m.value
+                live.epoch_metrics.setdefault(m.epoch, {})[m.name] = m.value
             unit = "round" if live.mode == "federated" else "epoch"
             for epoch in sorted(e for e in by_epoch if e > live.last_event_epoch and e > 0):
                 values = by_epoch[epoch]
@@ -629,7 +651,8 @@ class TrainingService:
     # ------------------------------------------- cluster views that include training
     def cluster_status(self, cluster_id: str) -> r.ClusterStatusReply:
         reply = self.clusters.status(cluster_id)
-        live = self.live_view(cluster_id)
+        session = self.live.get(self.by_cluster.get(cluster_id, ""))
+        live = session.view() if session else None
         if live is None:
             return reply
         for node in reply.nodes:
@@ -642,10 +665,13 @@ class TrainingService:
             "current_epoch": live.epoch,
             "current_loss": live.metrics.get("loss"),
             "global_accuracy": live.metrics.get("val_accuracy", live.metrics.get("accuracy")),
+            **guide_fields(live, {n.node_id: n.role for n in reply.nodes}, session.epoch_metrics),
         })
 
-    def terminate_cluster(self, cluster_id: str) -> r.TerminateReply:
-        """Stop a running session first (so it ends 'stopped', not 'failed'), then every node."""
+    def terminate_cluster(self, cluster_id: str,
+                          export: Callable[[], r.ExportReply | None] | None = None) -> r.TerminateReply:
+        """Stop a running session first (so it ends 'stopped', not 'failed'), export the final model
+        with ``export`` while the nodes still hold it, then stop every node."""
         sid = self.by_cluster.get(cluster_id)
         live = self.live.get(sid) if sid else None
         if live is not None and live.status == SessionState.RUNNING:
@@ -653,9 +679,19 @@ class TrainingService:
                 self.stop(live.session_id, timeout=30)
             except ServiceError as exc:
                 log.warning("stopping %s before terminate: %s", live.session_id, exc)
+        # Only a session that ended well left a model worth exporting (and nodes that answer).
+        trained = live is not None and live.status in (SessionState.COMPLETED, SessionState.STOPPED)
+        final_export = export() if export and trained else None
+        logs = [str(Path(n.sandbox) / NODE_LOG) for n in self.store.nodes(cluster_id) if n.sandbox]
         reply = self.clusters.terminate(cluster_id)
         final, paths = self.last_results(cluster_id)
-        return reply.model_copy(update={"final_metrics": final, "checkpoints": paths})
+        if final is not None and live is not None:
+            final = {**final, **session_totals(live)}
+        artifacts = r.Artifacts(final_model=final_export.directory if final_export else None,
+                                final_model_files=final_export.files if final_export else [],
+                                checkpoints=paths, logs=[x for x in logs if Path(x).exists()])
+        return reply.model_copy(update={"final_metrics": final, "checkpoints": paths, "checkpoints_saved": len(paths),
+                                        "artifacts": artifacts})
 
     # ---------------------------------------------------------------- recover
     def recover(self) -> None:

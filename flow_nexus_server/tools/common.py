@@ -13,8 +13,9 @@ from typing import Annotated, Any, TypeVar
 import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.controller.core import Controller
@@ -118,28 +119,97 @@ class App:
         return self.ctrl().inference
 
 
-def tool(mcp: MCPServer, *, title: str, annotations: ToolAnnotations) -> Callable[[Callable[..., T]], Callable[..., T]]:
+def tool(mcp: MCPServer, *, title: str, annotations: ToolAnnotations,
+         ignored: dict[str, str] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """``mcp.tool`` with the docstring as the description, its continuation lines unindented, and a
-    reply model answered as compact JSON text (``compact_reply``)."""
+    reply model answered as compact JSON text (``compact_reply``).
+
+    No argument is accepted silently: ``ignored`` names the parameters kept for Flow Nexus
+    compatibility that change nothing here (with a one-line reason); those the client sent come back
+    in the reply's ``ignored``, and every argument the tool does not declare in its ``unknown``
+    (the SDK's argument model would drop them without a word)."""
 
     def declare(fn: Callable[..., T]) -> Callable[..., T]:
-        published: Callable[..., Any] = fn
-        if _returns_model(fn):
-            @functools.wraps(fn)  # the SDK reads the parameters and the output model through __wrapped__
-            async def published(*args: Any, **kwargs: Any) -> CallToolResult:
-                return compact_reply(await fn(*args, **kwargs))
+        returns_model = _returns_model(fn)
+
+        @functools.wraps(fn)  # the SDK reads the parameters and the output model through __wrapped__
+        async def published(*args: Any, **kwargs: Any) -> Any:
+            unknown = sorted(kwargs.pop(EXTRA_KEY, {}))
+            sent = kwargs.pop(SENT_KEY, set())
+            reply = await fn(*args, **kwargs)
+            notes = {name: why for name, why in (ignored or {}).items() if name in sent}
+            if isinstance(reply, CallToolResult):
+                return result_with_compat_notes(reply, notes, unknown)
+            return compact_reply(with_compat_notes(reply, notes, unknown)) if returns_model else reply
+
         mcp.tool(title=title, annotations=annotations, description=inspect.cleandoc(fn.__doc__ or ""))(published)
+        _keep_unknown_arguments(mcp, fn.__name__)
         return fn
 
     return declare
 
 
+EXTRA_KEY = "__unknown_arguments__"
+SENT_KEY = "__sent_arguments__"
+
+
+class _ArgumentsKeepingExtras(ArgModelBase):
+    """A tool's argument model that keeps undeclared arguments (pydantic would drop them) and says
+    which arguments the client sent, so the reply can name both."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="allow")
+
+    def model_dump_one_level(self) -> dict[str, Any]:
+        return super().model_dump_one_level() | {EXTRA_KEY: dict(self.__pydantic_extra__ or {}),
+                                                  SENT_KEY: set(self.model_fields_set)}
+
+
+def _keep_unknown_arguments(mcp: MCPServer, name: str) -> None:
+    registered = mcp._tool_manager.get_tool(name)  # noqa: SLF001 - the SDK has no public way to reach a Tool
+    assert registered is not None
+    meta = registered.fn_metadata
+    meta.arg_model = create_model(meta.arg_model.__name__, __base__=(_ArgumentsKeepingExtras, meta.arg_model))
+
+
+def with_compat_notes(reply: T, ignored: dict[str, str], unknown: list[str]) -> T:
+    """``reply`` with the arguments it ignored and the ones it does not know (merged with any the tool set)."""
+    if not isinstance(reply, r.ToolReply):
+        return reply
+    return reply.model_copy(update={"ignored": reply.ignored | ignored,
+                                    "unknown": sorted({*reply.unknown, *unknown})})
+
+
+def result_with_compat_notes(result: CallToolResult, ignored: dict[str, str], unknown: list[str]) -> CallToolResult:
+    """A hand-built result (an image and its info) with the same notes in its structured content and text."""
+    if result.structured_content is None:
+        return result
+    structured = result.structured_content | {"ignored": ignored, "unknown": unknown}
+    note = compat_sentence(ignored, unknown)
+    return result.model_copy(update={
+        "structured_content": structured,
+        "content": [*result.content, *([TextContent(type="text", text=note)] if note else [])]})
+
+
+def compat_sentence(ignored: dict[str, str], unknown: list[str]) -> str | None:
+    """What the model must read about arguments that changed nothing, in words; None when there are none."""
+    parts = []
+    if ignored:
+        parts.append("ignored (accepted for compatibility, changes nothing here): "
+                     + "; ".join(f"{name}: {why}" for name, why in ignored.items()))
+    if unknown:
+        parts.append(f"unknown to this server and not used: {', '.join(unknown)}")
+    return "Note on arguments: " + ". ".join(parts) + "." if parts else None
+
+
 def compact_reply(reply: BaseModel) -> CallToolResult:
     """The reply as structured content plus the same JSON as text for clients that read only text.
     The SDK would indent that text: compact, a status reply is about half the bytes to send and parse
-    and half the tokens in a model's context. The SDK still validates it against the output model."""
-    return CallToolResult(content=[TextContent(type="text", text=reply.model_dump_json(by_alias=True))],
-                          structured_content=reply.model_dump(mode="json", by_alias=True))
+    and half the tokens in a model's context. The SDK still validates it against the output model.
+    Arguments ignored or unknown are also said in a sentence, so a model reading text sees them."""
+    content = [TextContent(type="text", text=reply.model_dump_json(by_alias=True))]
+    if isinstance(reply, r.ToolReply) and (note := compat_sentence(reply.ignored, reply.unknown)):
+        content.append(TextContent(type="text", text=note))
+    return CallToolResult(content=content, structured_content=reply.model_dump(mode="json", by_alias=True))
 
 
 def _returns_model(fn: Callable[..., Any]) -> bool:

@@ -16,9 +16,14 @@ from flow_nexus_server.tools.common import READ_ONLY, App, call, tool
 
 
 def register(mcp: MCPServer, app: App) -> None:
-    @tool(mcp, title="Session events", annotations=READ_ONLY)
+    @tool(mcp, title="Session events", annotations=READ_ONLY, ignored={
+        "stream_type": "a session has one stream here: all its events (epochs, checkpoints, nodes), oldest first",
+    })
     async def execution_stream_subscribe(
         deployment_id: Annotated[str, Field(min_length=1, max_length=64, description="The training session id")],
+        stream_type: Annotated[str | None, Field(max_length=64, description=(
+            "Flow Nexus stream kind (e.g. claude-flow-swarm); accepted, changes nothing (reported in `ignored`)"))
+        ] = None,
         cursor: Annotated[int, Field(ge=0, le=2**62, description="Last event id seen; 0 for all")] = 0,
         wait_s: Annotated[float, Field(ge=0, le=60, description="How long to wait for new events when there are "
                                                                 "none")] = 10,

@@ -58,7 +58,8 @@ def register(mcp: MCPServer, app: App) -> None:
         model_id: Annotated[str, Field(min_length=1, max_length=64, description="A cluster id or a checkpoint id")],
         format: Annotated[ExportFormat, Field(description=(
             "safetensors: weights, config and model card; torchscript: also a traced model.torchscript.pt for other "
-            "runtimes (this server never loads it)"))] = "safetensors",
+            "runtimes (this server never loads it); pytorch: also model.pt, a plain state dict for "
+            "torch.load(weights_only=True)"))] = "safetensors",
         destination: Annotated[str | None, Field(max_length=4096, description=(
             "Directory under the state home or FLOW_NEXUS_DATA_ROOTS (default: <home>/exports/<id>-<time>)"))] = None,
     ) -> r.ExportReply:

@@ -27,21 +27,29 @@ from workers.protocol import BehaviorKind, Capability, ModelPreset, Role
 
 
 def register(mcp: MCPServer, app: App) -> None:
-    @tool(mcp, title="Deploy nodes", annotations=CREATES)
+    @tool(mcp, title="Deploy nodes", annotations=CREATES, ignored={
+        "template": "nodes are Python processes (launcher subprocess, docker or ray), not sandbox templates "
+                    "(stored, shown)",
+        "autonomy": "nodes act only on tool calls; there is no autonomous agent to tune (stored, shown)",
+    })
     async def neural_node_deploy(
         cluster_id: ClusterId,
-        node_type: Annotated[Role, Field(description="Role of the node (alias of `role`)")] = "worker",
+        node_type: Annotated[Role | None, Field(description="Role of the node (alias of `role`; default worker)")
+                             ] = None,
         role: Annotated[Role | None, Field(description="Role of the node; wins over node_type")] = None,
         template: Annotated[str, Field(max_length=100, description="Accepted for compatibility; stored")] = "nodejs",
         model: Annotated[ModelPreset, Field(description="Model size preset; custom uses `layers`")] = "base",
         capabilities: Annotated[
-            list[Capability], Field(max_length=2, description="What the node takes part in")
+            list[Capability], Field(max_length=32, description=(
+                "What the node takes part in: free-form names, stored and shown; 'training' (a worker trains) "
+                "and 'inference' (answers predictions) act, others are kept as labels"))
         ] = ["training", "inference"],  # noqa: B006 - pydantic copies defaults
         autonomy: Annotated[float, Field(ge=0, le=1, description="Accepted for compatibility; stored as given")] = 0.8,
         layers: Annotated[
             list[p.LayerSpec] | None,
-            Field(max_length=64, description="Layer specs for model 'custom', e.g. {type: embedding, embedding_dim: "
-                                             "64}"),
+            Field(max_length=64, description=(
+                "Layer specs, e.g. {type: embedding, embedding_dim: 64}: a layer list on any node defines the "
+                "cluster's model (whatever `model` says: it becomes 'custom')")),
         ] = None,
         count: Annotated[int, Field(ge=1, le=16, description="How many identical nodes to deploy")] = 1,
         behavior: Annotated[BehaviorKind, Field(description=(
@@ -66,14 +74,25 @@ def register(mcp: MCPServer, app: App) -> None:
         if model == "custom" and not layers:
             raise ToolError("model 'custom' needs a `layers` list, e.g. [{\"type\": \"dense\", \"units\": 64}, "
                             "{\"type\": \"output\"}]")
+        notes = {}
+        if layers and model != "custom":
+            notes["model"] = f"a layer list was given: the node's model is built from it ('{model}' preset not used)"
+            model = "custom"
+        if role and node_type and role != node_type:
+            notes["node_type"] = f"role '{role}' wins over node_type '{node_type}'"
+        for i, layer in enumerate(layers or []):
+            if layer.vocab_size is not None:
+                notes[f"layers[{i}].vocab_size"] = "the dataset's tokenizer decides the vocabulary size"
+            for key in layer.model_extra or {}:
+                notes[f"layers[{i}].{key}"] = f"not a key of a {layer.type!r} layer spec here"
         reply = await call(
-            app.clusters.deploy_nodes, cluster_id, role=role or node_type, count=count, model=model,
+            app.clusters.deploy_nodes, cluster_id, role=role or node_type or "worker", count=count, model=model,
             capabilities=list(dict.fromkeys(capabilities)), autonomy=autonomy, template=template,
             layers=[layer.model_dump(exclude_none=True) for layer in layers] if layers else None,
             memory_mb=memory_mb, num_cpus=num_cpus, num_gpus=num_gpus,
             options={"behavior": {"kind": behavior, "scale": behavior_scale}} if behavior != "honest" else None,
         )
-        return reply.model_copy(update={"group": group_change_hinted(reply.group)})
+        return reply.model_copy(update={"group": group_change_hinted(reply.group), "ignored": notes})
 
     @tool(mcp, title="Remove a node", annotations=DESTROYS)
     async def neural_node_remove(node_id: NodeId) -> r.NodeRemoveReply:

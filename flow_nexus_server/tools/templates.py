@@ -32,12 +32,19 @@ def register(mcp: MCPServer, app: App) -> None:
         """Ready-made clusters (nodes, topology, training recipe) that neural_deploy_template builds in one call."""
         return templates.list_templates(category, tier, search, limit)
 
-    @tool(mcp, title="Deploy a template", annotations=CREATES)
+    @tool(mcp, title="Deploy a template", annotations=CREATES, ignored={
+        "user_id": "this server has no user accounts: clusters belong to whoever runs it",
+    })
     async def neural_deploy_template(
-        template_id: Annotated[str, Field(min_length=1, max_length=100, description="Id from neural_list_templates")],
+        template_id: Annotated[str, Field(min_length=1, max_length=100, description=(
+            "Id from neural_list_templates, or the Flow Nexus guides' tmpl_ spelling (tmpl_transformer_large)"))],
         custom_config: Annotated[dict[str, Any] | None, Field(description=(
-            "Overrides: name, topology, architecture, consensus, auto_healing, max_nodes, workers (count), "
-            "train (true to start the template's training), training (neural_train_distributed arguments)"))] = None,
+            "Overrides: name, topology, architecture, consensus, auto_healing, max_nodes, workers or num_workers "
+            "(count), num_parameter_servers (count), model_size (parameters such as '125M': the nearest preset, "
+            "refused with the numbers when it cannot fit this host's memory), train (true to start the template's "
+            "training), training (neural_train_distributed arguments)"))] = None,
+        user_id: Annotated[str | None, Field(max_length=200, description=(
+            "Flow Nexus account id; accepted, changes nothing (reported in `ignored`)"))] = None,
     ) -> r.TemplateDeployReply:
         """Build a whole ready cluster in one call: init, deploy every node, connect (and train if asked)."""
         reply = await call(templates.deploy_template, app.clusters, app.training, template_id, custom_config)

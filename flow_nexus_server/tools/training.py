@@ -29,7 +29,9 @@ from workers import protocol as p
 
 
 def register(mcp: MCPServer, app: App) -> None:
-    @tool(mcp, title="Train across the cluster", annotations=RETRAINS)
+    @tool(mcp, title="Train across the cluster", annotations=RETRAINS, ignored={
+        "min_nodes_per_round": "every training worker takes part in every round here (stored)",
+    })
     @model_fields_as_parameters(p.TrainOptions)
     async def neural_train_distributed(
         cluster_id: ClusterId,
@@ -37,7 +39,7 @@ def register(mcp: MCPServer, app: App) -> None:
         aggregation_rounds: Annotated[int | None, Field(ge=1, le=1000, description="Alias of rounds (Flow Nexus "
                                                                                    "guides)")] = None,
         min_nodes_per_round: Annotated[int | None, Field(ge=1, le=64, description="Accepted for compatibility; "
-                                                                                  "stored")] = None,
+                                                                                  "stored, changes nothing")] = None,
         wait: Annotated[bool,
                         Field(description="Block (with progress notifications) until done or wait_timeout_s")] = False,
         wait_timeout_s: Annotated[float, Field(gt=0, le=3600, description="Longest wait when `wait` is set")] = 600,

@@ -47,6 +47,13 @@ def _read_text(path: Path) -> str:
     return text.lstrip("\ufeff")
 
 
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path.name}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
 def has_glob(s: str) -> bool:
     """Whether ``s`` holds a glob pattern character."""
     return any(c in s for c in "*?[")
@@ -109,20 +116,18 @@ def load_files(paths: list[Path], name: str) -> Dataset:
             records.extend(jsonl_records(_read_text(p), p.name))
         return records_dataset(records, name, where)
     if fmt == "json":
-        if len(paths) > 1:
-            raise DatasetError(f"{name}: give one .json file, or use .jsonl with one example per line")
-        text = _read_text(paths[0])
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        if isinstance(obj, list):
-            if not obj:
+        objs = [_json_file(p) for p in paths]
+        if all(isinstance(o, list) for o in objs):  # arrays of records ({"text", "label"}), read like JSON Lines
+            records = [rec for o in objs for rec in o]
+            if not records:
                 raise DatasetError(f"{where}: no rows")
-            if not all(isinstance(o, dict) for o in obj):
+            if not all(isinstance(o, dict) for o in records):
                 raise DatasetError(f"{where}: expected an object with \"X\" and \"y\", or a list of objects")
-            return records_dataset(obj, name, where)
-        return from_json_object(obj, name, where)
+            return records_dataset(records, name, where)
+        if len(paths) > 1:
+            raise DatasetError(f"{name}: several .json files must each hold an array of records; give one .json "
+                               "file with \"X\" and \"y\", or use .jsonl with one example per line")
+        return from_json_object(objs[0], name, where)
     lines: list[str] = []
     for p in paths:
         lines.extend(_read_text(p).splitlines())

@@ -87,23 +87,6 @@ def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
     raise TrainingError(f"unknown optimizer {name!r}; use adam, sgd, rmsprop or adagrad")
 
 
-LR_FLOOR = 0.1
-"""The schedule decays the learning rate to this fraction of the job's ``learning_rate``."""
-MAX_WARMUP_STEPS = 100
-
-
-def lr_factor(step: int, total: int) -> float:
-    """Schedule of every mode: linear warm-up over the first 5% of the optimizer steps (at
-    most 100), then cosine decay to ``LR_FLOOR``; ``step`` is 0-based, ``total`` the job's
-    optimizer steps."""
-    total = max(1, int(total))
-    warm = max(1, min(MAX_WARMUP_STEPS, total // 20))
-    if step < warm:
-        return (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    return LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def set_lr(opt: torch.optim.Optimizer | None, lr: float) -> None:
     if opt is not None:
         for g in opt.param_groups:

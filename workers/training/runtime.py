@@ -19,9 +19,10 @@ from torch import nn
 from workers.protocol import TrainJob
 
 from .checkpoint import SandboxQuota, checkpoint_dir, save_checkpoint
-from .common import Split, Sums, TrainedModel, batch_loss, evaluate, lr_factor, rss_mb, set_lr, try_load_optimizer
+from .common import Split, Sums, TrainedModel, batch_loss, evaluate, rss_mb, set_lr, try_load_optimizer
 from .coord import Coordinator
 from .progress import ProgressSink
+from .schedule import Plateau, lr_factor
 from .setup import Encoded, Plan, Setup
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class Ctx:
     stopped: bool = False
     epoch: int = 0
     lr: float = 0.0
+    plateau: Plateau = field(default_factory=Plateau)
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
 
     # ------------------------------------------------------------------ facts
 
@@ -118,8 +122,9 @@ class Ctx:
 
     def schedule_lr(self, opt: torch.optim.Optimizer | None, step: int, total: int) -> None:
         """Optimizer step ``step`` of ``total`` (0-based): its learning rate from the schedule every
-        mode shares (common.lr_factor) into ``self.lr``, and into ``opt`` when there is one."""
-        self.lr = self.job.learning_rate * lr_factor(step, total)
+        mode shares (schedule.lr_factor, the job's lr_schedule) into ``self.lr``, and into ``opt`` when there is one."""
+        factor = lr_factor(step, total, self.job.lr_schedule, self.job.warmup_steps) * self.plateau.factor
+        self.lr = self.job.learning_rate * factor
         set_lr(opt, self.lr)
 
     def restore_optimizer(self, opt: torch.optim.Optimizer) -> None:
@@ -204,6 +209,8 @@ class Ctx:
         metrics["lr"] = float(self.lr if self.lr > 0 else self.job.learning_rate)
         metrics.update(extra or {})
         self.latest.update(metrics)
+        if self.job.lr_schedule == "plateau":
+            self.plateau.observe(metrics.get("val_loss"))
         if self.is_reporter:
             for name, value in metrics.items():
                 if math.isfinite(value):
@@ -215,13 +222,35 @@ class Ctx:
                 if name in metrics:
                     parts.append(f"{name} {metrics[name]:.4g}")
             self.say(", ".join(parts))
+            is_best, improved = self.judge_checkpoint(metrics)
             due = final or (self.job.checkpoint_every > 0 and epoch % self.job.checkpoint_every == 0)
-            if due and model is not None:
-                self.write_checkpoint(epoch, model, optimizer)
+            on_improvement = self.job.checkpoint_on_improvement is not None and improved
+            best = self.job.checkpoint_best and is_best
+            if (due or on_improvement or best) and model is not None:
+                self.write_checkpoint(epoch, model, optimizer, best=best)
         if local is not None and local.train["count"] > 0:
             self.sink.node_stat("local_loss", local.train["loss_sum"] / local.train["count"])
         self.node_stats()
         return metrics
+
+    def judge_checkpoint(self, metrics: dict[str, float]) -> tuple[bool, bool]:
+        """(a new best checkpoint_metric, better than the best so far by checkpoint_on_improvement);
+        the best is updated when it is one."""
+        name = self.job.checkpoint_metric
+        value = metrics.get(name)
+        if value is None or not math.isfinite(value):
+            return False, False
+        best = self.best_metric
+        margin = self.job.checkpoint_on_improvement or 0.0
+        if best is None:
+            self.best_metric = value
+            return True, True
+        sign = 1.0 if name in ("val_loss", "val_perplexity") else -1.0  # lower is better for losses
+        is_best = sign * value < sign * best
+        enough = sign * value < sign * best - margin * abs(best)
+        if is_best:
+            self.best_metric = value
+        return is_best, enough
 
     def node_stats(self, **extra: float) -> None:
         s = self.sink
@@ -237,12 +266,17 @@ class Ctx:
         for k, v in extra.items():
             s.node_stat(k, v)
 
-    def write_checkpoint(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    def write_checkpoint(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                         best: bool = False) -> None:
+        """Write the checkpoint of ``epoch``; ``best``: it becomes the kept best (the previous best may
+        then be rotated away)."""
         directory = checkpoint_dir(self.job, self.sandbox)
+        keep = self.best_checkpoint if not best else None
         try:
             path, removed = save_checkpoint(
                 directory, self.job, epoch, model, optimizer, self.setup.task, self.setup.tokenizer,
                 self.setup.label_names, self.setup.max_len, self.latest, self.quota,
+                keep=Path(keep) if keep else None,
             )
         except OSError as exc:
             # A full disk must not kill the training: say so and keep going.
@@ -254,6 +288,9 @@ class Ctx:
         self.sink.add_checkpoint(str(path))
         self.checkpoints_created += 1
         self.last_checkpoint = str(path)
+        if best:
+            self.best_checkpoint = str(path)
+            self.sink.node_stat("best_checkpoint_epoch", epoch)
         self.say(f"checkpoint written: {path}")
 
     def trained(self, model: nn.Module, local_model: nn.Module | None = None) -> TrainedModel:

@@ -53,7 +53,8 @@ class DDPStep(StepStrategy):
         hs = self.hook_stats
         stats = {"hook_comm_s": hs["comm_seconds"]}
         if ctx.job.gradient_compression:
-            stats.update(bytes_saved=hs["bytes_saved"], dense_bytes=hs["dense_bytes"], sent_bytes=hs["sent_bytes"])
+            stats.update(bytes_saved=hs["bytes_saved"], dense_bytes=hs["dense_bytes"], sent_bytes=hs["sent_bytes"],
+                         dense_fallback_buckets=hs["dense_fallback_buckets"])
         stats["comm_s"] = ctx.comm_s + hs["comm_seconds"]  # the hook's time is not in ctx.comm_s
         return stats
 
