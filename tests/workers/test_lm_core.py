@@ -166,3 +166,56 @@ def test_gpt_custom_layers_map_onto_the_config() -> None:
     ]:
         with pytest.raises(ModelError, match=match):
             build_model("transformer", "custom", LM, layers=bad)
+
+
+def _trained_lm(bpe: BPETokenizer):
+    from workers.training.common import TrainedModel
+
+    task = TaskInfo("lm", (), bpe.vocab_size, vocab_size=bpe.vocab_size, max_len=32)
+    torch.manual_seed(0)
+    model = build_model("transformer", "base", task).eval()
+    return TrainedModel(model=model, task=task, tokenizer=bpe, label_names=[], architecture="transformer",
+                        preset="base", max_len=32)
+
+
+def test_lm_checkpoint_and_safetensors_export_round_trip(bpe: BPETokenizer, tmp_path) -> None:
+    from workers.protocol import TrainJob
+    from workers.serving import ServingError, export_model, load_export
+    from workers.training import load_checkpoint
+    from workers.training.checkpoint import TrainingError, checkpoint_payload, write_atomic
+
+    trained = _trained_lm(bpe)
+    ids = torch.tensor([bpe.ids(CORPUS[0])[:20]])
+    want = trained.model(ids)
+    job = TrainJob(session_id="s", mode="sync", topology="mesh", dataset="x.txt", architecture="transformer",
+                   roles=["worker"])
+    payload = checkpoint_payload(job, 1, trained.model, None, trained.task, bpe, [], 32, {"val_loss": 1.0})
+    write_atomic(tmp_path / "ckpt-s-e001.safetensors", payload)
+    back = load_checkpoint(tmp_path / "ckpt-s-e001.safetensors")
+    assert isinstance(back.model, GPTLanguageModel) and back.tokenizer == bpe
+    assert torch.allclose(back.model(ids), want, atol=1e-6)
+    assert back.model.hf.lm_head.weight is back.model.hf.transformer.wte.weight  # still tied
+
+    export_model(trained, tmp_path / "export", "safetensors", {}, job.model_dump())
+    loaded, _ = load_export(tmp_path / "export")
+    assert loaded.tokenizer == bpe and torch.allclose(loaded.model(ids), want, atol=1e-6)
+
+    # a language model of the old word-level kind is refused with a sentence
+    payload["tokenizer"] = Tokenizer.fit(CORPUS, 50).to_dict()
+    write_atomic(tmp_path / "ckpt-old-e001.safetensors", payload)
+    with pytest.raises(TrainingError, match="older version of this server.*train the model again"):
+        load_checkpoint(tmp_path / "ckpt-old-e001.safetensors")
+    (tmp_path / "export" / "tokenizer.json").write_text(json.dumps(payload["tokenizer"]))
+    with pytest.raises(ServingError, match="older version of this server"):
+        load_export(tmp_path / "export")
+
+
+def test_lm_datasets_from_user_files(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("First line of prose.\n\nSecond line, another document.\n")
+    (tmp_path / "b.txt").write_text("Third document here.\n")
+    (tmp_path / "c.jsonl").write_text('{"text": "one record"}\n{"text": "two records"}\n')
+    txt = load_dataset("*.txt", tmp_path)
+    assert txt.kind == "lm" and sorted(txt.X) == ["First line of prose.", "Second line, another document.",
+                                                  "Third document here."]
+    jsonl = load_dataset("c.jsonl", tmp_path)
+    assert jsonl.kind == "lm" and jsonl.X == ["one record", "two records"]

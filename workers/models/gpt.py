@@ -26,6 +26,7 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
 """preset -> GPT-2 config fields (``vocab_size``: the BPE vocabulary trained for it)."""
 
 EOS_ID = 0
+_TRANSFORMERS_MAJOR = 0  # set when the first model is built (transformers loads only then)
 """``<|endoftext|>`` is the BPE tokenizer's first token (see :mod:`workers.data.bpe`)."""
 
 _LAYER_TYPES = {"embedding": "embedding", "transformer_block": "transformer_block", "transformer": "transformer_block",
@@ -122,7 +123,11 @@ class GPTLanguageModel(FlowModel):
     ``forward(ids (B, L) long) -> logits (B, L, V)``."""
 
     def __init__(self, preset: str, task: TaskInfo, cfg: dict[str, Any]) -> None:
+        global _TRANSFORMERS_MAJOR
+        import transformers
         from transformers import GPT2Config, GPT2LMHeadModel
+
+        _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
         super().__init__("transformer", preset, task, cfg)
         if task.kind != "lm":
@@ -177,4 +182,10 @@ class GPTLanguageModel(FlowModel):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = self._token_input(ids, self.hf.config.n_positions)
-        return self.hf(input_ids=ids, use_cache=False).logits
+        mask = None
+        if ids.is_meta and _TRANSFORMERS_MAJOR >= 5:  # a shape-only pass (the memory estimate):
+            # transformers 5's mask checks read values, which meta tensors have not; a ready 4-D
+            # causal mask is used as it is (4.x takes no 4-D mask here, and reads nothing)
+            n = ids.shape[1]
+            mask = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril().expand(ids.shape[0], 1, n, n)
+        return self.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
