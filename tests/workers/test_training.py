@@ -42,7 +42,7 @@ from workers.training.ps import assign_shards  # noqa: E402
 from workers.training.setup import build_vocab, choose_max_len  # noqa: E402
 
 PG_TIMEOUT = timedelta(seconds=60)
-RUN_TIMEOUT_S = 420.0
+RUN_TIMEOUT_S = 900.0  # the language-model jobs import transformers and train a GPT-2
 SHARD_RE = re.compile(r"read shard (\d+)/(\d+) of (\S+): ([\d,]+) training examples")
 
 # ----------------------------------------------------------------------------- harness
