@@ -7,7 +7,8 @@
 * :mod:`.formats`: CSV/TSV, JSON Lines, JSON and text content to a dataset;
 * :mod:`.encoding`: labels to class indices, number lists to arrays;
 * :mod:`.split`: training/validation split and partitions across nodes (iid, dirichlet);
-* :mod:`.text`: tokenising, the word vocabulary, language-modelling windows.
+* :mod:`.text`: tokenising, the word vocabulary, language-modelling windows;
+* :mod:`.bpe`: the byte-level BPE tokenizer of language models (``tokenizers``).
 
 Nothing here prints: stdout of the node process is a protocol stream.
 """
@@ -15,7 +16,7 @@ Nothing here prints: stdout of the node process is a protocol stream.
 from .dataset import Dataset, DatasetError
 from .load import load_dataset
 from .split import partition, train_val_split
-from .text import Tokenizer, lm_windows, tokenize, unigram_perplexity
+from .text import Tokenizer, lm_windows, load_tokenizer, tokenize, unigram_perplexity
 
 __all__ = [
     "Dataset",
@@ -23,6 +24,7 @@ __all__ = [
     "Tokenizer",
     "lm_windows",
     "load_dataset",
+    "load_tokenizer",
     "partition",
     "tokenize",
     "train_val_split",

@@ -130,3 +130,16 @@ def unigram_perplexity(train_stream: np.ndarray, eval_stream: np.ndarray, vocab_
     counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
     logp = np.log((counts + 1.0) / (train.size + vocab_size))
     return float(np.exp(-logp[ev].mean()))
+
+
+def load_tokenizer(d: dict[str, Any]) -> Any:
+    """A saved tokenizer back from its ``to_dict()``: ``word`` -> :class:`Tokenizer` (text
+    classification), ``bpe`` -> :class:`~workers.data.bpe.BPETokenizer` (language modelling)."""
+    kind = d.get("type") if isinstance(d, dict) else None
+    if kind == "word":
+        return Tokenizer.from_dict(d)
+    if kind == "bpe":
+        from .bpe import BPETokenizer  # the tokenizers library loads only where BPE is used
+
+        return BPETokenizer.from_dict(d)
+    raise DatasetError(f"unknown saved tokenizer type {kind!r}; expected 'word' or 'bpe'")

@@ -11,7 +11,8 @@ logits:
 One module per job: :mod:`.task` (what fits which data), :mod:`.presets` (architecture x
 size), :mod:`.networks` (the preset networks), :mod:`.layers` and :mod:`.stages` (custom
 models from a ``layers`` list), :mod:`.blocks` and :mod:`.base` (shared pieces),
-:mod:`.build` (``build_model``, ``describe_model``).
+:mod:`.build` (``build_model``, ``describe_model``), :mod:`.gpt` (the language model: a
+``transformers`` GPT-2 built from a config).
 """
 
 from .build import build_model, describe_model

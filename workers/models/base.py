@@ -7,7 +7,7 @@
 * ``model.gradient_checkpointing`` (bool) can be flipped after building; it only acts in
   training mode with grad enabled, using ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
   which preserves the RNG state, so outputs and gradients are identical to running without it.
-* The LM transformer ties its output projection to the token embedding.
+* The GPT-2 language model ties its output projection to the token embedding.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from .base import FlowModel
+from .gpt import GPT_PRESETS, GPTLanguageModel, layers_config
 from .layers import build_custom
 from .networks import CNNNet, MLPNet, RNNNet, TransformerNet
 from .presets import PRESET_CONFIGS, PRESETS
@@ -37,12 +38,22 @@ def build_model(architecture: str, preset: str, task: TaskInfo,
     validate_task(task)
     if task.kind == "lm" and task.num_classes == 0:
         task = TaskInfo(task.kind, tuple(task.input_shape), task.vocab_size, task.vocab_size, task.max_len)
-    if preset == "custom":
+    if architecture == "transformer" and task.kind == "lm":  # the transformers GPT-2 model
+        if preset == "custom" and not layers:
+            raise ModelError("model 'custom' needs a 'layers' list, e.g. [{\"type\": \"embedding\", "
+                             "\"embedding_dim\": 128}, {\"type\": \"transformer_block\", \"num_heads\": 4, "
+                             "\"num_layers\": 2}, {\"type\": \"output\"}]")
+        if preset != "custom" and layers:
+            raise ModelError(f"'layers' were given but model is {preset!r}; set model to 'custom' "
+                             "to build from layers, or drop 'layers' to use the preset")
+        cfg = layers_config(layers or []) if preset == "custom" else dict(GPT_PRESETS[preset])
+        model: FlowModel = GPTLanguageModel(preset, task, cfg)
+    elif preset == "custom":
         if not layers:
             raise ModelError("model 'custom' needs a 'layers' list, e.g. [{\"type\": \"embedding\", "
                              "\"embedding_dim\": 64}, {\"type\": \"transformer_block\", \"num_heads\": 4, "
                              "\"hidden_dim\": 128, \"num_layers\": 2}, {\"type\": \"output\"}]")
-        model: FlowModel = build_custom(architecture, task, layers)
+        model = build_custom(architecture, task, layers)
     else:
         if layers:
             raise ModelError(f"'layers' were given but model is {preset!r}; set model to 'custom' "

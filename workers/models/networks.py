@@ -220,7 +220,7 @@ class TransformerNet(FlowModel):
     """Pre-norm transformer encoder.
 
     text: token + learned positional embedding, padding-masked attention, masked mean pool.
-    lm: causal decoder-only (GPT-style), output tied to the token embedding.
+    (Language models are the ``transformers`` GPT-2 of :mod:`.gpt`.)
     vectors: the vector cut into ceil(sqrt(d)) chunks, each a token; images: ViT patches.
     """
 
@@ -234,9 +234,10 @@ class TransformerNet(FlowModel):
         self.patch: nn.Module | None = None
         self.chunk = 0
         self.patch_size = 0
-        if kind in ("text", "lm"):
-            self.embedding = nn.Embedding(task.vocab_size, d,
-                                          padding_idx=PAD_ID if kind == "text" else None)
+        if kind == "lm":
+            raise ModelError("language models are built by workers.models.gpt (GPTLanguageModel)")
+        if kind == "text":
+            self.embedding = nn.Embedding(task.vocab_size, d, padding_idx=PAD_ID)
             init_embedding(self.embedding)
             n_pos = task_max_len(task)
         elif kind == "vectors":
@@ -254,22 +255,16 @@ class TransformerNet(FlowModel):
         self.pos_embedding = nn.Parameter(torch.zeros(1, n_pos, d))
         nn.init.normal_(self.pos_embedding, std=0.02)
         self.drop = nn.Dropout(cfg["dropout"])
-        self.encoder = EncoderStack(d, cfg["num_heads"], cfg["ffn_dim"], cfg["num_layers"],
-                                     cfg["dropout"], causal=kind == "lm")
-        if kind == "lm":
-            assert self.embedding is not None
-            self.head = nn.Linear(d, task.vocab_size, bias=False)
-            self.head.weight = self.embedding.weight
-        else:
-            self.head = nn.Linear(d, task.num_classes)
+        self.encoder = EncoderStack(d, cfg["num_heads"], cfg["ffn_dim"], cfg["num_layers"], cfg["dropout"],
+                                    causal=False)
+        self.head = nn.Linear(d, task.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = None
         if self.embedding is not None:
             ids = self._token_input(x, self.n_pos)
             h = self.embedding(ids)
-            if self.task.kind == "text":
-                mask = text_mask(ids)
+            mask = text_mask(ids)
         else:
             x = self._float_input(x)
             if self.chunk:
@@ -285,6 +280,4 @@ class TransformerNet(FlowModel):
                 h = self.patch(x).flatten(2).transpose(1, 2)
         h = self.drop(h + self.pos_embedding[:, : h.shape[1]])
         h = self.encoder(h, mask, self._ckpt())
-        if self.task.kind == "lm":
-            return self.head(h)
         return self.head(masked_mean(h, mask))
