@@ -290,14 +290,16 @@ class NodeAgent:
         trained = self._require_model()
         if self._steps is None:
             self._steps = StepSessions()
-        if req.close:
-            self._steps.close(req.session)
-            return p.GenerateStepReply(node_id=self.node_id, probabilities="", vocab_size=0, eos_id=0, context=0,
-                                       step_ms=0.0)
         start = time.perf_counter()
         options = p.GenerationOptions(temperature=req.temperature, max_new_tokens=1)
         try:
             _, tokenizer, context = lm_parts(trained)
+            if req.close:
+                done = self._steps.close(req.session)
+                tokens = (done.generated if done else []) + req.tokens
+                return p.GenerateStepReply(node_id=self.node_id, probabilities="", vocab_size=0,
+                                           eos_id=tokenizer.eos_id, context=context, step_ms=0.0,
+                                           text=tokenizer.decode([t for t in tokens if t != tokenizer.eos_id]))
             ids: list[int] = []
             if req.prompt is not None:
                 decoder, ids = self._steps.open(req.session, trained, req.prompt, options)

@@ -79,6 +79,7 @@ class Decoder:
         self.length = 0
         self.past: Any = None
         self.logits = self._forward(ids)
+        self.generated: list[int] = []  # tokens appended after the prompt
 
     @torch.inference_mode()
     def _forward(self, ids: list[int]) -> torch.Tensor:
@@ -90,6 +91,7 @@ class Decoder:
 
     def append(self, ids: list[int]) -> None:
         self.logits = self._forward(ids)
+        self.generated.extend(ids)
 
     def distribution(self, temperature: float) -> np.ndarray:
         """softmax(logits / temperature) as float64 (temperature 0 counts as 1)."""
@@ -177,9 +179,10 @@ class StepSessions:
             decoder.append(tokens)
         return decoder
 
-    def close(self, session: str) -> None:
+    def close(self, session: str) -> Decoder | None:
         with self._lock:
-            self._open.pop(session, None)
+            entry = self._open.pop(session, None)
+        return entry[0] if entry else None
 
     def clear(self) -> None:
         with self._lock:

@@ -455,7 +455,9 @@ class GenerateStepRequest(BaseModel):
     prompt: str | None = Field(None, description="Opens the session: the text to continue")
     tokens: list[int] = Field(default_factory=list, max_length=MAX_NEW_TOKENS, description="Tokens to append")
     temperature: float = Field(0.0, ge=0, le=100)
-    close: bool = Field(False, description="End the session and free its cache (no distribution answered)")
+    close: bool = Field(False, description=(
+        "End the session and free its cache: no distribution is answered, but the text of every token "
+        "appended since the prompt, then ``tokens`` (the last choice), <|endoftext|> left out"))
 
 
 class GenerateStepReply(BaseModel):
@@ -468,6 +470,7 @@ class GenerateStepReply(BaseModel):
     eos_id: int
     context: int = Field(description="Positions the model takes (prompt + generated tokens)")
     step_ms: float = Field(description="Measured on the node: the forward step with the KV cache")
+    text: str = Field("", description="On the closing call: the decoded continuation")
 
 
 class PredictReply(BaseModel):

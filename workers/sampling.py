@@ -36,8 +36,7 @@ def filtered(probs: np.ndarray, top_k: int | None, top_p: float | None) -> np.nd
         keep = np.zeros(p.shape[0], dtype=bool)
         keep[order[:min(reach, p.shape[0])]] = True
         p = np.where(keep, p, 0.0)
-        p = p / p.sum()
-    return p
+    return p / p.sum()
 
 
 def choose(probs: np.ndarray, options: GenerationOptions, rng: np.random.Generator) -> int:
