@@ -106,15 +106,27 @@ async def test_parameter_server_digits(home):
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
 
 
-async def test_language_model_beats_unigram(home):
+async def test_language_model_on_uploaded_text_beats_unigram(home):
+    """Each of 2 workers gets its own .txt (neural_node_upload); the GPT-2 model with its BPE
+    tokenizer trains across both and beats a unigram model of the same tokenizer."""
+    from workers.data import load_dataset
+
+    texts = load_dataset("bbc-news-lm").X
     async with Client(build_server(Settings.from_env(home))) as client:
-        cid, _ = await cluster(client, {"worker": 1}, architecture="transformer")
+        cid, nodes = await cluster(client, {"worker": 2}, architecture="transformer")
+        for i, node in enumerate(nodes):
+            await ok(client, "neural_node_upload", {"node_id": node, "file_name": "corpus/news.txt",
+                                                     "content": "\n".join(texts[i * 60:(i + 1) * 60])})
         run = await ok(client, "neural_train_distributed", {
-            "cluster_id": cid, "dataset": "bbc-news-lm", "epochs": 1, "batch_size": 32, "wait": True,
-            "wait_timeout_s": 400})
+            "cluster_id": cid, "dataset": "corpus/*.txt", "epochs": 2, "batch_size": 8, "learning_rate": 0.003,
+            "wait": True, "wait_timeout_s": 400})
         assert run["status"] == "completed", run
         metrics = run["result"]["metrics"]
-        assert metrics["val_perplexity"] < metrics["unigram_perplexity"]
+        assert metrics["val_perplexity"] < 0.9 * metrics["baseline_perplexity"], metrics
+        assert metrics["tokens_per_s"] > 0
+        status = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
+        assert status["final_metrics"]["baseline_perplexity"] == metrics["baseline_perplexity"], status
+        assert status["final_metrics"]["tokens_per_s"] > 0 and len(status["history"]["val_perplexity"]) == 2
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
 
 

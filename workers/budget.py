@@ -57,7 +57,7 @@ def estimate_training_memory(job: p.TrainJob, ds: Any) -> MemoryEstimate:
     Raises workers.models.ModelError when the model cannot be built for this data."""
     from workers.training.common import eval_batch_size
 
-    task = probe_task(ds)
+    task = probe_task(ds, job)
     with torch.device("meta"):
         model = build_model(job.architecture, job.model, task, layers=job.layers or None)
     parameters = sum(t.numel() for t in model.parameters())
@@ -70,14 +70,16 @@ def estimate_training_memory(job: p.TrainJob, ds: Any) -> MemoryEstimate:
     return MemoryEstimate(parameters, state / MB, max(train, evaluation) / MB)
 
 
-def probe_task(ds: Any) -> TaskInfo:
+def probe_task(ds: Any, job: Any = None) -> TaskInfo:
     """The TaskInfo the trainer will build for ``ds``, vocabulary at its upper bound (the real one
     is agreed across workers once training starts)."""
     from workers.data import tokenize
-    from workers.training.setup import LM_SEQ_LEN, LM_VOCAB_SIZE, VOCAB_SIZE, choose_max_len
+    from workers.models.gpt import requested_vocab_size
+    from workers.training.setup import LM_SEQ_LEN, VOCAB_SIZE, choose_max_len
 
-    if ds.kind == "lm":
-        return TaskInfo("lm", (), LM_VOCAB_SIZE, LM_VOCAB_SIZE, LM_SEQ_LEN)
+    if ds.kind == "lm":  # the BPE vocabulary asked for (the trained one is at most that)
+        vocab = requested_vocab_size(job.model, job.layers) if job is not None else requested_vocab_size("base", None)
+        return TaskInfo("lm", (), vocab, vocab, LM_SEQ_LEN)
     if ds.kind == "text":
         lengths = Counter(len(tokenize(text)) for text in ds.X[:LENGTH_SAMPLE])
         return TaskInfo("text", (), max(2, ds.num_classes), VOCAB_SIZE, choose_max_len(lengths))

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.data import Tokenizer, load_dataset, train_val_split
+from workers.data import load_dataset, load_tokenizer, train_val_split
+from workers.data.bpe import BPETokenizer
 from workers.inference import InferenceError, model_size_bytes
 from workers.models import TaskInfo, build_model, describe_model
 from workers.training.checkpoint import model_from_checkpoint, read_checkpoint
@@ -133,12 +134,15 @@ def load_export(directory: Path) -> tuple[TrainedModel, dict[str, Any]]:
         label_names, max_len = list(config["label_names"]), int(config["max_len"])
         training = dict(config.get("training") or {})
         tok_path = directory / "tokenizer.json"
-        tokenizer = Tokenizer.from_dict(json.loads(tok_path.read_text(encoding="utf-8"))) \
+        tokenizer = load_tokenizer(json.loads(tok_path.read_text(encoding="utf-8"))) \
             if tok_path.is_file() else None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as exc:
         log.info("reading export %s failed", directory, exc_info=True)
         raise ServingError(f"{directory} is not an export this server wrote (its config.json or tokenizer.json "
                            "cannot be read); export the model again") from exc
+    if task.kind == "lm" and not isinstance(tokenizer, BPETokenizer):
+        raise ServingError(f"{directory} is a language model of an older version of this server (word-level "
+                           "vocabulary, hand-written transformer) that it can no longer load; train it again")
     weights = export_weights(directory, config)
     from safetensors.torch import load_model
 

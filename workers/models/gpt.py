@@ -10,6 +10,7 @@ The output projection is tied to the token embedding (GPT-2's own choice).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -91,9 +92,20 @@ def layers_config(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return cfg
 
 
-def requested_vocab_size(preset: str, layers: list[dict[str, Any]] | None) -> int:
+MIN_AUTO_VOCAB = 512
+
+
+def corpus_vocab_cap(n_pretokens: int) -> int:
+    """A vocabulary the corpus can fill: about 4 x sqrt(words) (Heaps' law), in multiples of 64,
+    at least 512. BBC News (~0.9M words) keeps ~4k; a 50k-word file gets ~1k, not a table of
+    tokens seen once or twice that neither the model nor the unigram baseline could learn."""
+    return max(MIN_AUTO_VOCAB, 64 * math.ceil(4 * math.sqrt(max(0, n_pretokens)) / 64))
+
+
+def requested_vocab_size(preset: str, layers: list[dict[str, Any]] | None, n_pretokens: int | None = None) -> int:
     """The BPE vocabulary to train for this model: the layer list's embedding ``vocab_size`` or
-    output ``num_classes`` when given, else the preset's (``base``'s for custom models)."""
+    output ``num_classes`` when given; else the preset's (``base``'s for custom models), capped by
+    :func:`corpus_vocab_cap` when the corpus size ``n_pretokens`` (words) is known."""
     for spec in layers or []:
         if not isinstance(spec, dict):
             continue
@@ -101,7 +113,8 @@ def requested_vocab_size(preset: str, layers: list[dict[str, Any]] | None) -> in
         key = {"embedding": "vocab_size", "output": "num_classes"}.get(kind or "")
         if key and spec.get(key) is not None:
             return _int(spec, key, f"layers ({kind})")
-    return int(GPT_PRESETS.get(preset, GPT_PRESETS["base"])["vocab_size"])
+    preset_vocab = int(GPT_PRESETS.get(preset, GPT_PRESETS["base"])["vocab_size"])
+    return preset_vocab if n_pretokens is None else min(preset_vocab, corpus_vocab_cap(n_pretokens))
 
 
 class GPTLanguageModel(FlowModel):

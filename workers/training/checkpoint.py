@@ -4,7 +4,8 @@ A checkpoint is ONE safetensors file, ``ckpt-<session>-e<NNN>.safetensors``: the
 tensors under ``model.<name>``, the optimizer state's tensors under ``optim.<path>``, and
 every other field as JSON in the file's metadata (key ``flow_nexus``): ``job``
 (``TrainJob.model_dump()``), ``task`` (``asdict(TaskInfo)``), ``tokenizer``
-(``Tokenizer.to_dict()`` or None), ``label_names``, ``architecture``, ``preset``,
+(the tokenizer's ``to_dict()``: word for text, BPE for language models; or None),
+``label_names``, ``architecture``, ``preset``,
 ``max_len``, ``epoch`` (epoch or federated round), ``mode``, ``metrics`` (the latest global
 metrics) and the optimizer state's non-tensor structure. Nothing in it is pickled: a file a
 client placed can at worst fail to load, never run code.
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.data import Tokenizer
+from workers.data import load_tokenizer
 from workers.models import ModelError, TaskInfo, build_model
 from workers.protocol import CHECKPOINT_NAME_RE, CHECKPOINT_SUFFIX, TrainJob
 
@@ -84,7 +85,7 @@ def checkpoint_payload(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     task: TaskInfo,
-    tokenizer: Tokenizer | None,
+    tokenizer: Any,
     label_names: list[str],
     max_len: int,
     metrics: dict[str, float],
@@ -242,7 +243,7 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     task: TaskInfo,
-    tokenizer: Tokenizer | None,
+    tokenizer: Any,
     label_names: list[str],
     max_len: int,
     metrics: dict[str, float],
@@ -375,6 +376,10 @@ def model_from_checkpoint(ck: dict[str, Any], p: Path) -> TrainedModel:
 
 def _model_from_checkpoint(ck: dict[str, Any], p: Path) -> TrainedModel:
     task = task_of(ck)
+    tokenizer = ck.get("tokenizer")
+    if task.kind == "lm" and (tokenizer or {}).get("type") != "bpe":
+        raise TrainingError(f"{p} is a language model of an older version of this server (word-level vocabulary, "
+                            "hand-written transformer) that it can no longer load; train the model again")
     job = ck.get("job") or {}
     arch = ck.get("architecture") or job.get("architecture")
     preset = ck.get("preset") or job.get("model") or "base"
@@ -385,7 +390,7 @@ def _model_from_checkpoint(ck: dict[str, Any], p: Path) -> TrainedModel:
         raise TrainingError(f"checkpoint {p}: cannot rebuild its model: {exc}") from exc
     load_state(model, ck["model_state"], str(p))
     model.eval()
-    tok = Tokenizer.from_dict(ck["tokenizer"]) if ck.get("tokenizer") else None
+    tok = load_tokenizer(tokenizer) if tokenizer else None
     return TrainedModel(
         model=model,
         task=task,

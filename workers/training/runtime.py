@@ -176,8 +176,9 @@ class Ctx:
 
     def report_baseline(self) -> None:
         if self.is_reporter and self.setup.unigram_ppl is not None:
-            self.sink.record("unigram_perplexity", self.setup.unigram_ppl, epoch=self.start - 1, step=0)
-            self.latest["unigram_perplexity"] = self.setup.unigram_ppl
+            # a unigram model of the same tokenizer on the same validation text
+            self.sink.record("baseline_perplexity", self.setup.unigram_ppl, epoch=self.start - 1, step=0)
+            self.latest["baseline_perplexity"] = self.setup.unigram_ppl
             self.say(f"unigram baseline perplexity on validation: {self.setup.unigram_ppl:.1f}")
 
     def epoch_end(
@@ -211,7 +212,7 @@ class Ctx:
             unit = "round" if self.job.mode == "federated" else "epoch"
             parts = [f"{unit} {epoch}/{self.total}"]
             for name in ("loss", "accuracy", "val_loss", "val_accuracy", "val_f1_macro", "val_perplexity",
-                         "samples_per_s", "model_spread", "rejected_rounds", "raft_commit_index"):
+                         "samples_per_s", "tokens_per_s", "model_spread", "rejected_rounds", "raft_commit_index"):
                 if name in metrics:
                     parts.append(f"{name} {metrics[name]:.4g}")
             self.say(", ".join(parts))

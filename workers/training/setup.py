@@ -6,7 +6,8 @@ of it), and summarises what it holds: kind, shape, labels, sizes and -- for text
 counts and a histogram of text lengths. No raw example leaves the node.
 
 Between the phases every rank derives the same vocabulary, ``max_len`` and task from the
-gathered summaries (:func:`global_setup`).
+gathered summaries (:func:`global_setup`): a word vocabulary for text classification, a
+byte-level BPE tokenizer trained from the workers' pre-token counts for language modelling.
 
 Phase 2 (:func:`encode_local`): workers encode their shard (token ids, LM windows) and report
 sizes; for language modelling also unigram counts, from which every rank computes the same
@@ -31,12 +32,15 @@ from workers.data import (
     Tokenizer,
     lm_windows,
     load_dataset,
+    load_tokenizer,
     partition,
     tokenize,
     train_val_split,
     unigram_perplexity,
 )
+from workers.data.bpe import BPETokenizer, pretoken_counts
 from workers.models import TaskInfo, check_compatible
+from workers.models.gpt import requested_vocab_size
 from workers.protocol import TrainJob
 
 from .common import Split, TrainingError
@@ -46,9 +50,8 @@ log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 20_000
 """Vocabulary of text classification tasks (most frequent training tokens)."""
-LM_VOCAB_SIZE = 4_000
-"""Vocabulary of language-modelling tasks: the output softmax costs O(vocab) per token."""
-LM_SEQ_LEN = 64
+LM_SEQ_LEN = 128
+"""Tokens per language-modelling window (and the model's positions)."""
 SHORT_TEXT_MAX_LEN = 40
 LONG_TEXT_MAX_LEN = 256
 SHORT_TEXT_P95 = 64
@@ -244,7 +247,9 @@ def read_local(plan: Plan, sandbox: Path, say: Any) -> tuple[LocalData, dict[str
         "private": private,
         "judge_n_val": len(judge_val) if judge_val is not None else 0,
     }
-    if ds.kind in ("text", "lm"):
+    if ds.kind == "lm":  # pre-token counts: what the BPE tokenizer is trained from
+        summary["counts"] = pretoken_counts(train.X)
+    elif ds.kind == "text":
         counts: Counter[str] = Counter()
         lengths: Counter[int] = Counter()
         for text in train.X:
@@ -290,7 +295,7 @@ class Setup:
     name: str
     kind: str
     task: TaskInfo
-    tokenizer: Tokenizer | None
+    tokenizer: Tokenizer | BPETokenizer | None
     label_names: list[str]
     max_len: int
     worker_train_sizes: list[int] = field(default_factory=list)
@@ -350,7 +355,7 @@ def global_setup(plan: Plan, summaries: list[dict[str, Any] | None], ckpt: dict[
     check_compatible(job.architecture, kind)
     label_names, _ = _merge_labels(mine) if kind != "lm" else ([], False)
 
-    tokenizer: Tokenizer | None = None
+    tokenizer: Tokenizer | BPETokenizer | None = None
     max_len = 0
     if ckpt is not None:
         ck_task = ckpt.get("task") or {}
@@ -358,7 +363,11 @@ def global_setup(plan: Plan, summaries: list[dict[str, Any] | None], ckpt: dict[
             raise TrainingError(f"checkpoint {job.resume_from} was trained on {ck_task.get('kind')!r} data, "
                                 f"this job's dataset is {kind!r}")
         if ckpt.get("tokenizer"):
-            tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+            tokenizer = load_tokenizer(ckpt["tokenizer"])
+        if kind == "lm" and not isinstance(tokenizer, BPETokenizer):
+            raise TrainingError(f"checkpoint {job.resume_from} is a language model of an older version of this "
+                                "server (word-level vocabulary, hand-written transformer) that cannot be resumed; "
+                                "train a new model without resume_from")
         max_len = int(ckpt.get("max_len") or 0)
         if kind != "lm":
             ck_labels = list(ckpt.get("label_names") or [])
@@ -372,7 +381,11 @@ def global_setup(plan: Plan, summaries: list[dict[str, Any] | None], ckpt: dict[
         counts: Counter[str] = Counter()
         for s in mine:
             counts.update(s["counts"])
-        tokenizer = build_vocab(counts, LM_VOCAB_SIZE if kind == "lm" else VOCAB_SIZE)
+        if kind == "lm":  # every rank trains the same BPE from the same summed counts
+            vocab_size = requested_vocab_size(job.model, job.layers, sum(counts.values()))
+            tokenizer = BPETokenizer.fit_counts(counts, vocab_size)
+        else:
+            tokenizer = build_vocab(counts, VOCAB_SIZE)
     if kind == "lm":
         max_len = max_len or LM_SEQ_LEN
     elif kind == "text" and not max_len:
