@@ -241,3 +241,32 @@ async def test_cluster_generates_ensembles_exports_and_benchmarks(lms, tmp_path)
         assert res["tokens_per_second"] > 0 and res["prompt_tokens_per_second"] > 0
         assert 0 < res["token_latency_p50_ms"] <= res["token_latency_p95_ms"]
         assert 0 < res["first_token_ms"] and res["cluster_tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_cluster_fine_tunes_a_hugging_face_model(lms, tmp_path) -> None:
+    """A Hugging Face directory is the starting point of training (resume_from): its tokenizer and
+    weights carry over, and the fine-tuned model beats the unigram baseline on the new text."""
+    import shutil
+
+    home = tmp_path / "home"
+    settings = Settings.from_env(home)
+    (home / "models").mkdir(parents=True)
+    shutil.copytree(lms["a"], home / "models" / "a")
+    async with Client(build_server(settings)) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "ft", "architecture": "transformer"}))["cluster_id"]
+        deployed = await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2})
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        for node in [n["node_id"] for n in deployed["nodes"]]:
+            await ok(client, "neural_node_upload", {"node_id": node, "file_name": "corpus/more.txt",
+                                                     "content": "\n".join(CORPUS)})
+        run = await ok(client, "neural_train_distributed", {
+            "cluster_id": cid, "dataset": "corpus/*.txt", "epochs": 1, "batch_size": 8, "learning_rate": 0.001,
+            "resume_from": str(home / "models" / "a"), "wait": True, "wait_timeout_s": 400})
+        assert run["status"] == "completed", run
+        metrics = run["result"]["metrics"]
+        assert metrics["val_perplexity"] < 0.5 * metrics["baseline_perplexity"], metrics
+        pred = await ok(client, "neural_predict_distributed", {"cluster_id": cid, "input_data": PROMPT,
+                                                               "max_new_tokens": 8})
+        assert pred["prediction"]

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from benchmarks.harness import deploy, federated, serving, status, sync
+from benchmarks.harness import deploy, federated, lm, serving, status, sync
 from benchmarks.harness.common import DEFAULT_JSON, ROWS, TARGETS, BenchError, Row, machine_facts, say
 from benchmarks.harness.session import Bench
 from benchmarks.harness.table import render
@@ -25,9 +25,11 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "deploy": deploy.row_deploy, "sync": sync.row_sync, "allreduce": sync.row_allreduce,
     "predict": serving.row_predict, "bytes": sync.row_bytes, "status": status.row_status,
     "memory": serving.row_memory, "federated": federated.row_federated, "byzantine": federated.row_byzantine,
+    "lm_sync": lm.row_lm_sync, "generate": lm.row_generate,
 }
 # The comparisons that are most sensitive to other load run while fewest nodes exist.
-RUN_ORDER = ("deploy", "sync", "allreduce", "federated", "byzantine", "predict", "bytes", "status", "memory")
+RUN_ORDER = ("deploy", "sync", "allreduce", "federated", "byzantine", "lm_sync", "predict", "generate", "bytes",
+             "status", "memory")
 
 
 def quiet_logging(log_file: Path) -> None:
