@@ -156,6 +156,27 @@ def test_sampling_filters() -> None:
     assert draws == {0, 1}
 
 
+def test_prompt_forms_and_choosing_among_continuations() -> None:
+    from flow_nexus_server.service.errors import ServiceError
+    from flow_nexus_server.service.generation import choose_continuation, prompts_of
+
+    assert prompts_of(PROMPT) == prompts_of({"text": PROMPT}) == [PROMPT]
+    assert prompts_of(json.dumps(json.dumps({"text": PROMPT}))) == [PROMPT]
+    assert prompts_of(json.dumps([{"text": "a"}, "b"])) == ["a", "b"]
+    assert prompts_of("{not json") == ["{not json"]  # text that only looks like JSON is the prompt
+    with pytest.raises(ServiceError, match="continues text"):
+        prompts_of({"pixels": [1, 2]})
+
+    def cont(text: str, lp: float) -> p.Continuation:
+        return p.Continuation(text=text, token_ids=[1], prompt_tokens=1, mean_logprob=lp, stopped="length",
+                              latency_ms=1, first_token_ms=1, tokens_per_second=1)
+
+    conts = [cont(" x", -3.0), cont(" y", -0.1), cont(" x", -2.5)]
+    assert choose_continuation(conts, "majority") == (0, 2 / 3)  # two nodes wrote " x"
+    # weighted: exp(-0.1) = 0.90 outweighs exp(-3) + exp(-2.5) = 0.13
+    assert choose_continuation(conts, "weighted") == (1, 1 / 3)
+
+
 @pytest.mark.anyio
 async def test_cluster_generates_ensembles_exports_and_benchmarks(lms, tmp_path) -> None:
     home = tmp_path / "home"
