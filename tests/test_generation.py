@@ -264,30 +264,22 @@ async def test_cluster_generates_ensembles_exports_and_benchmarks(lms, tmp_path)
         assert 0 < res["first_token_ms"] and res["cluster_tokens_per_second"] > 0
 
 
-@pytest.mark.slow
-@pytest.mark.anyio
-async def test_cluster_fine_tunes_a_hugging_face_model(lms, tmp_path) -> None:
-    """A Hugging Face directory is the starting point of training (resume_from): its tokenizer and
-    weights carry over, and the fine-tuned model beats the unigram baseline on the new text."""
-    import shutil
 
-    home = tmp_path / "home"
-    settings = Settings.from_env(home)
-    (home / "models").mkdir(parents=True)
-    shutil.copytree(lms["a"], home / "models" / "a")
-    async with Client(build_server(settings)) as client:
-        cid = (await ok(client, "neural_cluster_init", {"name": "ft", "architecture": "transformer"}))["cluster_id"]
-        deployed = await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 2})
-        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
-        for node in [n["node_id"] for n in deployed["nodes"]]:
-            await ok(client, "neural_node_upload", {"node_id": node, "file_name": "corpus/more.txt",
-                                                     "content": "\n".join(CORPUS)})
-        run = await ok(client, "neural_train_distributed", {
-            "cluster_id": cid, "dataset": "corpus/*.txt", "epochs": 1, "batch_size": 8, "learning_rate": 0.001,
-            "resume_from": str(home / "models" / "a"), "wait": True, "wait_timeout_s": 400})
-        assert run["status"] == "completed", run
-        metrics = run["result"]["metrics"]
-        assert metrics["val_perplexity"] < 0.5 * metrics["baseline_perplexity"], metrics
-        pred = await ok(client, "neural_predict_distributed", {"cluster_id": cid, "input_data": PROMPT,
-                                                               "max_new_tokens": 8})
-        assert pred["prediction"]
+def test_resume_from_a_hugging_face_directory(lms) -> None:
+    """resume_from names a Hugging Face directory: the trainer's checkpoint reader gives its weights,
+    tokenizer and context, which a model of the job's preset takes as they are (fine-tuning start)."""
+    from workers.data import load_tokenizer
+    from workers.generation import generate
+    from workers.models import TaskInfo, build_model
+    from workers.training.checkpoint import load_state, read_checkpoint
+    from workers.training.common import TrainedModel
+
+    ck = read_checkpoint(lms["a"])
+    assert ck["epoch"] == 0 and ck["optimizer_state"] is None and ck["tokenizer"]["type"] == "bpe"
+    task = TaskInfo(**{**ck["task"], "input_shape": tuple(ck["task"]["input_shape"])})
+    model = build_model("transformer", "base", task)  # what the engine builds for the job
+    load_state(model, ck["model_state"], str(lms["a"]))
+    tokenizer = load_tokenizer(ck["tokenizer"])
+    resumed = TrainedModel(model=model.eval(), task=task, tokenizer=tokenizer, label_names=[],
+                           architecture="transformer", preset="base", max_len=task.max_len)
+    assert generate(resumed, PROMPT, p.GenerationOptions(max_new_tokens=12)).text == hf_greedy(lms["a"], PROMPT, 12)
