@@ -39,9 +39,12 @@ from workers.data import load_dataset, partition, train_val_split  # noqa: E402
 from workers.models import TaskInfo, build_model  # noqa: E402
 
 
-def shard(name: str, rank: int, world: int, validation_split: float, seed: int):  # type: ignore[no-untyped-def]
+def shard(name: str, rank: int, world: int, validation_split: float, seed: int,  # type: ignore[no-untyped-def]
+          preset: str = "base"):
     """This rank's training shard, split as ``workers.training.setup.read_local`` splits it."""
     ds = load_dataset(name)
+    if ds.kind == "lm":
+        return lm_shard(ds, rank, world, validation_split, seed, preset)
     tr, _ = train_val_split(len(ds), validation_split, seed, stratify=ds.y)
     parts = partition(ds.y[tr], world, "iid", 0.5, seed)
     idx = tr[parts[rank]]
@@ -49,6 +52,32 @@ def shard(name: str, rank: int, world: int, validation_split: float, seed: int):
     y = torch.from_numpy(np.asarray(ds.y[idx], dtype=np.int64))
     task = TaskInfo(ds.kind, tuple(ds.input_shape), len(ds.label_names))
     return X, y, task, [len(p) for p in parts]
+
+
+def lm_shard(ds, rank: int, world: int, validation_split: float, seed: int,  # type: ignore[no-untyped-def]
+             preset: str):
+    """A language-modelling shard as the node trainer builds it: the byte-level BPE trained on every
+    training document (what the workers' summed pre-token counts give), this rank's documents as one
+    token stream, cut into windows of the trainer's sequence length."""
+    from workers.data.bpe import BPETokenizer
+    from workers.data.text import lm_windows
+    from workers.models.gpt import requested_vocab_size
+    from workers.training.setup import LM_SEQ_LEN
+
+    tr, _ = train_val_split(len(ds), validation_split, seed)
+    parts = partition(len(tr), world, "iid", 0.5, seed)
+    tokenizer = BPETokenizer.fit(list(ds.subset(tr).X), requested_vocab_size(preset, None))
+    xi, yi = lm_windows(tokenizer.encode_stream(list(ds.subset(tr[parts[rank]]).X)), LM_SEQ_LEN)
+    v = tokenizer.vocab_size
+    task = TaskInfo("lm", (), v, v, LM_SEQ_LEN)
+    return torch.from_numpy(xi), torch.from_numpy(yi), task, [len(xi)]  # main agrees on the smallest shard
+
+
+def loss_of(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier (B, C) or of a language model over every position (B, L, V)."""
+    if out.dim() == 3:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(out, target)
 
 
 def main() -> int:
@@ -70,13 +99,15 @@ def main() -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    X, y, task, sizes = shard(args.dataset, rank, world, args.validation_split, args.seed)
+    X, y, task, sizes = shard(args.dataset, rank, world, args.validation_split, args.seed, args.preset)
     torch.manual_seed(args.seed)
     model = build_model(args.architecture, args.preset, task)
     model.train()
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
-    spe = min(sizes) // args.batch_size
+    smallest = torch.tensor([min(sizes)])
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)  # every rank takes the same number of steps
+    spe = int(smallest) // args.batch_size
     B = args.batch_size
     times: list[float] = []
     dist.barrier()
@@ -91,15 +122,15 @@ def main() -> int:
                 for g in opt.param_groups:
                     g["lr"] = args.lr
                 out = ddp(X[idx])
-                loss = F.cross_entropy(out, y[idx])
+                loss = loss_of(out, y[idx])
                 with torch.no_grad():
-                    int((out.argmax(dim=1) == y[idx]).sum())
+                    int((out.argmax(dim=-1) == y[idx]).sum())
                 loss.backward()
                 float(loss.detach())
                 float(torch.linalg.vector_norm(torch.stack(
                     [torch.linalg.vector_norm(p.grad) for p in ddp.parameters() if p.grad is not None])))
             else:
-                loss = F.cross_entropy(ddp(X[idx]), y[idx])
+                loss = loss_of(ddp(X[idx]), y[idx])
                 loss.backward()
             opt.step()
             times.append(time.perf_counter() - t0)

@@ -470,29 +470,41 @@ class ClassificationMetrics(BaseModel):
 
 class NodePrediction(BaseModel):
     node_id: str
-    prediction: str | list[str] | None = Field(description="Label name(s) this node voted for")
-    confidence: float = Field(description="Mean of this node's top-class probability")
-    latency_ms: float = Field(description="Measured on the node")
+    prediction: str | list[str] | None = Field(description=(
+        "Label name(s) this node voted for; a language model: its own continuation(s) (None in ensemble "
+        "decoding, where the nodes write one text together)"))
+    confidence: float = Field(description=(
+        "Mean of this node's top-class probability; a language model: the mean log-probability of its tokens "
+        "(ensemble: of the joint text's tokens under this node's model)"))
+    latency_ms: float = Field(description="Measured on the node (ensemble: the sum of its decoding steps)")
     round_trip_ms: float = Field(description="Measured by the server around the call")
     model: str = Field(description="global, local or int8")
     examples: int
+    new_tokens: int | None = Field(None, description="A language model: tokens generated")
+    tokens_per_second: float | None = Field(None, description="A language model: new tokens / node latency")
+    first_token_ms: float | None = Field(None, description="A language model: time to first token (median)")
 
 
 class PredictReply(ToolReply):
     success: bool
     cluster_id: str
-    prediction: str | list[str] = Field(description="Label name (one example) or names (a batch)")
-    confidence: float = Field(description="Consensus confidence (mean over examples)")
+    prediction: str | list[str] = Field(description=(
+        "Label name (one example) or names (a batch); a language model: the continuation(s)"))
+    confidence: float = Field(description=(
+        "Consensus confidence (mean over examples); a language model: mean token log-probability"))
     aggregation_method: str
     mode: str = Field(description="replicate (every node answers every example) or shard")
     model: str
     nodes_used: int
     examples: int
     individual_predictions: list[NodePrediction]
-    details: list[dict[str, Any]] = Field(description="Per example: label, confidence, agreement, distribution")
+    details: list[dict[str, Any]] = Field(description=(
+        "Per example: label, confidence, agreement, distribution; a language model: prompt, continuation, "
+        "token_ids, mean_logprob, stopped, new_tokens, tokens_per_second, first_token_ms and each node's part"))
     details_truncated: bool
     total_latency_ms: float = Field(description="Measured by the server: first request out to last answer in")
     metrics: ClassificationMetrics | None = Field(None, description="When the input carried labels")
+    generation: dict[str, Any] | None = Field(None, description="A language model: the generation options used")
 
 
 class LatencyStats(BaseModel):

@@ -92,6 +92,7 @@ class NodeAgent:
         self.trained_job: dict[str, Any] = {}  # facts of the job that produced it (dataset, split, seed)
         self.model_source: str | None = None
         self._int8: tuple[Any, Any] | None = None  # (model it was made from, quantized copy)
+        self._steps: Any = None  # open ensemble decodings (workers.generation.StepSessions)
 
     def health(self) -> p.HealthReply:
         import torch
@@ -220,6 +221,8 @@ class NodeAgent:
     # ---------------------------------------------------------------- serving
     def _serve(self, trained: Any, job: dict[str, Any], source: str) -> None:
         self.trained, self.trained_job, self.model_source, self._int8 = trained, job, source, None
+        if self._steps is not None:
+            self._steps.clear()  # their caches belong to the model being replaced
 
     def _require_model(self) -> Any:
         if self.trained is None:
@@ -266,6 +269,80 @@ class NodeAgent:
                               label_names=list(trained.label_names),
                               latency_ms=(time.perf_counter() - start) * 1000, model=used)
 
+    def generate(self, req: p.GenerateRequest) -> p.GenerateReply:
+        from workers.generation import generate
+        from workers.inference import InferenceError
+        from workers.sampling import rng_for
+
+        trained = self._require_model()
+        rng = rng_for(req.options)  # one generator for the batch: a seed reproduces all of it
+        try:
+            out = [generate(trained, text, req.options, local=req.use_local, rng=rng) for text in req.prompts]
+        except InferenceError as exc:
+            raise RequestError(400, str(exc)) from exc
+        used = "local" if req.use_local and trained.local_model is not None else "global"
+        return p.GenerateReply(node_id=self.node_id, continuations=out, model=used)
+
+    def generate_step(self, req: p.GenerateStepRequest) -> p.GenerateStepReply:
+        from workers.generation import StepSessions, lm_parts
+        from workers.inference import InferenceError
+        from workers.sampling import encode_probabilities
+
+        trained = self._require_model()
+        if self._steps is None:
+            self._steps = StepSessions()
+        start = time.perf_counter()
+        options = p.GenerationOptions(temperature=req.temperature, max_new_tokens=1)
+        try:
+            _, tokenizer, context = lm_parts(trained)
+            if req.close:
+                done = self._steps.close(req.session)
+                tokens = (done.generated if done else []) + req.tokens
+                return p.GenerateStepReply(node_id=self.node_id, probabilities="", vocab_size=0,
+                                           eos_id=tokenizer.eos_id, context=context, step_ms=0.0,
+                                           text=tokenizer.decode([t for t in tokens if t != tokenizer.eos_id]))
+            ids: list[int] = []
+            if req.prompt is not None:
+                decoder, ids = self._steps.open(req.session, trained, req.prompt, options)
+                decoder = self._steps.step(req.session, req.tokens, context)
+            else:
+                decoder = self._steps.step(req.session, req.tokens, context)
+            probs = decoder.distribution(req.temperature)
+        except InferenceError as exc:
+            raise RequestError(400, str(exc)) from exc
+        return p.GenerateStepReply(node_id=self.node_id, probabilities=encode_probabilities(probs),
+                                   vocab_size=int(probs.shape[0]), prompt_ids=ids, eos_id=int(tokenizer.eos_id),
+                                   context=context, step_ms=(time.perf_counter() - start) * 1000)
+
+    def _benchmark_lm(self, req: p.BenchmarkRequest, trained: Any) -> p.BenchmarkReply:
+        import resource
+
+        from workers.generation import benchmark_generation
+        from workers.inference import parse_inputs
+        from workers.models import describe_model
+        from workers.serving import size_mb
+
+        if req.inputs is not None:
+            prompts, _ = parse_inputs(req.inputs, trained.task)
+        else:
+            prompts = [self._held_out_prompt(trained)]
+        runs = max(3, min(req.runs, 20))  # each run is a whole generation
+        gen = benchmark_generation(trained, str(prompts[0]), runs)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        step = gen["token_latency_p50_ms"]
+        return p.BenchmarkReply(
+            node_id=self.node_id, latency_p50_ms=step, latency_p95_ms=gen["token_latency_p95_ms"],
+            latency_p99_ms=gen["token_latency_p95_ms"], samples_per_second=gen["tokens_per_second"],
+            parameters=int(describe_model(trained.model)["parameters"]), model_size_mb=size_mb(trained.model),
+            rss_mb=rss_bytes() / 2**20, peak_rss_mb=peak, examples=len(prompts), generation=gen)
+
+    def _held_out_prompt(self, trained: Any) -> str:
+        """The first words of a held-out text the model was trained against (a fixed prompt without one)."""
+        from workers.serving import held_out_texts
+
+        texts = held_out_texts(self.trained_job, self.sandbox)
+        return " ".join(texts[0].split()[:8]) if texts else "The"
+
     def benchmark(self, req: p.BenchmarkRequest) -> p.BenchmarkReply:
         import resource
 
@@ -277,6 +354,8 @@ class NodeAgent:
 
         trained = self._require_model()
         try:
+            if trained.task.kind == "lm":
+                return self._benchmark_lm(req, trained)
             if req.inputs is not None:
                 examples, labels = parse_inputs(req.inputs, trained.task, trained.label_names)
             else:
@@ -327,7 +406,7 @@ class NodeAgent:
         from workers.training.common import TrainingError
 
         try:
-            trained, job = load_any(confined(req.path, self.sandbox, "model path"))
+            trained, job = load_any(confined(req.path, self.sandbox, "model path"), req.memory_mb)
         except (ServingError, TrainingError) as exc:
             raise RequestError(400, str(exc)) from exc
         self._serve(trained, job, req.path)

@@ -73,6 +73,11 @@ STOP_TRAINING = Endpoint("stop_training", "POST", "/train/stop", None, p.TrainPr
 MODEL_INFO = Endpoint("model_info", "GET", "/model", None, p.ModelInfo, 5.0, "The model the node serves")
 PREDICT = Endpoint("predict", "POST", "/predict", p.PredictRequest, p.PredictReply, 60.0,
                    "Class probabilities for the inputs")
+GENERATE = Endpoint("generate", "POST", "/generate", p.GenerateRequest, p.GenerateReply, 300.0,
+                    "Continue each prompt with this node's language model")
+GENERATE_STEP = Endpoint("generate_step", "POST", "/generate/step", p.GenerateStepRequest, p.GenerateStepReply, 60.0,
+                         "One step of ensemble decoding: append tokens to a KV-cached decoding, answer the "
+                         "next-token distribution")
 BENCHMARK = Endpoint("benchmark", "POST", "/model/benchmark", p.BenchmarkRequest, p.BenchmarkReply, 300.0,
                      "Latency, throughput, size and accuracy of the served model")
 EXPORT_MODEL = Endpoint("export_model", "POST", "/model/export", p.ExportRequest, p.ExportReply, 300.0,
@@ -84,7 +89,8 @@ SHUTDOWN = Endpoint("shutdown", "POST", "/shutdown", None, p.ShutdownReply, 5.0,
 
 NODE_API: tuple[Endpoint[Any], ...] = (
     HEALTH, HOST_STORE, LEASE, JOIN, PROBE, BENCH_COLLECTIVES, LEAVE, VALIDATE_JOB, START_TRAINING,
-    TRAINING_STATUS, STOP_TRAINING, MODEL_INFO, PREDICT, BENCHMARK, EXPORT_MODEL, LOAD_MODEL, SHUTDOWN,
+    TRAINING_STATUS, STOP_TRAINING, MODEL_INFO, PREDICT, GENERATE, GENERATE_STEP, BENCHMARK, EXPORT_MODEL,
+    LOAD_MODEL, SHUTDOWN,
 )
 """What a node serves."""
 

@@ -43,7 +43,7 @@ Partition = Literal["iid", "dirichlet"]
 TrainMode = Literal["sync", "parameter_server", "federated"]
 Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
 AggregationRule = Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"]
-ExportFormat = Literal["safetensors", "torchscript", "pytorch"]
+ExportFormat = Literal["safetensors", "torchscript", "pytorch", "huggingface"]
 LRSchedule = Literal["constant", "cosine", "warmup_cosine", "step", "plateau"]
 CheckpointMetric = Literal["val_loss", "val_accuracy", "val_f1_macro", "val_perplexity"]
 DEFAULT_COMPRESSION_RATIO = 0.5
@@ -462,6 +462,83 @@ class PredictRequest(BaseModel):
     quantized: bool = Field(False, description="Serve the int8 dynamically quantized copy")
 
 
+MAX_NEW_TOKENS = 1024
+"""Most tokens one generation request may ask for (the model's context is the tighter bound)."""
+
+
+class GenerationOptions(BaseModel):
+    """How a language model continues a text. Declared once, here: neural_predict_distributed
+    publishes these fields as its parameters (used on language-model clusters), and every node
+    receives them in its GenerateRequest / GenerateStepRequest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS, description=(
+        "Tokens to generate after the prompt (prompt + new tokens must fit the model's context)"))
+    temperature: float = Field(0.0, ge=0, le=100, description=(
+        "0: greedy (deterministic); > 0: sample from softmax(logits / temperature)"))
+    top_k: int | None = Field(None, ge=1, le=1_000_000, description="Sample only among the k most likely tokens")
+    top_p: float | None = Field(None, gt=0, le=1, description=(
+        "Nucleus sampling: only the most likely tokens whose probabilities add up to top_p"))
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description=(
+        "Seeds sampling (same seed, prompt and model: the same text); none: a fresh seed per call"))
+
+
+class GenerateRequest(BaseModel):
+    """Each prompt continued by this node's own model."""
+
+    prompts: list[str] = Field(min_length=1, max_length=256)
+    options: GenerationOptions = Field(default_factory=GenerationOptions)
+    use_local: bool = Field(False, description="Use this node's local (pre-aggregation) model when it has one")
+
+
+class Continuation(BaseModel):
+    """One prompt's continuation by one node."""
+
+    text: str = Field(description="The generated text (the prompt not repeated)")
+    token_ids: list[int]
+    prompt_tokens: int
+    mean_logprob: float = Field(description="Mean log-probability the model gave its chosen tokens "
+                                            "(at temperature 1, before top-k/top-p)")
+    stopped: Literal["eos", "length"] = Field(description="eos: the model ended the text; length: max_new_tokens")
+    latency_ms: float = Field(description="Measured on the node: tokenise, prefill and every decoding step")
+    first_token_ms: float = Field(description="Time to first token: tokenise, prefill and the first choice")
+    tokens_per_second: float = Field(description="Generated tokens / latency")
+
+
+class GenerateReply(BaseModel):
+    node_id: str
+    continuations: list[Continuation]
+    model: str = Field(description="'global' or 'local'")
+
+
+class GenerateStepRequest(BaseModel):
+    """One step of ensemble decoding: the node appends ``tokens`` to the decoding session (its KV
+    cache) and answers its next-token distribution. The first call of a session carries the
+    prompt (``prompt``); later calls the token the ensemble chose; ``close`` ends it."""
+
+    session: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    prompt: str | None = Field(None, description="Opens the session: the text to continue")
+    tokens: list[int] = Field(default_factory=list, max_length=MAX_NEW_TOKENS, description="Tokens to append")
+    temperature: float = Field(0.0, ge=0, le=100)
+    close: bool = Field(False, description=(
+        "End the session and free its cache: no distribution is answered, but the text of every token "
+        "appended since the prompt, then ``tokens`` (the last choice), <|endoftext|> left out"))
+
+
+class GenerateStepReply(BaseModel):
+    node_id: str
+    probabilities: str = Field(description="The next-token distribution: base64 of little-endian float32, one "
+                                           "value per vocabulary entry (softmax(logits / temperature); "
+                                           "temperature 0 counts as 1)")
+    vocab_size: int
+    prompt_ids: list[int] = Field(default_factory=list, description="The prompt's tokens (on the opening call)")
+    eos_id: int
+    context: int = Field(description="Positions the model takes (prompt + generated tokens)")
+    step_ms: float = Field(description="Measured on the node: the forward step with the KV cache")
+    text: str = Field("", description="On the closing call: the decoded continuation")
+
+
 class PredictReply(BaseModel):
     node_id: str
     probabilities: list[list[float]]
@@ -472,7 +549,8 @@ class PredictReply(BaseModel):
 
 
 class BenchmarkRequest(BaseModel):
-    inputs: Any = Field(None, description="Examples (with labels for accuracy); default: the held-out split")
+    inputs: Any = Field(None, description="Examples (with labels for accuracy); default: the held-out split. "
+                                          "A language model: prompts (default: a text of the held-out split)")
     runs: int = Field(50, ge=5, le=2000)
     quantized: bool = False
 
@@ -490,6 +568,9 @@ class BenchmarkReply(BaseModel):
     examples: int
     accuracy: float | None = None
     int8: dict[str, float] | None = Field(None, description="The same figures for the int8 copy")
+    generation: dict[str, float] | None = Field(None, description=(
+        "A language model: tokens_per_second, token_latency_p50_ms / p95_ms (one decoding step), "
+        "first_token_ms (p50), prompt_tokens_per_second (prefill), prompt_tokens, new_tokens, all measured"))
 
 
 class ExportRequest(BaseModel):
@@ -505,7 +586,10 @@ class ExportReply(BaseModel):
 
 
 class LoadRequest(BaseModel):
-    path: str = Field(description="An export directory or a checkpoint file")
+    path: str = Field(description="An export directory (this server's or a Hugging Face GPT-2 one) or a "
+                                  "checkpoint file")
+    memory_mb: int | None = Field(None, ge=1, description="The node's memory budget: a Hugging Face model "
+                                                          "whose weights would not fit is refused")
 
 
 class CollectiveBenchRequest(BaseModel):

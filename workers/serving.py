@@ -6,6 +6,9 @@ facts), ``tokenizer.json`` for text models, ``labels.json``, the weights as
 programs, a pytorch export ``model.pt``: a plain state dict for ``torch.load(weights_only=True)``),
 and ``README.md`` (a model card with the metrics the model was trained to).
 
+``format="huggingface"`` (language models) writes the layout ``transformers`` loads instead
+(:mod:`workers.hf_export`), and such a directory loads back, also one trained elsewhere.
+
 Loading never runs code from the files: the model is rebuilt from ``config.json`` and its
 weights read from safetensors; ``config["weights"]`` must name a file inside the export
 directory. TorchScript is never loaded (``torch.jit.load`` unpickles).
@@ -52,8 +55,15 @@ def example_batch(trained: TrainedModel, n: int = 1) -> torch.Tensor:
 
 def export_model(trained: TrainedModel, directory: Path, fmt: str, card: dict[str, Any],
                  job: dict[str, Any] | None) -> list[Path]:
+    if fmt == "huggingface":
+        from workers.hf_export import HuggingFaceError, export_huggingface
+
+        try:
+            return export_huggingface(trained, directory, card, job)
+        except HuggingFaceError as exc:
+            raise ServingError(str(exc)) from None
     if fmt not in ("safetensors", "torchscript", "pytorch"):
-        raise ServingError(f"unknown export format {fmt!r}; use safetensors, torchscript or pytorch")
+        raise ServingError(f"unknown export format {fmt!r}; use safetensors, torchscript, pytorch or huggingface")
     from safetensors.torch import save_model
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -179,8 +189,16 @@ def export_weights(directory: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def load_any(path: Path) -> tuple[TrainedModel, dict[str, Any]]:
-    """An export directory or a checkpoint file -> (model, the training job facts)."""
+def load_any(path: Path, memory_mb: int | None = None) -> tuple[TrainedModel, dict[str, Any]]:
+    """An export directory (this server's or a Hugging Face GPT-2 one, which must fit ``memory_mb``)
+    or a checkpoint file -> (model, the training job facts)."""
+    from workers.hf_export import HuggingFaceError, is_huggingface_dir, load_huggingface
+
+    if path.is_dir() and is_huggingface_dir(path):
+        try:
+            return load_huggingface(path, memory_mb)
+        except HuggingFaceError as exc:
+            raise ServingError(str(exc)) from None
     if path.is_dir():
         return load_export(path)
     if path.is_file():
@@ -205,6 +223,21 @@ def held_out(job: dict[str, Any], sandbox: Path) -> tuple[Any, np.ndarray] | Non
                              stratify=ds.y)
     sub = ds.subset(val)
     return sub.X, np.asarray(sub.y)
+
+
+def held_out_texts(job: dict[str, Any], sandbox: Path) -> list[str]:
+    """The held-out texts of a language model's training data (empty when not readable here)."""
+    spec = job.get("dataset")
+    if not spec:
+        return []
+    try:
+        ds = load_dataset(spec, sandbox)
+    except Exception:  # the data may have been private to another node
+        log.info("held-out texts of %r are not readable here", spec)
+        return []
+    _, val = train_val_split(len(ds), float(job.get("validation_split") or 0.2), int(job.get("seed") or 0))
+    texts = [t for t in ds.subset(val).X if isinstance(t, str) and t.strip()]
+    return texts
 
 
 def size_mb(model: torch.nn.Module) -> float:

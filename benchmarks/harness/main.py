@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from benchmarks.harness import architectures, deploy, federated, privacy, serving, status, sync
+from benchmarks.harness import architectures, deploy, federated, lm, privacy, serving, status, sync
 from benchmarks.harness.common import DEFAULT_JSON, DEFAULT_ROWS, ROWS, TARGETS, BenchError, Row, machine_facts, say
 from benchmarks.harness.session import Bench
 from benchmarks.harness.table import render
@@ -26,10 +26,11 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "predict": serving.row_predict, "bytes": sync.row_bytes, "status": status.row_status,
     "memory": serving.row_memory, "federated": federated.row_federated, "byzantine": federated.row_byzantine,
     "privacy": privacy.row_privacy, "architectures": architectures.row_architectures,
+    "lm_sync": lm.row_lm_sync, "generate": lm.row_generate,
 }
 # The comparisons that are most sensitive to other load run while fewest nodes exist.
-RUN_ORDER = ("deploy", "sync", "allreduce", "federated", "byzantine", "privacy", "predict", "bytes", "status", "memory",
-             "architectures")
+RUN_ORDER = ("deploy", "sync", "allreduce", "federated", "byzantine", "privacy", "lm_sync", "predict", "generate",
+             "bytes", "status", "memory", "architectures")
 
 
 def quiet_logging(log_file: Path) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.launchers import NodeSpec
+from flow_nexus_server.service.budget import node_memory_mb
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import NextStep, NotFound, ServiceError
 from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
@@ -153,6 +154,15 @@ def _records_as_examples(rows: list[Any]) -> Any:
     return {"inputs": inputs, "labels": labels} if all(v is not None for v in labels) else inputs
 
 
+def _may_be_text(payload: Any) -> bool:
+    """Whether a parsed input holds text anywhere near its top (a prompt or a text example)."""
+    if isinstance(payload, str):
+        return True
+    if isinstance(payload, dict):
+        return any(_may_be_text(v) for v in payload.values())
+    return isinstance(payload, list) and bool(payload) and _may_be_text(payload[0])
+
+
 def split_examples(payload: Any) -> tuple[list[Any], list[Any] | None, bool]:
     """(examples, labels, was_batch) for shard mode, which must cut the batch itself."""
     labels = None
@@ -204,10 +214,18 @@ class InferenceService:
 
     # ---------------------------------------------------------------- predict
     def predict(self, cluster_id: str, input_data: str, aggregation: str, mode: str, model: str,
-                quantized: bool | None) -> r.PredictReply:
+                quantized: bool | None, generation: p.GenerationOptions | None = None) -> r.PredictReply:
+        payload = parse_input_data(input_data, self.clusters.settings.allowed_roots, self.sandboxes(cluster_id))
         svc = self.clusters
+        if _may_be_text(payload):  # only text can be a language model's prompt
+            cluster, nodes, infos = self.serving_nodes(cluster_id)
+            if any(i.kind == "lm" for i in infos):
+                from flow_nexus_server.service import generation as g
+
+                lm = [n for n, i in zip(nodes, infos) if i.kind == "lm"]
+                return g.generate([svc.client(cluster, n) for n in lm], [n.id for n in lm], g.prompts_of(payload),
+                                  aggregation, mode, generation or p.GenerationOptions(), model == "local", cluster_id)
         cluster, nodes = self.inference_nodes(cluster_id)
-        payload = parse_input_data(input_data, svc.settings.allowed_roots, self.sandboxes(cluster_id))
         use_int8 = self.quantized_default(cluster) if quantized is None else quantized
         use_local = model == "local"
         start = time.perf_counter()
@@ -300,9 +318,12 @@ class InferenceService:
                 per_node.append(self.clusters.client(cluster, node).benchmark(
                     p.BenchmarkRequest(inputs=payload, runs=runs, quantized=use_int8)))
         e2e = None
-        if benchmark_type in ("inference", "comprehensive") and payload is not None:
+        lm = any(i.kind == "lm" for i in infos)
+        if benchmark_type in ("inference", "comprehensive") and payload is not None and not lm:
             e2e = self.end_to_end_latency(model_id, payload, runs)
         summary = self._summary(per_node, e2e)
+        if lm and benchmark_type in ("inference", "throughput", "comprehensive"):
+            summary.update(self.cluster_generation(model_id, payload))
         if benchmark_type in ("throughput", "comprehensive"):
             summary["training_samples_per_second"] = self.last_training_throughput(model_id)
         return r.BenchmarkResult(success=True, model_id=model_id, benchmark_type=benchmark_type, results=summary,
@@ -323,6 +344,19 @@ class InferenceService:
             times.append((time.perf_counter() - t0) * 1000)
         return latency_stats(times, nodes)
 
+    def cluster_generation(self, cluster_id: str, payload: Any) -> dict[str, Any]:
+        """Greedy ensemble decoding of one prompt through every serving node, timed by the server."""
+        from flow_nexus_server.service.generation import prompts_of
+
+        prompt = prompts_of(payload)[0] if payload is not None else "The"
+        self.predict(cluster_id, json.dumps({"text": prompt}), "ensemble", "replicate", "global", False,
+                     p.GenerationOptions(max_new_tokens=8))  # warm-up
+        reply = self.predict(cluster_id, json.dumps({"text": prompt}), "ensemble", "replicate", "global", False,
+                             p.GenerationOptions(max_new_tokens=32))
+        d = reply.details[0]
+        return {"cluster_tokens_per_second": d["tokens_per_second"], "cluster_first_token_ms": d["first_token_ms"],
+                "cluster_new_tokens": d["new_tokens"], "cluster_nodes": reply.nodes_used}
+
     @staticmethod
     def _summary(nodes: list[p.BenchmarkReply], e2e: r.LatencyStats | None) -> dict[str, Any]:
         if not nodes:
@@ -341,6 +375,12 @@ class InferenceService:
             out["accuracy"] = first.accuracy
         if first.int8:
             out["int8"] = first.int8
+        gens = [n.generation for n in nodes if n.generation]
+        if gens:  # a language model: the figures of generation, median over the nodes
+            for key in ("tokens_per_second", "token_latency_p50_ms", "token_latency_p95_ms", "first_token_ms",
+                        "prompt_tokens_per_second"):
+                out[key] = statistics.median(g[key] for g in gens)
+            out["samples_per_second"] = out["tokens_per_second"]
         return out
 
     def last_training_throughput(self, cluster_id: str) -> float | None:
@@ -407,8 +447,8 @@ class InferenceService:
         source = self.checkpoint_path(path) if path.startswith("ckpt_") else \
             under_allowed_root(path, settings.allowed_roots, "path")
         cluster, nodes = self.inference_nodes(cluster_id)
-        request = p.LoadRequest(path=str(source))
-        results = parallel(lambda n: self.clusters.client(cluster, n).load_model(request), nodes)
+        results = parallel(lambda n: self.clusters.client(cluster, n).load_model(
+            p.LoadRequest(path=str(source), memory_mb=node_memory_mb(n, settings))), nodes)
         errors = [f"{n.id}: {e}" for n, e in zip(nodes, results) if isinstance(e, BaseException)]
         if errors:
             raise ServiceError("loading the model failed on " + "; ".join(errors))

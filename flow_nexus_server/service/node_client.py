@@ -92,6 +92,12 @@ class NodeClient:
     def predict(self, req: p.PredictRequest) -> p.PredictReply:
         return self.call(api.PREDICT, req)
 
+    def generate(self, req: p.GenerateRequest) -> p.GenerateReply:
+        return self.call(api.GENERATE, req)
+
+    def generate_step(self, req: p.GenerateStepRequest) -> p.GenerateStepReply:
+        return self.call(api.GENERATE_STEP, req)
+
     def benchmark(self, req: p.BenchmarkRequest) -> p.BenchmarkReply:
         return self.call(api.BENCHMARK, req)
 

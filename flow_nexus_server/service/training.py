@@ -284,9 +284,9 @@ class TrainingService:
             ckpt = s.get(Checkpoint, resume)
         path = Path(ckpt.path) if ckpt else under_allowed_root(resume, self.clusters.settings.allowed_roots,
                                                                 "resume_from")
-        if not path.is_file():
-            raise ServiceError(f"resume_from {resume!r} is neither a checkpoint id nor an existing checkpoint file",
-                               next_step=NextStep.LIST_CHECKPOINTS)
+        if not (path.is_file() or (path / "config.json").is_file()):
+            raise ServiceError(f"resume_from {resume!r} is neither a checkpoint id, an existing checkpoint file nor a "
+                               "Hugging Face model directory", next_step=NextStep.LIST_CHECKPOINTS)
         return str(path.resolve())
 
     # ------------------------------------------------------------------ watch

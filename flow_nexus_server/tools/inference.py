@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from mcp.server import MCPServer
 from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service.prediction import Method
-from flow_nexus_server.tools.common import CREATES, READ_ONLY, REPLACES, App, ClusterId, call, tool
+from flow_nexus_server.tools.common import (
+    CREATES,
+    READ_ONLY,
+    REPLACES,
+    App,
+    ClusterId,
+    call,
+    model_fields_as_parameters,
+    tool,
+)
+from workers import protocol as p
 from workers.protocol import ExportFormat
 
 
 def register(mcp: MCPServer, app: App) -> None:
     @tool(mcp, title="Predict with the cluster", annotations=READ_ONLY)
+    @model_fields_as_parameters(p.GenerationOptions)
     async def neural_predict_distributed(
         cluster_id: ClusterId,
         input_data: Annotated[str, Field(min_length=1, max_length=4_000_000, description=(
@@ -23,16 +34,23 @@ def register(mcp: MCPServer, app: App) -> None:
             ".json/.jsonl/.csv/.txt file of examples; or plain text for a text model"))],
         aggregation: Annotated[Method | None, Field(description=(
             "mean of class probabilities (default), majority vote, confidence-weighted vote, or ensemble "
-            "(averaging, with each node's vote and confidence)"))] = None,
+            "(averaging, with each node's vote and confidence). A language model: ensemble (and mean) decode "
+            "jointly, averaging the nodes' next-token distributions at every step; majority / weighted choose among "
+            "the nodes' own continuations"))] = None,
         mode: Annotated[Literal["replicate", "shard"], Field(description=(
             "replicate: every node answers every example; shard: the batch is split across nodes"))] = "replicate",
         model: Annotated[Literal["global", "local"], Field(description=(
             "global model, or each node's local pre-aggregation model (after federated training)"))] = "global",
         quantized: Annotated[bool | None, Field(description="Serve the int8 copy (default: the training's "
                                                             "quantization setting)")] = None,
+        **generation: Any,
     ) -> r.PredictReply:
-        """Every node with the inference capability runs the model it holds; the server combines the answers."""
-        return await call(app.inference.predict, cluster_id, input_data, aggregation or "mean", mode, model, quantized)
+        """Every node with the inference capability runs the model it holds; the server combines the answers.
+        A language model continues the text instead (max_new_tokens, temperature, top_k, top_p, seed);
+        aggregation ensemble/mean decodes jointly, averaging the nodes' next-token distributions at every step."""
+        options = p.GenerationOptions.model_validate(generation)
+        return await call(app.inference.predict, cluster_id, input_data, aggregation or "mean", mode, model, quantized,
+                          options)
 
     @tool(mcp, title="Benchmark a model", annotations=READ_ONLY)
     async def neural_performance_benchmark(
@@ -59,7 +77,8 @@ def register(mcp: MCPServer, app: App) -> None:
         format: Annotated[ExportFormat, Field(description=(
             "safetensors: weights, config and model card; torchscript: also a traced model.torchscript.pt for other "
             "runtimes (this server never loads it); pytorch: also model.pt, a plain state dict for "
-            "torch.load(weights_only=True)"))] = "safetensors",
+            "torch.load(weights_only=True); huggingface (language models): the transformers layout, "
+            "loadable with AutoModelForCausalLM / AutoTokenizer.from_pretrained"))] = "safetensors",
         destination: Annotated[str | None, Field(max_length=4096, description=(
             "Directory under the state home or FLOW_NEXUS_DATA_ROOTS (default: <home>/exports/<id>-<time>)"))] = None,
     ) -> r.ExportReply:
@@ -69,8 +88,9 @@ def register(mcp: MCPServer, app: App) -> None:
     @tool(mcp, title="Load a model into a cluster", annotations=REPLACES)
     async def neural_model_load(
         cluster_id: ClusterId,
-        path: Annotated[str, Field(min_length=1, max_length=4096, description="An export directory, a checkpoint "
-                                                                              "file, or a checkpoint id")],
+        path: Annotated[str, Field(min_length=1, max_length=4096, description=(
+            "An export directory (this server's, or a Hugging Face GPT-2 directory with model.safetensors and "
+            "tokenizer.json), a checkpoint file, or a checkpoint id"))],
     ) -> r.LoadReply:
         """Every inference node of the cluster loads the model; no training needed before predicting."""
         return await call(app.inference.load, cluster_id, path)

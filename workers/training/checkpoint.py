@@ -276,12 +276,33 @@ def resolve_resume(spec: str, sandbox: Path) -> Path:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint dict (CPU) without unpickling anything; raises TrainingError with a clear message."""
+    if path.is_dir():
+        return _read_huggingface(path)
     if not path.is_file():
         raise TrainingError(f"checkpoint {path} does not exist on this node")
     ck = _read_safetensors(path) if path.suffix == CHECKPOINT_SUFFIX else _read_weights_only(path)
     if not isinstance(ck, dict) or not isinstance(ck.get("model_state"), dict) or not isinstance(ck.get("task"), dict):
         raise TrainingError(f"{path} is not a training checkpoint of this server (no model_state/task)")
     return ck
+
+
+def _read_huggingface(path: Path) -> dict[str, Any]:
+    """A Hugging Face GPT-2 directory as a checkpoint at epoch 0: fine-tuning starts from its weights
+    (safetensors and JSON only, see workers.hf_export); the job's model must have its shape."""
+    from dataclasses import asdict
+
+    from workers.hf_export import HuggingFaceError, is_huggingface_dir, load_huggingface
+
+    if not is_huggingface_dir(path):
+        raise TrainingError(f"{path} is a directory but not a Hugging Face model (no config.json with a model_type)")
+    try:
+        trained, _ = load_huggingface(path)
+    except HuggingFaceError as exc:
+        raise TrainingError(str(exc)) from None
+    return {"model_state": {k: v.detach().clone() for k, v in trained.model.state_dict().items()},
+            "optimizer_state": None, "job": {}, "task": asdict(trained.task), "tokenizer": trained.tokenizer.to_dict(),
+            "label_names": [], "architecture": "transformer", "preset": trained.preset, "max_len": trained.max_len,
+            "epoch": 0, "mode": "sync", "metrics": dict(trained.metrics)}
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
