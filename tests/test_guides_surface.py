@@ -75,12 +75,12 @@ async def test_guide_template_with_custom_config_and_user_id(home, monkeypatch):
         args = {"template_id": "tmpl_transformer_large", "user_id": "usr_abc123",
                 "custom_config": {"num_workers": 2, "num_parameter_servers": 1, "model_size": "125M"}}
         refused = await err(client, "neural_deploy_template", args)
-        # the nearest preset (xl) on 4 nodes needs 4 x 9 float32 copies of 5.8 M parameters = about 794 MB
-        assert "'xl'" in refused and "5,779,456" in refused and "794 MB" in refused and "100 MB" in refused
+        # the nearest preset (xl) on 4 nodes needs 4 x 9 float32 copies of 88.2 M parameters = about 12,116 MB
+        assert "'xl'" in refused and "88,226,304" in refused and "12,116 MB" in refused and "100 MB" in refused
     monkeypatch.setattr(templates, "available_memory_mb", lambda: 50_000.0)
     async with Client(build_server(Settings.from_env(home))) as client:
         reply = await ok(client, "neural_deploy_template", {**args, "custom_config": {
-            "num_workers": 1, "num_parameter_servers": 1, "model_size": "1M"}})
+            "num_workers": 1, "num_parameter_servers": 1, "model_size": "4M"}})
         assert reply["ignored"] == {"user_id": reply["ignored"]["user_id"]} and "account" in reply["ignored"]["user_id"]
         assert reply["template_id"] == "transformer-large" and reply["model_size"]["preset"] == "large"
         roles = sorted(n["role"] for n in reply["nodes"])
@@ -91,7 +91,7 @@ async def test_guide_template_with_custom_config_and_user_id(home, monkeypatch):
 
 def test_preset_parameter_table_matches_the_built_models():
     torch.set_num_threads(1)
-    task = TaskInfo(kind="lm", input_shape=(), num_classes=4000, vocab_size=4000, max_len=64)
+    task = TaskInfo(kind="lm", input_shape=(), num_classes=4000, vocab_size=4000, max_len=128)
     for preset, count in templates.PRESET_PARAMETERS.items():
         assert sum(q.numel() for q in build_model("transformer", preset, task).parameters()) == count
     assert templates.parse_model_size("125M") == 125_000_000 and templates.parse_model_size("1.3B") == 1_300_000_000

@@ -79,9 +79,10 @@ def resolve_template(template_id: str) -> Template | None:
     return found.get(template_id) or found.get(guide)
 
 
-# Parameters of each transformer preset as a causal language model on the built-in corpus (its
-# 4,000-token vocabulary, 64 positions, tied output); tests/test_guides_surface.py builds them to check.
-PRESET_PARAMETERS: dict[str, int] = {"base": 327_168, "large": 1_313_536, "xl": 5_779_456}
+# Parameters of each transformer preset as a GPT-2 language model on the built-in corpus (a BPE
+# vocabulary of about 4,000 tokens, 128 positions, tied output); tests/test_guides_surface.py builds
+# them to check.
+PRESET_PARAMETERS: dict[str, int] = {"base": 925_184, "large": 4_216_320, "xl": 88_226_304}
 SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
 TRAIN_COPIES = 9  # float32 copies of the weights training holds per node (workers.budget: measured 8.7)
 
