@@ -270,7 +270,8 @@ class TrainingLive(BaseModel):
     error: str | None = None
     restarts: int = Field(0, description="Times auto_healing replaced a lost node and resumed")
     consensus: dict[str, float] = Field(default_factory=dict, description=(
-        "rejected_rounds, rejected_updates, raft_term, raft_commit_index, model_spread when the mode reports them"))
+        "rejected_rounds, rejected_updates, excluded_updates (worker updates proof-of-learning left out), raft_term, "
+        "raft_commit_index, model_spread when the mode reports them"))
     reputation: dict[str, float] = Field(default_factory=dict, description="node_id -> reputation in [0, 1]")
 
 

@@ -112,8 +112,8 @@ class LiveSession:
             consensus=self._consensus_figures(), reputation=self._reputation(),
         )
 
-    CONSENSUS_KEYS: ClassVar[tuple[str, ...]] = ("rejected_rounds", "rejected_updates", "raft_term",
-                                                 "raft_commit_index", "model_spread")
+    CONSENSUS_KEYS: ClassVar[tuple[str, ...]] = ("rejected_rounds", "rejected_updates", "excluded_updates",
+                                                 "raft_term", "raft_commit_index", "model_spread")
 
     def _consensus_figures(self) -> dict[str, float]:
         out: dict[str, float] = {}

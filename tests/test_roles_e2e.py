@@ -1,0 +1,36 @@
+"""Roles and consensus cooperating on real node processes (in-memory client, real nodes)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ok
+from mcp import Client
+
+from flow_nexus_server.config import Settings
+from flow_nexus_server.server import build_server
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_proof_of_learning_leaves_out_a_noisy_worker(home):
+    """One noisy worker of four: its update is scored on the validation split and left out,
+    the honest three are committed, and its reputation falls."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "pol", "topology": "star", "architecture": "mlp",
+                                                         "consensus": "proof-of-learning"}))["cluster_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "aggregator"})
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 3})
+        noisy_id = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "behavior": "gaussian_noise",
+                                                             "behavior_scale": 50}))["node_id"]
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        run = await ok(client, "neural_train_distributed", {
+            "cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 5, "local_epochs": 1,
+            "batch_size": 8, "learning_rate": 0.01, "wait": True})
+        assert run["status"] == "completed", run
+        live = run["result"]
+        assert live["metrics"]["val_accuracy"] >= 0.90
+        reputation = live["reputation"]
+        honest = [v for k, v in reputation.items() if k != noisy_id]
+        assert len(honest) == 3 and reputation[noisy_id] < min(honest)
+        assert live["consensus"]["excluded_updates"] >= 1 and live["consensus"]["rejected_rounds"] == 0, live
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
