@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ok
+from conftest import err, ok
 from mcp import Client
 
 from flow_nexus_server.config import Settings
@@ -33,4 +33,30 @@ async def test_proof_of_learning_leaves_out_a_noisy_worker(home):
         honest = [v for k, v in reputation.items() if k != noisy_id]
         assert len(honest) == 3 and reputation[noisy_id] < min(honest)
         assert live["consensus"]["excluded_updates"] >= 1 and live["consensus"]["rejected_rounds"] == 0, live
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+
+
+async def test_synchronous_epochs_are_committed_by_proof_of_learning(home):
+    """Sync data parallel under proof-of-learning: a diverging epoch is rolled back (the run never
+    ends worse than it started), a learning one is committed; raft is refused with a sentence."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "sync-pol", "topology": "mesh",
+                                                         "architecture": "mlp"}))["cluster_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        base = {"cluster_id": cid, "dataset": "digits", "batch_size": 32, "wait": True}
+        text = await err(client, "neural_train_distributed", {**base, "epochs": 1, "consensus": "raft"})
+        assert "raft" in text and "federated=true" in text
+
+        diverging = await ok(client, "neural_train_distributed", {**base, "epochs": 2, "optimizer": "adam",
+                                                                  "learning_rate": 1.0})
+        assert diverging["status"] == "completed", diverging
+        status = await ok(client, "neural_training_status", {"session_id": diverging["session_id"]})
+        assert diverging["result"]["consensus"]["rejected_rounds"] == 2
+        losses = [row[-1] for row in status["history"]["val_loss"]]
+        assert len(losses) == 2 and losses[0] == losses[1] < 2.5  # the initial model's loss (ln 10 = 2.30), kept
+
+        learning = await ok(client, "neural_train_distributed", {**base, "epochs": 4, "learning_rate": 0.01})
+        assert learning["result"]["metrics"]["val_accuracy"] >= 0.90
+        assert learning["result"]["consensus"]["rejected_rounds"] == 0
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})

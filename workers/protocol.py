@@ -41,6 +41,10 @@ Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
 Partition = Literal["iid", "dirichlet"]
 TrainMode = Literal["sync", "parameter_server", "federated"]
 Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
+RAFT_NEEDS_FEDERATED = ("consensus 'raft' replicates and commits a model version per federated round; {mode} training "
+                        "has no such version to vote on here. Use federated=true, or consensus 'proof-of-learning' "
+                        "(checked per epoch) or 'byzantine'")
+"""The refusal of raft outside federated training (the server checks it, a node re-checks it)."""
 AggregationRule = Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"]
 ExportFormat = Literal["safetensors", "torchscript"]
 BehaviorKind = Literal["honest", "gaussian_noise", "sign_flip", "scaled", "nan"]

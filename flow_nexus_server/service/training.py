@@ -197,6 +197,8 @@ class TrainingService:
             if job.consensus == "gossip" and mode != "federated":
                 raise ServiceError("consensus 'gossip' averages models between neighbours after local training; "
                                    "use it with federated=true")
+            if job.consensus == "raft" and mode != "federated":
+                raise ServiceError(p.RAFT_NEEDS_FEDERATED.format(mode=mode))
             checks = parallel(lambda n: svc.client(cluster, n).validate_job(job), trainers)
             for node, check in zip(trainers, checks):
                 if isinstance(check, BaseException):

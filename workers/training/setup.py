@@ -37,7 +37,7 @@ from workers.data import (
     unigram_perplexity,
 )
 from workers.models import TaskInfo, check_compatible
-from workers.protocol import TrainJob
+from workers.protocol import RAFT_NEEDS_FEDERATED, TrainJob
 
 from .common import Split, TrainingError
 from .consensus import resolve_rule
@@ -131,6 +131,8 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
     if consensus == "gossip" and job.mode != "federated":
         raise TrainingError("consensus 'gossip' averages models between neighbours after local training; "
                             "use it with federated training")
+    if consensus == "raft" and job.mode != "federated":
+        raise TrainingError(RAFT_NEEDS_FEDERATED.format(mode=job.mode))
     if job.mode == "federated":
         if not workers:
             raise TrainingError("federated training needs at least one node with role 'worker' to hold data; "
