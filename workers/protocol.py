@@ -28,7 +28,12 @@ Topology = Literal["mesh", "ring", "star", "hierarchical"]
 Backend = Literal["gloo", "nccl"]
 BackendChoice = Literal["auto", Backend]  # what a cluster asks for; auto = nccl when every node sees a GPU
 Launcher = Literal["subprocess", "docker", "ray"]
-Capability = Literal["training", "inference"]
+Capability = Literal["training", "inference", "validation", "checkpoint_creation", "aggregation",
+                     "gradient_aggregation"]
+"""Capabilities that act: training (a worker trains), inference (answers predictions), validation
+(holds the validation split and judges rounds), checkpoint_creation (writes the checkpoints),
+aggregation / gradient_aggregation (may aggregate)."""
+AGGREGATING_CAPABILITIES = ("aggregation", "gradient_aggregation")
 Architecture = Literal["transformer", "cnn", "rnn", "mlp"]
 UnbuiltArchitecture = Literal["gnn", "hybrid"]  # Flow Nexus names no node builds: refused with a sentence
 ArchitectureName = Literal[Architecture, UnbuiltArchitecture]
@@ -287,6 +292,8 @@ class TrainJob(JobOptions):
     consensus: Consensus = Field("proof-of-learning",
                                  description="How updates are agreed on (README, What the parameters mean here)")
     behaviors: list[Behavior] = Field(default_factory=list, description="behaviors[rank]; empty = all honest")
+    capabilities: list[list[str]] = Field(default_factory=list, description=(
+        "capabilities[rank] as stored on the nodes; empty = none beyond the roles (Capability says which act)"))
     raft_term: int = Field(1, ge=1, description="Raft term: bumped each time a surviving node takes over as leader")
     checkpoint_dir: str | None = Field(None, description="Where the checkpointing rank writes")
     sandbox_quota_bytes: int | None = Field(None, ge=0, description="Checkpoints written inside a node's sandbox "

@@ -192,6 +192,7 @@ class TrainingService:
                 architecture=arch, model=first.model, layers=layers, rounds=req.rounds or epochs, roles=roles,
                 consensus=req.consensus or cluster.consensus,
                 behaviors=[p.Behavior(**(n.options.get("behavior") or {})) for n in nodes],
+                capabilities=[list(n.capabilities) for n in nodes],
                 sandbox_quota_bytes=limits.max_sandbox_bytes,  # checkpoints count toward it
             )
             if job.consensus == "gossip" and mode != "federated":

@@ -35,7 +35,10 @@ def register(mcp: MCPServer, app: App) -> None:
         template: Annotated[str, Field(max_length=100, description="Accepted for compatibility; stored")] = "nodejs",
         model: Annotated[ModelPreset, Field(description="Model size preset; custom uses `layers`")] = "base",
         capabilities: Annotated[
-            list[Capability], Field(max_length=2, description="What the node takes part in")
+            list[Capability], Field(max_length=6, description=(
+                "What the node takes part in: training, inference (answers predictions), validation (holds the "
+                "validation split and judges rounds), checkpoint_creation (writes the checkpoints), aggregation / "
+                "gradient_aggregation (may aggregate)"))
         ] = ["training", "inference"],  # noqa: B006 - pydantic copies defaults
         autonomy: Annotated[float, Field(ge=0, le=1, description="Accepted for compatibility; stored as given")] = 0.8,
         layers: Annotated[

@@ -130,7 +130,7 @@ class ProofOfLearningCommit(PlainCommit):
     def _judged_by(self, source: str | None) -> str:
         plan = self.ctx.plan
         if source == "judges":
-            return f"validator rank(s) {plan.validators}" if plan.validators else f"aggregator rank {plan.aggregator}"
+            return f"rank(s) {plan.judges} (validators / the validation capability, else the aggregator)"
         if source == "workers":
             return "the workers' validation parts (no judge holds the validation split)"
         return "nobody (no validation data)"

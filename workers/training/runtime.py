@@ -215,6 +215,7 @@ class Ctx:
                 if name in metrics:
                     parts.append(f"{name} {metrics[name]:.4g}")
             self.say(", ".join(parts))
+        if self.plan.writes_checkpoints:  # the reporter, or the rank with the checkpoint_creation capability
             due = final or (self.job.checkpoint_every > 0 and epoch % self.job.checkpoint_every == 0)
             if due and model is not None:
                 self.write_checkpoint(epoch, model, optimizer)
