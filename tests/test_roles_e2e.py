@@ -38,11 +38,15 @@ async def test_proof_of_learning_leaves_out_a_noisy_worker(home):
 
 async def test_synchronous_epochs_are_committed_by_proof_of_learning(home):
     """Sync data parallel under proof-of-learning: a diverging epoch is rolled back (the run never
-    ends worse than it started), a learning one is committed; raft is refused with a sentence."""
+    ends worse than it started), a learning one is committed; raft is refused with a sentence; the
+    node with the checkpoint_creation capability writes the checkpoints; continue_session adds epochs."""
     async with Client(build_server(Settings.from_env(home))) as client:
         cid = (await ok(client, "neural_cluster_init", {"name": "sync-pol", "topology": "mesh",
                                                          "architecture": "mlp"}))["cluster_id"]
-        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker"})
+        writer = (await ok(client, "neural_node_deploy", {
+            "cluster_id": cid, "role": "worker",
+            "capabilities": ["training", "inference", "checkpoint_creation"]}))["node_id"]
         await ok(client, "neural_cluster_connect", {"cluster_id": cid})
         base = {"cluster_id": cid, "dataset": "digits", "batch_size": 32, "wait": True}
         text = await err(client, "neural_train_distributed", {**base, "epochs": 1, "consensus": "raft"})
@@ -56,7 +60,16 @@ async def test_synchronous_epochs_are_committed_by_proof_of_learning(home):
         losses = [row[-1] for row in status["history"]["val_loss"]]
         assert len(losses) == 2 and losses[0] == losses[1] < 2.5  # the initial model's loss (ln 10 = 2.30), kept
 
-        learning = await ok(client, "neural_train_distributed", {**base, "epochs": 4, "learning_rate": 0.01})
+        learning = await ok(client, "neural_train_distributed", {**base, "epochs": 3, "learning_rate": 0.01})
         assert learning["result"]["metrics"]["val_accuracy"] >= 0.90
         assert learning["result"]["consensus"]["rejected_rounds"] == 0
+        status = await ok(client, "neural_training_status", {"session_id": learning["session_id"]})
+        assert status["checkpoints"] and {c["node_id"] for c in status["checkpoints"]} == {writer}
+
+        more = await ok(client, "neural_train_distributed", {**base, "epochs": 2, "learning_rate": 0.01,
+                                                             "continue_session": learning["session_id"]})
+        assert more["status"] == "completed" and more["config"]["epochs"] == 5, more
+        status = await ok(client, "neural_training_status", {"session_id": more["session_id"]})
+        assert [row[0] for row in status["history"]["val_accuracy"]] == [4, 5]
+        assert more["result"]["metrics"]["val_accuracy"] >= learning["result"]["metrics"]["val_accuracy"] - 0.02
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})

@@ -274,6 +274,9 @@ class TrainOptions(JobOptions):
     rounds: Rounds | None = Field(None, description="Federated rounds (default: epochs)")
     architecture: ArchitectureChoice | None = Field(None, description="Override the cluster's architecture")
     consensus: Consensus | None = Field(None, description="Override the cluster's consensus for this session")
+    continue_session: str | None = Field(None, max_length=64, description=(
+        "A finished session's id: train `epochs` (or `rounds`) more from its last checkpoint, counting on from "
+        "where it ended (instead of resume_from with epochs as a total)"))
     quantization: Quantization | None = Field(None, description=(
         "{enabled, bits: 8, method: dynamic}: after training, nodes serve an int8 dynamically quantized copy"))
 

@@ -185,11 +185,18 @@ class TrainingService:
             first = trainers[0]
             layers = first.layers if first.model == "custom" else None
             resume = self._resolve_resume(req.resume_from)
+            rounds = req.rounds or epochs
+            if req.continue_session:
+                if req.resume_from:
+                    raise ServiceError("give continue_session or resume_from, not both: continue_session resumes "
+                                       "from that session's last checkpoint")
+                resume, done = self._continue_from(req.continue_session)
+                epochs, rounds = done + epochs, done + rounds
             session_id = "train_" + secrets.token_hex(6)
             job = p.TrainJob(
-                **req.model_dump(include=set(p.JobOptions.model_fields)) | {"resume_from": resume},
+                **req.model_dump(include=set(p.JobOptions.model_fields)) | {"resume_from": resume, "epochs": epochs},
                 session_id=session_id, mode=mode, topology=cluster.connected_topology or cluster.topology,
-                architecture=arch, model=first.model, layers=layers, rounds=req.rounds or epochs, roles=roles,
+                architecture=arch, model=first.model, layers=layers, rounds=rounds, roles=roles,
                 consensus=req.consensus or cluster.consensus,
                 behaviors=[p.Behavior(**(n.options.get("behavior") or {})) for n in nodes],
                 capabilities=[list(n.capabilities) for n in nodes],
@@ -242,8 +249,28 @@ class TrainingService:
             success=True, session_id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
             nodes_training=len(trainers), roles={n.id: n.role for n in nodes}, config=config,
             data=data.model_dump(exclude={"ok", "error"}),
-            message="training started",
+            message=f"training started, continuing session {req.continue_session} from its last checkpoint "
+                    f"({job.resume_from}) up to {rounds if federated else epochs} {'rounds' if federated else 'epochs'}"
+            if req.continue_session else "training started",
         )
+
+    def _continue_from(self, session_id: str) -> tuple[str, int]:
+        """(the last checkpoint's path, the epochs / rounds it covers) of a finished session."""
+        with self.store.session() as s:
+            row = s.get(TrainingSession, session_id)
+            if row is None:
+                raise NotFound(f"continue_session {session_id!r}: no such training session",
+                               next_step=NextStep.FIND_SESSION)
+            if row.status not in ENDED_SESSION_STATES:
+                raise Conflict(f"session {session_id} is still {row.status}; wait for it to end (or stop it) "
+                               "before continuing it", next_step=NextStep.STOP_TRAINING)
+            last = s.scalars(select(Checkpoint).where(Checkpoint.session_id == session_id,
+                                                      Checkpoint.deleted.is_(False))
+                             .order_by(Checkpoint.epoch.desc(), Checkpoint.created_at.desc())).first()
+            if last is None or not Path(last.path).is_file():
+                raise ServiceError(f"session {session_id} left no checkpoint to continue from",
+                                   next_step=NextStep.LIST_CHECKPOINTS)
+            return str(Path(last.path).resolve()), int(last.epoch)
 
     def _resolve_resume(self, resume: str | None) -> str | None:
         if not resume:
