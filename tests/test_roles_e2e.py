@@ -13,13 +13,15 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_proof_of_learning_leaves_out_a_noisy_worker(home):
-    """One noisy worker of four: its update is scored on the validation split and left out,
-    the honest three are committed, and its reputation falls."""
+    """One noisy worker of four: its update is scored on the validation split (judged by the worker
+    with the validation capability) and left out, the honest three are committed, and its reputation falls."""
     async with Client(build_server(Settings.from_env(home))) as client:
         cid = (await ok(client, "neural_cluster_init", {"name": "pol", "topology": "star", "architecture": "mlp",
                                                          "consensus": "proof-of-learning"}))["cluster_id"]
         await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "aggregator"})
-        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 3})
+        judge = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker",
+                                                          "capabilities": ["training", "validation"]}))["node_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
         noisy_id = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "behavior": "gaussian_noise",
                                                              "behavior_scale": 50}))["node_id"]
         await ok(client, "neural_cluster_connect", {"cluster_id": cid})
@@ -33,6 +35,8 @@ async def test_proof_of_learning_leaves_out_a_noisy_worker(home):
         honest = [v for k, v in reputation.items() if k != noisy_id]
         assert len(honest) == 3 and reputation[noisy_id] < min(honest)
         assert live["consensus"]["excluded_updates"] >= 1 and live["consensus"]["rejected_rounds"] == 0, live
+        judged = {node for node, stats in live["nodes"].items() if "candidate_val_loss" in stats}
+        assert judged == {judge}  # the worker with the validation capability judged, not the aggregator
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
 
 

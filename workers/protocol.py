@@ -67,6 +67,25 @@ def architecture_refusal(name: str | None) -> str | None:
     return None
 
 
+def idle_role_reason(role: str, mode: str, consensus: str) -> str | None:
+    """Why a node of ``role`` takes no part in a session of ``mode`` under ``consensus`` (None:
+    it takes part). The training planner (``workers.training.setup.make_plan``) follows the same
+    rules; the server announces these reasons so that no node sits idle silently."""
+    if role == "validator" and not (mode == "federated" and consensus in ("proof-of-learning", "raft")):
+        return ("validators judge federated rounds under proof-of-learning or raft; here the workers' "
+                "validation parts judge")
+    if role == "aggregator":
+        if mode == "parameter_server":
+            return "the parameter servers apply the updates in parameter-server training"
+        if mode == "sync" and consensus != "byzantine":
+            return "synchronous training all-reduces gradients among the workers (consensus byzantine uses a hub)"
+        if mode == "federated" and consensus == "gossip":
+            return "gossip averages between neighbours without an aggregator"
+    if role == "parameter_server" and mode != "parameter_server":
+        return f"parameter servers hold the parameters in parameter-server training, not in {mode} training"
+    return None
+
+
 class JobState(StrEnum):
     """A node's training job, as the node reports it."""
 

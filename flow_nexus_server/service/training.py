@@ -64,6 +64,16 @@ def training_options(args: dict[str, Any]) -> p.TrainOptions:
     return options
 
 
+def start_message(continued: str | None, job: p.TrainJob, idle: dict[str, str]) -> str:
+    """The start reply's sentence: a continuation says from where, idle nodes say why."""
+    unit, total = ("rounds", job.rounds) if job.mode == "federated" else ("epochs", job.epochs)
+    text = (f"training started, continuing session {continued} from its last checkpoint up to {total} {unit}"
+            if continued else "training started")
+    for node_id, why in idle.items():
+        text += f"; {node_id} takes no part: {why}"
+    return text
+
+
 @dataclass
 class NodeView:
     node: Node
@@ -240,18 +250,20 @@ class TrainingService:
             live = LiveSession(session_id, cluster_id, mode, time.time(), views, job=job)
             self.live[session_id] = live
             self.by_cluster[cluster_id] = session_id
+            idle = {n.id: why for n in nodes if (why := p.idle_role_reason(n.role, mode, job.consensus))}
             svc.event(cluster_id, "session_started",
                       f"{mode} training on {len(trainers)} worker(s): {data.dataset} ({data.examples} examples), "
                       f"{arch}",
                       session_id=session_id)
+            for node_id, why in idle.items():
+                svc.event(cluster_id, "node_idle", f"{node_id} takes no part in session {session_id}: {why}",
+                          session_id=session_id)
             threading.Thread(target=self._watch, args=(live,), name=f"watch-{session_id}", daemon=True).start()
         return r.TrainStartReply(
             success=True, session_id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
             nodes_training=len(trainers), roles={n.id: n.role for n in nodes}, config=config,
             data=data.model_dump(exclude={"ok", "error"}),
-            message=f"training started, continuing session {req.continue_session} from its last checkpoint "
-                    f"({job.resume_from}) up to {rounds if federated else epochs} {'rounds' if federated else 'epochs'}"
-            if req.continue_session else "training started",
+            message=start_message(req.continue_session, job, idle),
         )
 
     def _continue_from(self, session_id: str) -> tuple[str, int]:
