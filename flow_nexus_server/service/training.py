@@ -421,7 +421,8 @@ class TrainingService:
         nodes = sorted(svc.store.nodes(live.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
         job = live.job.model_copy(update={
             "resume_from": resume, "roles": [n.role for n in nodes],
-            "behaviors": [p.Behavior(**(n.options.get("behavior") or {})) for n in nodes], **changes})
+            "behaviors": [p.Behavior(**(n.options.get("behavior") or {})) for n in nodes],
+            "capabilities": [list(n.capabilities) for n in nodes], **changes})
         started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
         bad = [f"{n.id}: {e}" for n, e in zip(nodes, started) if isinstance(e, BaseException)]
         if bad:
