@@ -71,6 +71,7 @@ def _jobs() -> list[dict[str, Any]]:
         {"name": "multi-krum-rep", "job": _fed("mkr", consensus="byzantine", aggregation_rule="multi_krum",
                                                reputation_weighting=True, behaviors=NOISY)},
         {"name": "gossip", "job": _fed("gossip", consensus="gossip", topology="ring")},
+        {"name": "pol-noisy", "job": _fed("poln", behaviors=NOISY)},  # the default consensus, one noisy of four
         {"name": "pol-flip", "job": _fed("polf", VAL3, behaviors=FLIP)},
         {"name": "pol-honest", "job": _fed("polh", VAL3)},
         {"name": "raft", "job": _fed("raft", RAFT, consensus="raft", rounds=3)},
@@ -158,8 +159,8 @@ def _report(run: dict[str, Any]) -> None:
         secs = max(x["seconds"] for x in res)
         stats = {**snap["node_stats"], **res[0]["snapshot"]["node_stats"]}  # reporter + aggregator / hub
         extra = {k: round(v, 3) for k, v in stats.items()
-                 if k.startswith("reputation") or k in ("rejected_rounds", "rejected_updates", "raft_commit_index",
-                                                         "raft_term")}
+                 if k.startswith("reputation") or k in ("rejected_rounds", "rejected_updates", "excluded_updates",
+                                                         "raft_commit_index", "raft_term")}
         spread = [round(v, 3) for _, v in _series(snap, "model_spread")]
         lines.append(f"  {name}: val_accuracy {acc:.4f} in {secs:.1f} s; {extra}" + (f"; spread {spread}" if spread
                                                                                          else ""))
@@ -264,6 +265,14 @@ def test_proof_of_learning_leaves_out_a_sign_flipped_update(run: dict[str, Any])
     assert _series(agg, "excluded_updates")[-1][1] == stats["excluded_updates"]
     assert "candidate_val_loss" in res[1]["snapshot"]["node_stats"]  # the validator judged
     assert res[1]["weights"] is None  # a validator holds no model of its own
+
+
+def test_proof_of_learning_holds_against_a_noisy_worker(run: dict[str, Any]) -> None:
+    """The row plain FedAvg fails (``fedavg`` above): per-update proof-of-learning leaves the noise out."""
+    agg = _ok(run, "pol-noisy")[0]["snapshot"]
+    assert agg["latest"]["val_accuracy"] >= 0.90, agg["latest"]
+    assert agg["node_stats"]["excluded_updates"] >= ROUNDS and agg["node_stats"]["rejected_rounds"] == 0
+    assert agg["node_stats"]["reputation_rank1"] < 0.7  # rank 1 is the noisy worker
 
 
 def test_proof_of_learning_commits_honest_rounds(run: dict[str, Any]) -> None:
