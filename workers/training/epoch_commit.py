@@ -1,10 +1,10 @@
-"""Proof-of-learning per epoch in synchronous data-parallel training: the federated commit
-rule (:mod:`.commit`) applied at each epoch end. (Parameter-server training says that it does
-not check yet; byzantine sync has its robust rule instead.)
+"""Proof-of-learning per epoch in the step-wise modes (sync, parameter server, sync under
+byzantine consensus): the federated commit rule (:mod:`.commit`) applied at each epoch end.
 
-Every worker holds its replica and optimizer. At the start each keeps a copy in memory -- the
-committed state -- and the workers' validation parts (whose union is the validation split)
-give its validation loss.
+Every rank of the epoch group holds what it trains or serves (a sync worker its replica and
+optimizer, a parameter server its shard and the shard's optimizer, a byzantine hub its
+model). At the start each of them keeps a copy in memory -- the committed state -- and the
+workers' validation parts (whose union is the validation split) give its validation loss.
 At each epoch end the summed validation loss of the new state is judged with
 :func:`.consensus.pol_accepts` against the committed one: within ``pol_tolerance`` it becomes
 the committed state; otherwise every rank loads the committed copy back (the rollback needs
@@ -36,12 +36,7 @@ class EpochCommit:
 
     def __init__(self, ctx: Ctx, optimizer: Any, group: Any, eval_model: nn.Module | None) -> None:
         self.ctx, self.optimizer, self.group = ctx, optimizer, group
-        self.active = ctx.plan.consensus == "proof-of-learning" and ctx.job.mode == "sync"
-        if ctx.plan.consensus == "proof-of-learning" and ctx.job.mode == "parameter_server" and ctx.is_reporter:
-            # Not wired for the servers yet (their shards and optimizers would need the same rollback):
-            # said, not silently skipped.
-            ctx.say("proof-of-learning is not checked per epoch in parameter-server training yet; every epoch is "
-                    "committed (use mode sync or federated for the check)")
+        self.active = ctx.plan.consensus == "proof-of-learning"
         self.rejected = 0
         self.prev_loss: float | None = None
         self.committed_val: Sums | None = None
