@@ -47,7 +47,8 @@ class NodeInfo(BaseModel):
 
 
 class GroupChange(BaseModel):
-    action: str = Field(description="'reformed' (new generation), 'needs_connect', or 'none'")
+    action: str = Field(description="'reformed' (new generation), 'at_next_boundary' (a running session takes "
+                                    "the node in at its next epoch / round boundary), 'needs_connect', or 'none'")
     generation: int
     message: str
     # What to do next, named as a tool by the tool layer in `message`; not sent as a field.

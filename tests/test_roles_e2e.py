@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 from conftest import err, ok
 from mcp import Client
@@ -76,4 +77,37 @@ async def test_synchronous_epochs_are_committed_by_proof_of_learning(home):
         status = await ok(client, "neural_training_status", {"session_id": more["session_id"]})
         assert [row[0] for row in status["history"]["val_accuracy"]] == [4, 5]
         assert more["result"]["metrics"]["val_accuracy"] >= learning["result"]["metrics"]["val_accuracy"] - 0.02
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+
+
+@pytest.mark.slow
+async def test_a_worker_deployed_mid_run_joins_at_the_next_boundary(home):
+    """Elastic scale-out: a worker deployed while a session runs takes part from the next stop
+    check on, with an event naming it; the model carries over (through the boundary's checkpoint)."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "elastic", "topology": "mesh",
+                                                         "architecture": "mlp"}))["cluster_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        run = await ok(client, "neural_train_distributed", {"cluster_id": cid, "dataset": "digits", "epochs": 8,
+                                                            "batch_size": 8, "learning_rate": 0.01})
+        sid = run["session_id"]
+        for _ in range(600):  # wait for the first epoch
+            status = await ok(client, "neural_training_status", {"session_id": sid})
+            if status["history"].get("val_accuracy"):
+                break
+            await anyio.sleep(0.5)
+        added = await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker"})
+        assert added["group"]["action"] == "at_next_boundary", added["group"]
+        for _ in range(1200):
+            status = await ok(client, "neural_training_status", {"session_id": sid})
+            if status["status"] != "running":
+                break
+            await anyio.sleep(0.5)
+        assert status["status"] == "completed", status.get("error")
+        events = await ok(client, "execution_stream_subscribe", {"deployment_id": sid, "wait_s": 0})
+        rescaled = [e for e in events["events"] if e["kind"] == "session_rescaled"]
+        assert len(rescaled) == 1 and added["node_id"] in rescaled[0]["message"]
+        assert status["live"]["nodes"][added["node_id"]]["samples_processed"] > 0  # it trained
+        assert status["live"]["metrics"]["val_accuracy"] >= 0.90
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})

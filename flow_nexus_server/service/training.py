@@ -93,6 +93,7 @@ class LiveSession:
     ended: float | None = None  # time.time() when the session ended: elapsed stops there
     error: str | None = None
     stop_requested: bool = False
+    rescale: str | None = None  # nodes joined while running: re-form at the next boundary (what happened)
     last_event_epoch: int = 0
     job: p.TrainJob | None = None
     lost: Node | None = None  # the node whose loss ended (or interrupted) the session
@@ -154,6 +155,7 @@ class TrainingService:
         self._closed = threading.Event()
         clusters.telemetry.on_progress = self.on_progress
         clusters.on_node_lost.append(self._node_lost)
+        clusters.on_training_membership.append(self._membership_changed)
 
     # ------------------------------------------------------------------ start
     def start_from_dict(self, cluster_id: str, args: dict[str, Any]) -> r.TrainStartReply:
@@ -336,6 +338,8 @@ class TrainingService:
                 return False
             self._finish(live, cluster, SessionState.FAILED)
             return True
+        if live.rescale and not live.stop_requested and not any(s in p.ENDED_JOB_STATES for s in states):
+            return self._rescale(live, cluster)
         if all(s in p.ENDED_JOB_STATES for s in states):
             stopped = p.JobState.STOPPED in states
             self._finish(live, cluster, SessionState.STOPPED if stopped else SessionState.COMPLETED)
@@ -386,6 +390,48 @@ class TrainingService:
                   + (resume or "the start (no checkpoint)"),
                   session_id=live.session_id, data={"restarts": live.restarts, "resume_from": resume})
         return True
+
+    def _membership_changed(self, cluster_id: str, what: str) -> bool:
+        """ClusterService.on_training_membership: nodes joined while a session runs here."""
+        live = self.live.get(self.by_cluster.get(cluster_id, ""))
+        if live is None or live.status != SessionState.RUNNING or live.job is None or live.stop_requested:
+            return False
+        with live.lock:
+            live.rescale = what if live.rescale is None else f"{live.rescale}; {what}"
+        return True
+
+    def _rescale(self, live: LiveSession, cluster: Cluster) -> bool:
+        """Elastic scale-out: the members stop at their next stop check (each writes its final
+        checkpoint there), the group re-forms over every live node (the data is re-sharded and
+        parameter servers re-split the parameters by the new roles) and the session resumes from
+        that checkpoint under the same id. True once the session has ended."""
+        svc = self.clusters
+        assert live.job is not None
+        with live.lock:
+            what, live.rescale = live.rescale, None
+        members = [v.node for v in live.nodes]
+        try:
+            snaps = self._stop_and_wait(cluster, members, timeout=120)
+            total = live.job.rounds if live.job.mode == "federated" else live.job.epochs
+            reached = max(x.epoch for x in snaps)
+            written = [Path(c) for x in snaps for c in x.checkpoints if Path(c).is_file()]
+            if reached >= total:  # the boundary was the last one: nothing left to rescale
+                self._finish(live, cluster, SessionState.COMPLETED)
+                return True
+            resume = str(max(written, key=lambda f: f.stat().st_mtime)) if written else None
+            svc.reform(live.cluster_id)
+            nodes, _ = self._restart(live, cluster, resume)
+        except Exception as exc:
+            log.exception("re-forming session %s with new nodes failed", live.session_id)
+            live.error = f"re-forming the session with new nodes ({what}) failed: {exc}"
+            return False
+        joined = [n.id for n in nodes if n.id not in {m.id for m in members}]
+        svc.event(live.cluster_id, "session_rescaled",
+                  f"{what}: {', '.join(joined) or 'no new node'} joined; the session re-formed over {len(nodes)} "
+                  f"nodes and resumed after {'round' if live.job.mode == 'federated' else 'epoch'} {reached} from "
+                  + (resume or "the start (no checkpoint)"),
+                  session_id=live.session_id, data={"joined": joined, "resume_from": resume, "after": reached})
+        return False
 
     def _raft_takeover(self, live: LiveSession, cluster: Cluster) -> bool:
         """raft: the survivors go on without the lost node; the first surviving aggregator (else the
@@ -441,14 +487,15 @@ class TrainingService:
                                        f"{current.error if current else 'removed'}")
         return nodes, job
 
-    def _stop_and_wait(self, cluster: Cluster, nodes: list[Node], timeout: float) -> None:
-        """Ask nodes to stop and wait until none is still inside the job (they may sit in a collective)."""
+    def _stop_and_wait(self, cluster: Cluster, nodes: list[Node], timeout: float) -> list[p.TrainProgress]:
+        """Ask nodes to stop and wait until none is still inside the job (they may sit in a collective);
+        their last progress."""
         parallel(lambda n: self.clusters.client(cluster, n).stop_training(), nodes)
         deadline = time.time() + timeout
         while time.time() < deadline:
             snaps = parallel(lambda n: self.clusters.client(cluster, n).training_status(1 << 62), nodes)
             if all(isinstance(x, p.TrainProgress) and x.state not in p.BUSY_JOB_STATES for x in snaps):
-                return
+                return snaps  # type: ignore[return-value]
             time.sleep(0.5)
         raise ServiceError(f"the surviving nodes did not leave the session within {timeout:.0f} s")
 
