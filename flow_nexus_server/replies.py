@@ -56,7 +56,8 @@ class NodeInfo(BaseModel):
 
 
 class GroupChange(BaseModel):
-    action: str = Field(description="'reformed' (new generation), 'needs_connect', or 'none'")
+    action: str = Field(description="'reformed' (new generation), 'at_next_boundary' (a running session takes "
+                                    "the node in at its next epoch / round boundary), 'needs_connect', or 'none'")
     generation: int
     message: str
     # What to do next, named as a tool by the tool layer in `message`; not sent as a field.
@@ -349,7 +350,8 @@ class TrainingLive(BaseModel):
     error: str | None = None
     restarts: int = Field(0, description="Times auto_healing replaced a lost node and resumed")
     consensus: dict[str, float] = Field(default_factory=dict, description=(
-        "rejected_rounds, rejected_updates, raft_term, raft_commit_index, model_spread when the mode reports them"))
+        "rejected_rounds, rejected_updates, excluded_updates (worker updates proof-of-learning left out), raft_term, "
+        "raft_commit_index, model_spread when the mode reports them"))
     reputation: dict[str, float] = Field(default_factory=dict, description="node_id -> reputation in [0, 1]")
 
 

@@ -29,7 +29,12 @@ Backend = Literal["gloo", "nccl"]
 BackendChoice = Literal["auto", Backend]  # what a cluster asks for; auto = nccl when every node sees a GPU
 Launcher = Literal["subprocess", "docker", "ray"]
 Capability = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
-"""A node capability: free-form, stored and shown; `training` and `inference` decide what a node takes part in."""
+"""A node capability: free-form, stored and shown. These act: training (a worker trains), inference
+(answers predictions), validation (holds the validation split and judges rounds), checkpoint_creation
+(writes the checkpoints), aggregation / gradient_aggregation (may aggregate); others are labels."""
+ACTING_CAPABILITIES = ("training", "inference", "validation", "checkpoint_creation", "aggregation",
+                       "gradient_aggregation")
+AGGREGATING_CAPABILITIES = ("aggregation", "gradient_aggregation")
 Architecture = Literal["transformer", "cnn", "rnn", "mlp"]
 UnbuiltArchitecture = Literal["gnn", "hybrid"]  # Flow Nexus names no node builds: refused with a sentence
 ArchitectureName = Literal[Architecture, UnbuiltArchitecture]
@@ -42,6 +47,10 @@ Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
 Partition = Literal["iid", "dirichlet"]
 TrainMode = Literal["sync", "parameter_server", "federated"]
 Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
+RAFT_NEEDS_FEDERATED = ("consensus 'raft' replicates and commits a model version per federated round; {mode} training "
+                        "has no such version to vote on here. Use federated=true, or consensus 'proof-of-learning' "
+                        "(checked per epoch) or 'byzantine'")
+"""The refusal of raft outside federated training (the server checks it, a node re-checks it)."""
 AggregationRule = Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"]
 ExportFormat = Literal["safetensors", "torchscript", "pytorch", "huggingface"]
 LRSchedule = Literal["constant", "cosine", "warmup_cosine", "step", "plateau"]
@@ -59,6 +68,25 @@ def architecture_refusal(name: str | None) -> str | None:
     if name in get_args(UnbuiltArchitecture):
         return (f"architecture {name!r} is not implemented by this server's nodes; "
                 f"use one of {', '.join(ARCHITECTURES)}")
+    return None
+
+
+def idle_role_reason(role: str, mode: str, consensus: str) -> str | None:
+    """Why a node of ``role`` takes no part in a session of ``mode`` under ``consensus`` (None:
+    it takes part). The training planner (``workers.training.setup.make_plan``) follows the same
+    rules; the server announces these reasons so that no node sits idle silently."""
+    if role == "validator" and not (mode == "federated" and consensus in ("proof-of-learning", "raft")):
+        return ("validators judge federated rounds under proof-of-learning or raft; here the workers' "
+                "validation parts judge")
+    if role == "aggregator":
+        if mode == "parameter_server":
+            return "the parameter servers apply the updates in parameter-server training"
+        if mode == "sync" and consensus != "byzantine":
+            return "synchronous training all-reduces gradients among the workers (consensus byzantine uses a hub)"
+        if mode == "federated" and consensus == "gossip":
+            return "gossip averages between neighbours without an aggregator"
+    if role == "parameter_server" and mode != "parameter_server":
+        return f"parameter servers hold the parameters in parameter-server training, not in {mode} training"
     return None
 
 
@@ -330,6 +358,9 @@ class TrainOptions(JobOptions):
     rounds: Rounds | None = Field(None, description="Federated rounds (default: epochs)")
     architecture: ArchitectureChoice | None = Field(None, description="Override the cluster's architecture")
     consensus: Consensus | None = Field(None, description="Override the cluster's consensus for this session")
+    continue_session: str | None = Field(None, max_length=64, description=(
+        "A finished session's id: train `epochs` (or `rounds`) more from its last checkpoint, counting on from "
+        "where it ended (instead of resume_from with epochs as a total)"))
     quantization: Quantization | None = Field(None, description=(
         "{enabled, bits: 8, method: dynamic}: after training, nodes serve an int8 dynamically quantized copy"))
 
@@ -348,6 +379,8 @@ class TrainJob(JobOptions):
     consensus: Consensus = Field("proof-of-learning",
                                  description="How updates are agreed on (README, What the parameters mean here)")
     behaviors: list[Behavior] = Field(default_factory=list, description="behaviors[rank]; empty = all honest")
+    capabilities: list[list[str]] = Field(default_factory=list, description=(
+        "capabilities[rank] as stored on the nodes; empty = none beyond the roles (Capability says which act)"))
     raft_term: int = Field(1, ge=1, description="Raft term: bumped each time a surviving node takes over as leader")
     checkpoint_dir: str | None = Field(None, description="Where the checkpointing rank writes")
     sandbox_quota_bytes: int | None = Field(None, ge=0, description="Checkpoints written inside a node's sandbox "

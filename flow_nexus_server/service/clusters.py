@@ -70,6 +70,9 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
                                    port=settings.telemetry_port)
         # Told once per node the monitor (or anyone) declares lost: (cluster, node, reason).
         self.on_node_lost: list[Callable[[Cluster, Node, str], None]] = []
+        # Asked when nodes join a cluster that is training: (cluster_id, what happened) -> True when a
+        # running session takes them in at its next epoch / round boundary.
+        self.on_training_membership: list[Callable[[str, str], bool]] = []
         self._rows: dict[str, ClusterRows] = {}  # cluster_id -> what status last read of it
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()

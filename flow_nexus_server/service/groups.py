@@ -155,6 +155,11 @@ class GroupManager:
                                              exc.next_step or NextStep.CONNECT)
             return r.GroupChange(action="reformed", generation=reply.generation,
                                  message=f"{what}; the group was re-formed as generation {reply.generation}")
+        if cluster.status == ClusterState.TRAINING and nodes and any(
+                listener(cluster_id, what) for listener in self.on_training_membership):
+            return r.GroupChange(action="at_next_boundary", generation=cluster.generation,
+                                 message=f"{what}; the running session re-forms its group with the new node(s) at "
+                                         "its next epoch / round boundary and resumes from its state there")
         if not nodes:
             self.store.update(Cluster, cluster_id, status=ClusterState.INITIALIZING, needs_connect_reason=None)
             return r.GroupChange(action="none", generation=cluster.generation, message=f"{what}; no nodes left")

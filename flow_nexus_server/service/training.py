@@ -71,6 +71,19 @@ def training_options(args: dict[str, Any]) -> p.TrainOptions:
     return options
 
 
+def start_message(continued: str | None, job: p.TrainJob, idle: dict[str, str]) -> str:
+    """The start reply's sentence: a continuation says from where, idle nodes say why."""
+    unit, total = ("rounds", job.rounds) if job.mode == "federated" else ("epochs", job.epochs)
+    text = (f"training started, continuing session {continued} from its last checkpoint up to {total} {unit}"
+            if continued else "training started")
+    for node_id, why in idle.items():
+        text += f"; {node_id} takes no part: {why}"
+    if job.secure_aggregation and job.consensus == "proof-of-learning":
+        text += ("; secure aggregation hides each update, so proof-of-learning judges only the aggregate "
+                 "(no update is left out on its own)")
+    return text
+
+
 @dataclass
 class NodeView:
     node: Node
@@ -90,6 +103,7 @@ class LiveSession:
     ended: float | None = None  # time.time() when the session ended: elapsed stops there
     error: str | None = None
     stop_requested: bool = False
+    rescale: str | None = None  # nodes joined while running: re-form at the next boundary (what happened)
     last_event_epoch: int = 0
     job: p.TrainJob | None = None
     lost: Node | None = None  # the node whose loss ended (or interrupted) the session
@@ -120,8 +134,8 @@ class LiveSession:
             consensus=self._consensus_figures(), reputation=self._reputation(),
         )
 
-    CONSENSUS_KEYS: ClassVar[tuple[str, ...]] = ("rejected_rounds", "rejected_updates", "raft_term",
-                                                 "raft_commit_index", "model_spread")
+    CONSENSUS_KEYS: ClassVar[tuple[str, ...]] = ("rejected_rounds", "rejected_updates", "excluded_updates",
+                                                 "raft_term", "raft_commit_index", "model_spread")
 
     def _consensus_figures(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -162,6 +176,7 @@ class TrainingService:
         self.tensorboard = TensorBoardLog(clusters.settings.home / TENSORBOARD_DIR)
         clusters.telemetry.on_progress = self.on_progress
         clusters.on_node_lost.append(self._node_lost)
+        clusters.on_training_membership.append(self._membership_changed)
 
     # ------------------------------------------------------------------ start
     def start_from_dict(self, cluster_id: str, args: dict[str, Any]) -> r.TrainStartReply:
@@ -206,13 +221,21 @@ class TrainingService:
             preset, layers, ignored = cluster_model(nodes, trainers)
             ignored |= options_ignored(req, mode)
             resume = self._resolve_resume(req.resume_from)
+            rounds = req.rounds or epochs
+            if req.continue_session:
+                if req.resume_from:
+                    raise ServiceError("give continue_session or resume_from, not both: continue_session resumes "
+                                       "from that session's last checkpoint")
+                resume, done = self._continue_from(req.continue_session)
+                epochs, rounds = done + epochs, done + rounds
             session_id = "train_" + secrets.token_hex(6)
             job = p.TrainJob(
-                **req.model_dump(include=set(p.JobOptions.model_fields)) | {"resume_from": resume},
+                **req.model_dump(include=set(p.JobOptions.model_fields)) | {"resume_from": resume, "epochs": epochs},
                 session_id=session_id, mode=mode, topology=cluster.connected_topology or cluster.topology,
-                architecture=arch, model=preset, layers=layers, rounds=req.rounds or epochs, roles=roles,
+                architecture=arch, model=preset, layers=layers, rounds=rounds, roles=roles,
                 consensus=req.consensus or cluster.consensus,
                 behaviors=[p.Behavior(**(n.options.get("behavior") or {})) for n in nodes],
+                capabilities=[list(n.capabilities) for n in nodes],
                 sandbox_quota_bytes=limits.max_sandbox_bytes,  # checkpoints count toward it
             )
             if job.consensus == "gossip" and mode != "federated":
@@ -220,6 +243,8 @@ class TrainingService:
                                    "use it with federated=true")
             if refusal := privacy_refusal(job, len(trainers)):
                 raise ServiceError(refusal)
+            if job.consensus == "raft" and mode != "federated":
+                raise ServiceError(p.RAFT_NEEDS_FEDERATED.format(mode=mode))
             checks = parallel(lambda n: svc.client(cluster, n).validate_job(job), trainers)
             for node, check in zip(trainers, checks):
                 if isinstance(check, BaseException):
@@ -265,17 +290,39 @@ class TrainingService:
             self.live[session_id] = live
             self.by_cluster[cluster_id] = session_id
             self.tensorboard.start(session_id, config.model_dump())
+            idle = {n.id: why for n in nodes if (why := p.idle_role_reason(n.role, mode, job.consensus))}
             svc.event(cluster_id, "session_started",
                       f"{mode} training on {len(trainers)} worker(s): {data.dataset} ({data.examples} examples), "
                       f"{arch}",
                       session_id=session_id)
+            for node_id, why in idle.items():
+                svc.event(cluster_id, "node_idle", f"{node_id} takes no part in session {session_id}: {why}",
+                          session_id=session_id)
             threading.Thread(target=self._watch, args=(live,), name=f"watch-{session_id}", daemon=True).start()
         return r.TrainStartReply(
             success=True, session_id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
             nodes_training=len(trainers), roles={n.id: n.role for n in nodes}, config=config,
             data=data.model_dump(exclude={"ok", "error"}),
-            message="training started", ignored=ignored,
+            message=start_message(req.continue_session, job, idle), ignored=ignored,
         )
+
+    def _continue_from(self, session_id: str) -> tuple[str, int]:
+        """(the last checkpoint's path, the epochs / rounds it covers) of a finished session."""
+        with self.store.session() as s:
+            row = s.get(TrainingSession, session_id)
+            if row is None:
+                raise NotFound(f"continue_session {session_id!r}: no such training session",
+                               next_step=NextStep.FIND_SESSION)
+            if row.status not in ENDED_SESSION_STATES:
+                raise Conflict(f"session {session_id} is still {row.status}; wait for it to end (or stop it) "
+                               "before continuing it", next_step=NextStep.STOP_TRAINING)
+            last = s.scalars(select(Checkpoint).where(Checkpoint.session_id == session_id,
+                                                      Checkpoint.deleted.is_(False))
+                             .order_by(Checkpoint.epoch.desc(), Checkpoint.created_at.desc())).first()
+            if last is None or not Path(last.path).is_file():
+                raise ServiceError(f"session {session_id} left no checkpoint to continue from",
+                                   next_step=NextStep.LIST_CHECKPOINTS)
+            return str(Path(last.path).resolve()), int(last.epoch)
 
     def _resolve_resume(self, resume: str | None) -> str | None:
         if not resume:
@@ -329,6 +376,8 @@ class TrainingService:
                 return False
             self._finish(live, cluster, SessionState.FAILED)
             return True
+        if live.rescale and not live.stop_requested and not any(s in p.ENDED_JOB_STATES for s in states):
+            return self._rescale(live, cluster)
         if all(s in p.ENDED_JOB_STATES for s in states):
             stopped = p.JobState.STOPPED in states
             self._finish(live, cluster, SessionState.STOPPED if stopped else SessionState.COMPLETED)
@@ -380,6 +429,48 @@ class TrainingService:
                   session_id=live.session_id, data={"restarts": live.restarts, "resume_from": resume})
         return True
 
+    def _membership_changed(self, cluster_id: str, what: str) -> bool:
+        """ClusterService.on_training_membership: nodes joined while a session runs here."""
+        live = self.live.get(self.by_cluster.get(cluster_id, ""))
+        if live is None or live.status != SessionState.RUNNING or live.job is None or live.stop_requested:
+            return False
+        with live.lock:
+            live.rescale = what if live.rescale is None else f"{live.rescale}; {what}"
+        return True
+
+    def _rescale(self, live: LiveSession, cluster: Cluster) -> bool:
+        """Elastic scale-out: the members stop at their next stop check (each writes its final
+        checkpoint there), the group re-forms over every live node (the data is re-sharded and
+        parameter servers re-split the parameters by the new roles) and the session resumes from
+        that checkpoint under the same id. True once the session has ended."""
+        svc = self.clusters
+        assert live.job is not None
+        with live.lock:
+            what, live.rescale = live.rescale, None
+        members = [v.node for v in live.nodes]
+        try:
+            snaps = self._stop_and_wait(cluster, members, timeout=120)
+            total = live.job.rounds if live.job.mode == "federated" else live.job.epochs
+            reached = max(x.epoch for x in snaps)
+            written = [Path(c) for x in snaps for c in x.checkpoints if Path(c).is_file()]
+            if reached >= total:  # the boundary was the last one: nothing left to rescale
+                self._finish(live, cluster, SessionState.COMPLETED)
+                return True
+            resume = str(max(written, key=lambda f: f.stat().st_mtime)) if written else None
+            svc.reform(live.cluster_id)
+            nodes, _ = self._restart(live, cluster, resume)
+        except Exception as exc:
+            log.exception("re-forming session %s with new nodes failed", live.session_id)
+            live.error = f"re-forming the session with new nodes ({what}) failed: {exc}"
+            return False
+        joined = [n.id for n in nodes if n.id not in {m.id for m in members}]
+        svc.event(live.cluster_id, "session_rescaled",
+                  f"{what}: {', '.join(joined) or 'no new node'} joined; the session re-formed over {len(nodes)} "
+                  f"nodes and resumed after {'round' if live.job.mode == 'federated' else 'epoch'} {reached} from "
+                  + (resume or "the start (no checkpoint)"),
+                  session_id=live.session_id, data={"joined": joined, "resume_from": resume, "after": reached})
+        return False
+
     def _raft_takeover(self, live: LiveSession, cluster: Cluster) -> bool:
         """raft: the survivors go on without the lost node; the first surviving aggregator (else the
         first worker) leads a new term from the last version a majority committed."""
@@ -414,7 +505,8 @@ class TrainingService:
         nodes = sorted(svc.store.nodes(live.cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
         job = live.job.model_copy(update={
             "resume_from": resume, "roles": [n.role for n in nodes],
-            "behaviors": [p.Behavior(**(n.options.get("behavior") or {})) for n in nodes], **changes})
+            "behaviors": [p.Behavior(**(n.options.get("behavior") or {})) for n in nodes],
+            "capabilities": [list(n.capabilities) for n in nodes], **changes})
         started = parallel(lambda n: svc.client(cluster, n).start_training(job), nodes)
         bad = [f"{n.id}: {e}" for n, e in zip(nodes, started) if isinstance(e, BaseException)]
         if bad:
@@ -433,14 +525,15 @@ class TrainingService:
                                        f"{current.error if current else 'removed'}")
         return nodes, job
 
-    def _stop_and_wait(self, cluster: Cluster, nodes: list[Node], timeout: float) -> None:
-        """Ask nodes to stop and wait until none is still inside the job (they may sit in a collective)."""
+    def _stop_and_wait(self, cluster: Cluster, nodes: list[Node], timeout: float) -> list[p.TrainProgress]:
+        """Ask nodes to stop and wait until none is still inside the job (they may sit in a collective);
+        their last progress."""
         parallel(lambda n: self.clusters.client(cluster, n).stop_training(), nodes)
         deadline = time.time() + timeout
         while time.time() < deadline:
             snaps = parallel(lambda n: self.clusters.client(cluster, n).training_status(1 << 62), nodes)
             if all(isinstance(x, p.TrainProgress) and x.state not in p.BUSY_JOB_STATES for x in snaps):
-                return
+                return snaps  # type: ignore[return-value]
             time.sleep(0.5)
         raise ServiceError(f"the surviving nodes did not leave the session within {timeout:.0f} s")
 

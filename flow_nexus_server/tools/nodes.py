@@ -41,8 +41,10 @@ def register(mcp: MCPServer, app: App) -> None:
         model: Annotated[ModelPreset, Field(description="Model size preset; custom uses `layers`")] = "base",
         capabilities: Annotated[
             list[Capability], Field(max_length=32, description=(
-                "What the node takes part in: free-form names, stored and shown; 'training' (a worker trains) "
-                "and 'inference' (answers predictions) act, others are kept as labels"))
+                "What the node takes part in: free-form names, stored and shown. These act: training (a worker "
+                "trains), inference (answers predictions), validation (holds the validation split and judges "
+                "rounds), checkpoint_creation (writes the checkpoints), aggregation / gradient_aggregation (may "
+                "aggregate); others are kept as labels"))
         ] = ["training", "inference"],  # noqa: B006 - pydantic copies defaults
         autonomy: Annotated[float, Field(ge=0, le=1, description="Accepted for compatibility; stored as given")] = 0.8,
         layers: Annotated[

@@ -4,7 +4,10 @@ separates a strategy from the loop that runs it).
 
 * :class:`PlainCommit` -- every candidate is the new global model (consensus ``byzantine``:
   the robustness is in the aggregation rule).
-* :class:`ProofOfLearningCommit` -- the judges' validation loss decides
+* :class:`ProofOfLearningCommit` -- every worker's update is scored on the validation split
+  before aggregation (:meth:`~PlainCommit.screen`): an update whose validation loss is worse
+  than the committed model's beyond the tolerance is left out of the aggregate. The judges'
+  validation loss of the aggregate of the accepted updates then decides
   (:func:`.consensus.pol_accepts`); a rejected round rolls every member back to the last
   committed model, which each keeps in memory.
 * :class:`RaftCommit` -- every member stores the version and acknowledges; a majority
@@ -24,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import checkpoint_payload, write_atomic
-from .common import Sums, evaluate, set_weights
+from .common import Sums, evaluate, flat_weights, set_weights
 from .consensus import RaftReplica, majority, pol_accepts
 from .runtime import Ctx
 
@@ -85,6 +88,12 @@ class PlainCommit:
         """Round 0: every member holds ``initial``, the first committed model."""
         self.committed = initial.clone()
 
+    def screen(self, rnd: int, updates: torch.Tensor | None, n: int) -> list[int] | None:
+        """Collective, before aggregation: the positions (0..n-1, worker order) of the worker
+        updates the aggregate may use, or None for all. ``updates`` (n x d) is given on the
+        aggregator only."""
+        return None
+
     def commit(self, rnd: int, candidate: torch.Tensor, formed: bool) -> tuple[Sums | None, dict[str, float]]:
         """Decide on ``candidate`` (loaded in the model; ``formed`` False: aggregation failed).
         Returns the round's summed validation figures when the rule measured them, and the
@@ -103,6 +112,7 @@ class ProofOfLearningCommit(PlainCommit):
         self.committed_val: Sums | None = None
         self.prev_loss: float | None = math.inf
         self.rejected_rounds = 0
+        self.excluded_updates = 0
 
     def start(self, initial: torch.Tensor) -> None:
         super().start(initial)
@@ -110,6 +120,7 @@ class ProofOfLearningCommit(PlainCommit):
         self.committed_val, self.prev_loss, source = evaluate_members(ctx, self.model, self.group, judge=True)
         if self.is_leader:
             ctx.sink.node_stat("rejected_rounds", 0)
+            ctx.sink.node_stat("excluded_updates", 0)
             if self.prev_loss is None:
                 ctx.say("proof-of-learning: no validation data (validation_split 0); rounds are committed unchecked")
             else:
@@ -119,10 +130,51 @@ class ProofOfLearningCommit(PlainCommit):
     def _judged_by(self, source: str | None) -> str:
         plan = self.ctx.plan
         if source == "judges":
-            return f"validator rank(s) {plan.validators}" if plan.validators else f"aggregator rank {plan.aggregator}"
+            return f"rank(s) {plan.judges} (validators / the validation capability, else the aggregator)"
         if source == "workers":
             return "the workers' validation parts (no judge holds the validation split)"
         return "nobody (no validation data)"
+
+    def screen(self, rnd: int, updates: torch.Tensor | None, n: int) -> list[int] | None:
+        """Score every worker's update on the validation split (the same judges and split as
+        the committed model's loss) and keep those within the tolerance. The aggregator sends
+        the n updates to every member; each member evaluates them on what it holds and one
+        all-reduce sums the scores, so every member reaches the same verdict."""
+        ctx = self.ctx
+        if self.prev_loss is None or not math.isfinite(self.prev_loss):
+            return None  # nothing to judge against (no validation data)
+        d = self.committed.numel()
+        table = updates.contiguous().float() if self.is_leader and updates is not None else torch.empty(n, d)
+        broadcast(ctx, table, ctx.plan.aggregator, self.group, self.members)
+        own = flat_weights(self.model)  # a worker's own trained weights, restored below
+        scores = torch.zeros(n, 4, dtype=torch.float64)  # workers' loss sum, count; judges' loss sum, count
+        for i in range(n):
+            if not bool(torch.isfinite(table[i]).all()):
+                scores[i] = math.nan
+                continue
+            set_weights(self.model, table[i])
+            if ctx.plan.is_worker and ctx.data is not None:
+                ev = evaluate(self.model, ctx.data.val, ctx.kind, ctx.num_classes)
+                scores[i, 0], scores[i, 1] = ev["loss_sum"], ev["count"]
+            if ctx.judge_val is not None:
+                ev = evaluate(self.model, ctx.judge_val, ctx.kind, ctx.num_classes)
+                scores[i, 2], scores[i, 3] = ev["loss_sum"], ev["count"]
+        set_weights(self.model, own)
+        t0 = time.perf_counter()
+        dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=self.group)
+        ctx.comm_s += time.perf_counter() - t0
+        losses = [_mean_loss(row) for row in scores.tolist()]
+        kept = [i for i, x in enumerate(losses) if pol_accepts(self.prev_loss, x, ctx.job.pol_tolerance)]
+        self.excluded_updates += n - len(kept)
+        if self.is_leader:
+            ctx.sink.node_stat("excluded_updates", self.excluded_updates)
+            if len(kept) < n:
+                workers = ctx.plan.workers
+                out = ", ".join(f"{workers[i]} ({losses[i]:.4g})" for i in range(n) if i not in kept)
+                ctx.say(f"round {rnd}: proof-of-learning left out the update of worker rank(s) {out}: validation "
+                        f"loss worse than the committed {self.prev_loss:.4g} beyond tolerance "
+                        f"{ctx.job.pol_tolerance:g}")
+        return kept
 
     def commit(self, rnd: int, candidate: torch.Tensor, formed: bool) -> tuple[Sums | None, dict[str, float]]:
         ctx = self.ctx
@@ -151,7 +203,16 @@ class ProofOfLearningCommit(PlainCommit):
                 ctx.say(f"round {rnd} rejected: val loss {was} -> {now}")
         if self.is_leader:
             ctx.sink.node_stat("rejected_rounds", self.rejected_rounds)
-        return val, {"rejected_rounds": float(self.rejected_rounds)}
+        return val, {"rejected_rounds": float(self.rejected_rounds), "excluded_updates": float(self.excluded_updates)}
+
+
+def _mean_loss(row: list[float]) -> float:
+    """An update's validation loss from its summed scores: the judges' when they hold the
+    split, else the workers' parts (the same source as the committed model's loss)."""
+    w_sum, w_n, j_sum, j_n = row
+    if j_n > 0:
+        return j_sum / j_n
+    return w_sum / w_n if w_n > 0 else math.nan
 
 
 class RaftCommit(PlainCommit):

@@ -8,11 +8,12 @@
   an exponential moving average in [0, 1] updated each round by
   ``workers.aggregation.reputation_update``. An update counts against its sender when it is
   non-finite, when its distance to the aggregate is outlying (> 3 x the round's median
-  distance), or when Multi-Krum left it out. Krum's own "rejections" do not count: Krum keeps
-  exactly one update, so being one of the n - 1 others is no accusation (only the distance
-  says something). With ``reputation_weighting`` the FedAvg / Multi-Krum weight of a worker
-  is its sample count x its reputation (falling back to the sample counts alone if every
-  reputation has reached 0).
+  distance), when Multi-Krum left it out, or when proof-of-learning left it out (its
+  validation loss was worse than the committed model's beyond the tolerance). Krum's own
+  "rejections" do not count: Krum keeps exactly one update, so being one of the n - 1 others
+  is no accusation (only the distance says something). With ``reputation_weighting`` the
+  FedAvg / Multi-Krum weight of a worker is its sample count x its reputation (falling back
+  to the sample counts alone if every reputation has reached 0).
 * :func:`gossip_neighbours` / :func:`mixing_weights` -- the gossip graph over worker
   positions and its Metropolis-Hastings weights.
 * :func:`pol_accepts` -- the proof-of-learning test.
@@ -80,7 +81,7 @@ class Reputation:
         penalised this round (non-finite, outlying or left out by Multi-Krum)."""
         dists = info.get("distances_to_aggregate") or []
         distances = {self.ranks[i]: float(x) for i, x in enumerate(dists)}
-        accused = {self.ranks[i] for i in info.get("nonfinite") or []}
+        accused = {self.ranks[i] for i in (info.get("nonfinite") or []) + (info.get("excluded") or [])}
         if rule == "multi_krum":
             accused |= {self.ranks[i] for i in info.get("rejected") or []}
         self.rejected_updates += len(info.get("rejected") or [])

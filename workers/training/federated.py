@@ -14,7 +14,12 @@ Consensus (``job.consensus``):
   the validator rank(s) -- each loads the dataset's seeded validation split, the same split
   the workers cut their validation parts from -- or by the aggregator when there is no
   validator (with data private to the workers, or when no judge can read the dataset, the
-  workers' validation parts, whose union is the validation split, are used). It is committed
+  workers' validation parts, whose union is the validation split, are used). Before
+  aggregation every worker's update is scored the same way (the aggregator sends the n updates
+  to the members, who evaluate them and all-reduce the scores); an update worse than the last
+  committed model beyond the tolerance is left out of the aggregate (``excluded_updates``)
+  and counts against its sender's reputation, so one bad update cannot veto the honest ones.
+  The aggregate of the accepted updates is then judged: it is committed
   when its validation loss is at most ``(1 + pol_tolerance)`` x that of the last committed
   global model (round 1: the initial model). Otherwise the round is rejected: every member
   goes back to the last committed model, which each of them keeps in memory (so the rollback
@@ -232,9 +237,13 @@ def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None
     table = [torch.empty_like(row) for _ in fed.members] if fed.is_agg else None
     dist.gather(row, gather_list=table, dst=fed.agg, group=fed.group)
     ctx.comm_s += time.perf_counter() - t0
+    updates = _worker_rows(ctx, fed, table)[:, :d] if fed.is_agg and fed.secagg is None else None
+    # proof-of-learning scores each update; under secure aggregation no single update is visible, so
+    # only the aggregate is judged (the session's start message says so)
+    kept = None if fed.secagg is not None else fed.commit.screen(rnd, updates, len(ctx.plan.workers))
     if fed.is_agg:
         assert table is not None
-        glob_w, flag, status, agg_error, train_sums = _aggregate(ctx, fed, table, rnd, secure)
+        glob_w, flag, status, agg_error, train_sums = _aggregate(ctx, fed, table, rnd, secure, kept)
     else:
         ctx.bytes_sent += row.numel() * 4
         glob_w, flag, status, agg_error, train_sums = torch.empty(d), 0.0, OK, None, Sums(ctx.num_classes)
@@ -327,17 +336,27 @@ def _row(ctx: Ctx, fed: _Federation, local: Sums, rnd: int, with_weights: bool =
     return torch.cat([sent, extra])
 
 
-def _aggregate(ctx: Ctx, fed: _Federation, table: list[torch.Tensor], rnd: int,
-               secure: np.ndarray | None = None) -> tuple[torch.Tensor, float, float, Any, Sums]:
+def _worker_rows(ctx: Ctx, fed: _Federation, table: list[torch.Tensor] | None) -> torch.Tensor:
+    """The gathered rows of the workers, in worker order (aggregator only)."""
+    assert table is not None
+    return torch.stack([table[fed.members.index(r)] for r in ctx.plan.workers])
+
+
+def _aggregate(ctx: Ctx, fed: _Federation, table: list[torch.Tensor], rnd: int, secure: np.ndarray | None = None,
+               kept: list[int] | None = None) -> tuple[torch.Tensor, float, float, Any, Sums]:
     """The aggregator: (candidate weights, flag, status, error, the workers' summed training
     figures) from the gathered rows (without weights under secure aggregation: ``secure`` holds
-    the sum of the workers' vectors instead)."""
-    job, plan, rule, reputation = ctx.job, ctx.plan, fed.rule, fed.reputation
+    the sum of the workers' vectors instead); ``kept``: the worker positions whose updates the commit
+    rule let through (None: all)."""
+    job, rule, reputation = ctx.job, fed.rule, fed.reputation
     d = fed.d if secure is None else 0  # weights in a row
     central = job.differential_privacy is not None and job.differential_privacy.mode == "central"
     assert reputation is not None
     ctx.bytes_received += (len(fed.members) - 1) * table[0].numel() * 4
-    rows = torch.stack([table[fed.members.index(r)] for r in plan.workers])
+    rows = _worker_rows(ctx, fed, table)
+    n = rows.shape[0]
+    use = list(range(n)) if kept is None else list(kept)
+    excluded = [i for i in range(n) if i not in use]
     counts = rows[:, d].double().numpy()
     flag = float(torch.stack([t[d + 1] for t in table]).max()) if table else 0.0
     flag = max(flag, 1.0 if ctx.stop.is_set() else 0.0)
@@ -351,16 +370,20 @@ def _aggregate(ctx: Ctx, fed: _Federation, table: list[torch.Tensor], rnd: int,
     t_agg = time.perf_counter()
     info: dict[str, Any] = {}
     try:
+        if not use:
+            raise AggregationError("proof-of-learning left out every worker's update (each made the validation "
+                                   "loss worse beyond the tolerance)")
         if secure is not None or central:
-            new = _private_aggregate(ctx, fed, rows[:, :d], secure)
+            new = _private_aggregate(ctx, fed, rows[use, :d], secure)
         else:
-            new, info = aggregate(rule, rows[:, :d].numpy(), weights=weights, **fed.kwargs)
+            new, info = aggregate(rule, rows[use, :d].numpy(), weights=np.asarray(weights)[use], **fed.kwargs)
         if not np.isfinite(new).all():
             raise AggregationError(f"the {rule} aggregate holds NaN or inf values")
+        info = full_info(info, use, excluded, rows[:, :d], new)
     except AggregationError as exc:  # e.g. a diverged (or Byzantine) worker sent NaN weights
         agg_error = error_of(exc)
         new = fed.commit.committed.numpy()
-        info = failed_info(rows[:, :d])
+        info = failed_info(rows[:, :d], excluded)
         if fed.commit.rejects_failed_aggregation:
             status = INVALID
             ctx.say(f"round {rnd}: no candidate model: {exc}")
@@ -391,10 +414,33 @@ def _private_aggregate(ctx: Ctx, fed: _Federation, rows: torch.Tensor, secure: n
     return g + total / count
 
 
-def failed_info(rows: torch.Tensor) -> dict[str, Any]:
-    """What a failed aggregation still tells the reputation: who sent non-finite values."""
+def failed_info(rows: torch.Tensor, excluded: list[int] | None = None) -> dict[str, Any]:
+    """What a failed aggregation still tells the reputation: who sent non-finite values and
+    whose update the commit rule left out."""
     bad = [i for i in range(rows.shape[0]) if not bool(torch.isfinite(rows[i]).all())]
-    return {"nonfinite": bad, "rejected": bad, "distances_to_aggregate": []} if bad else {}
+    out = sorted(set(bad) | set(excluded or []))
+    return {"nonfinite": bad, "rejected": out, "excluded": out, "distances_to_aggregate": []} if out else {}
+
+
+def full_info(info: dict[str, Any], used: list[int], excluded: list[int], rows: torch.Tensor,
+              new: np.ndarray) -> dict[str, Any]:
+    """The rule's ``info`` over the ``used`` updates, re-indexed to every worker position; the
+    ``excluded`` ones count as rejected, with their distance to the aggregate."""
+    if not excluded:
+        return info
+    out = dict(info)
+    for key in ("selected", "rejected", "nonfinite"):
+        if key in info:
+            out[key] = [used[i] for i in info[key]]
+    dists = dict(zip(used, info.get("distances_to_aggregate") or [], strict=False))
+    agg = torch.from_numpy(np.asarray(new, dtype=np.float32))
+    for i in excluded:
+        x = float(torch.linalg.vector_norm(rows[i].float() - agg))
+        dists[i] = x if np.isfinite(x) else float("inf")
+    out["distances_to_aggregate"] = [dists[i] for i in range(rows.shape[0])]
+    out["rejected"] = sorted(set(out.get("rejected", [])) | set(excluded))
+    out["excluded"] = list(excluded)
+    return out
 
 
 def _log_round(ctx: Ctx, rnd: int, rule: str, info: dict[str, Any], flagged: list[int], rep: Reputation) -> None:
@@ -406,6 +452,8 @@ def _log_round(ctx: Ctx, rnd: int, rule: str, info: dict[str, Any], flagged: lis
         parts.append(f"rejected {[workers[i] for i in info['rejected']]}")
     if info.get("nonfinite"):
         parts.append(f"non-finite {[workers[i] for i in info['nonfinite']]}")
+    if info.get("excluded"):
+        parts.append(f"left out by proof-of-learning {[workers[i] for i in info['excluded']]}")
     if flagged:
         parts.append(f"suspicious {flagged}")
     ctx.say(", ".join(parts) + f"; reputation {rep.text()}")

@@ -5,7 +5,8 @@ gradients or parameters after this rank's forward / backward.
 What the loop does for every mode: the per-epoch shard order, ``accum`` micro-batches per
 step (mixed precision inside :meth:`Ctx.forward_backward`), the learning-rate schedule,
 progress and the collective stop check every ``STOP_CHECK_EVERY`` steps, then per epoch the
-validation, the metric sums, reporting and the checkpoint (:meth:`Ctx.epoch_end`).
+validation, the metric sums, the per-epoch commit rule (:mod:`.epoch_commit`: proof-of-learning
+rolls a rejected epoch back), reporting and the checkpoint (:meth:`Ctx.epoch_end`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .common import Sums, epoch_order
+from .epoch_commit import EpochCommit
 from .runtime import Ctx
 
 
@@ -62,6 +64,7 @@ def run_epochs(ctx: Ctx, strategy: StepStrategy, spe: int, accum: int, step: int
     data = ctx.data if strategy.trains else None
     eval_model = strategy.checkpoint_model if data is not None else None
     try:
+        gate = EpochCommit(ctx, strategy.optimizer, strategy.group, eval_model)
         for epoch in range(ctx.start, job.epochs + 1):
             ctx.epoch = epoch
             ctx.sink.update(epoch=epoch)
@@ -82,10 +85,11 @@ def run_epochs(ctx: Ctx, strategy: StepStrategy, spe: int, accum: int, step: int
                     break
             seconds = time.perf_counter() - t_epoch
             glob = ctx.epoch_sums(local, strategy.group, eval_model)
+            extra = gate.judge(epoch, glob)
             final = ctx.stopped or epoch == job.epochs
             strategy.before_epoch_end(ctx, epoch, spe)
             ctx.epoch_end(epoch, step, glob, seconds, local if strategy.trains else None,
-                          strategy.checkpoint_model, strategy.optimizer, final)
+                          strategy.checkpoint_model, strategy.optimizer, final, extra=extra)
             stats = strategy.epoch_stats(ctx)
             if stats is not None:
                 ctx.node_stats(**stats)

@@ -223,6 +223,7 @@ class Ctx:
                 if name in metrics:
                     parts.append(f"{name} {metrics[name]:.4g}")
             self.say(", ".join(parts))
+        if self.plan.writes_checkpoints:  # the reporter, or the rank with the checkpoint_creation capability
             is_best, improved = self.judge_checkpoint(metrics)
             due = final or (self.job.checkpoint_every > 0 and epoch % self.job.checkpoint_every == 0)
             on_improvement = self.job.checkpoint_on_improvement is not None and improved

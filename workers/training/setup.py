@@ -41,7 +41,7 @@ from workers.data import (
 from workers.data.bpe import BPETokenizer, pretoken_counts
 from workers.models import TaskInfo, check_compatible
 from workers.models.gpt import requested_vocab_size
-from workers.protocol import TrainJob
+from workers.protocol import AGGREGATING_CAPABILITIES, RAFT_NEEDS_FEDERATED, TrainJob
 
 from .common import Split, TrainingError
 from .consensus import resolve_rule
@@ -89,7 +89,11 @@ class Plan:
     """Validator ranks that take part (federated proof-of-learning and raft)."""
     judges: list[int] = field(default_factory=list)
     """Ranks that evaluate candidate models on the validation split (proof-of-learning):
-    the validators, or the aggregator when there is none."""
+    the validators and the active ranks with the ``validation`` capability, or the aggregator
+    when there is none."""
+    checkpointer: int | None = None
+    """The rank that writes the checkpoints: the first rank holding the global model with the
+    ``checkpoint_creation`` capability, else the reporter."""
 
     @property
     def consensus(self) -> str:
@@ -98,6 +102,10 @@ class Plan:
     @property
     def is_judge(self) -> bool:
         return self.rank in self.judges
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        return self.rank == (self.reporter if self.checkpointer is None else self.checkpointer)
 
     @property
     def is_worker(self) -> bool:
@@ -128,12 +136,20 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
     aggs = [r for r, role in enumerate(job.roles) if role == "aggregator"]
     vals = [r for r, role in enumerate(job.roles) if role == "validator"]
     consensus = getattr(job, "consensus", None) or "proof-of-learning"
+    caps = [set(c) for c in (getattr(job, "capabilities", None) or [])] + [set()] * world
+
+    def having(*names: str) -> list[int]:
+        return [r for r in range(world) if caps[r] & set(names)]
+
+    aggs = aggs or having(*AGGREGATING_CAPABILITIES)  # a node with an aggregating capability may aggregate
     aggregator = None
     validators: list[int] = []
     judges: list[int] = []
     if consensus == "gossip" and job.mode != "federated":
         raise TrainingError("consensus 'gossip' averages models between neighbours after local training; "
                             "use it with federated training")
+    if consensus == "raft" and job.mode != "federated":
+        raise TrainingError(RAFT_NEEDS_FEDERATED.format(mode=job.mode))
     if job.mode == "federated":
         if not workers:
             raise TrainingError("federated training needs at least one node with role 'worker' to hold data; "
@@ -145,9 +161,9 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
             aggregator = aggs[0] if aggs else workers[0]
             if consensus in ("proof-of-learning", "raft"):
                 validators = list(vals)
-            if consensus == "proof-of-learning":
-                judges = list(vals) if vals else [aggregator]
             active = sorted(set(workers) | {aggregator} | set(validators))
+            if consensus == "proof-of-learning":
+                judges = sorted(set(vals) | {r for r in having("validation") if r in active}) or [aggregator]
             reporter = aggregator
             resolve_rule(job, len(workers))  # a rule that cannot work fails here, on every rank
     elif job.mode == "parameter_server":
@@ -172,7 +188,9 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
     builtin_kind = BUILTIN_KINDS.get(job.dataset.strip().lower().replace("_", "-"))
     if builtin_kind is not None:
         check_compatible(job.architecture, builtin_kind)  # before anything is loaded
-    return Plan(job, world, rank, workers, ps, aggregator, reporter, active, validators, judges)
+    holders = [] if consensus == "gossip" else [r for r in active if r not in ps]  # ranks holding the global model
+    checkpointer = next((r for r in having("checkpoint_creation") if r in holders), reporter)
+    return Plan(job, world, rank, workers, ps, aggregator, reporter, active, validators, judges, checkpointer)
 
 
 # --------------------------------------------------------------------------- phase 1

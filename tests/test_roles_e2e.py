@@ -1,0 +1,113 @@
+"""Roles and consensus cooperating on real node processes (in-memory client, real nodes)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from conftest import err, ok
+from mcp import Client
+
+from flow_nexus_server.config import Settings
+from flow_nexus_server.server import build_server
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_proof_of_learning_leaves_out_a_noisy_worker(home):
+    """One noisy worker of four: its update is scored on the validation split (judged by the worker
+    with the validation capability) and left out, the honest three are committed, and its reputation falls."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "pol", "topology": "star", "architecture": "mlp",
+                                                         "consensus": "proof-of-learning"}))["cluster_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "aggregator"})
+        judge = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker",
+                                                          "capabilities": ["training", "validation"]}))["node_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
+        noisy_id = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "behavior": "gaussian_noise",
+                                                             "behavior_scale": 50}))["node_id"]
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        run = await ok(client, "neural_train_distributed", {
+            "cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 5, "local_epochs": 1,
+            "batch_size": 8, "learning_rate": 0.01, "wait": True})
+        assert run["status"] == "completed", run
+        live = run["result"]
+        assert live["metrics"]["val_accuracy"] >= 0.90
+        reputation = live["reputation"]
+        honest = [v for k, v in reputation.items() if k != noisy_id]
+        assert len(honest) == 3 and reputation[noisy_id] < min(honest)
+        assert live["consensus"]["excluded_updates"] >= 1 and live["consensus"]["rejected_rounds"] == 0, live
+        judged = {node for node, stats in live["nodes"].items() if "candidate_val_loss" in stats}
+        assert judged == {judge}  # the worker with the validation capability judged, not the aggregator
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+
+
+async def test_synchronous_epochs_are_committed_by_proof_of_learning(home):
+    """Sync data parallel under proof-of-learning: a diverging epoch is rolled back (the run never
+    ends worse than it started), a learning one is committed; raft is refused with a sentence; the
+    node with the checkpoint_creation capability writes the checkpoints; continue_session adds epochs."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "sync-pol", "topology": "mesh",
+                                                         "architecture": "mlp"}))["cluster_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker"})
+        writer = (await ok(client, "neural_node_deploy", {
+            "cluster_id": cid, "role": "worker",
+            "capabilities": ["training", "inference", "checkpoint_creation"]}))["node_id"]
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        base = {"cluster_id": cid, "dataset": "digits", "batch_size": 32, "wait": True}
+        text = await err(client, "neural_train_distributed", {**base, "epochs": 1, "consensus": "raft"})
+        assert "raft" in text and "federated=true" in text
+
+        diverging = await ok(client, "neural_train_distributed", {**base, "epochs": 2, "optimizer": "adam",
+                                                                  "learning_rate": 1.0})
+        assert diverging["status"] == "completed", diverging
+        status = await ok(client, "neural_training_status", {"session_id": diverging["session_id"]})
+        assert diverging["result"]["consensus"]["rejected_rounds"] == 2
+        losses = [row[-1] for row in status["history"]["val_loss"]]
+        assert len(losses) == 2 and losses[0] == losses[1] < 2.5  # the initial model's loss (ln 10 = 2.30), kept
+
+        learning = await ok(client, "neural_train_distributed", {**base, "epochs": 3, "learning_rate": 0.01})
+        assert learning["result"]["metrics"]["val_accuracy"] >= 0.90
+        assert learning["result"]["consensus"]["rejected_rounds"] == 0
+        status = await ok(client, "neural_training_status", {"session_id": learning["session_id"]})
+        assert status["checkpoints"] and {c["node_id"] for c in status["checkpoints"]} == {writer}
+
+        more = await ok(client, "neural_train_distributed", {**base, "epochs": 2, "learning_rate": 0.01,
+                                                             "continue_session": learning["session_id"]})
+        assert more["status"] == "completed" and more["config"]["epochs"] == 5, more
+        status = await ok(client, "neural_training_status", {"session_id": more["session_id"]})
+        assert [row[0] for row in status["history"]["val_accuracy"]] == [4, 5]
+        assert more["result"]["metrics"]["val_accuracy"] >= learning["result"]["metrics"]["val_accuracy"] - 0.02
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+
+
+@pytest.mark.slow
+async def test_a_worker_deployed_mid_run_joins_at_the_next_boundary(home):
+    """Elastic scale-out: a worker deployed while a session runs takes part from the next stop
+    check on, with an event naming it; the model carries over (through the boundary's checkpoint)."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "elastic", "topology": "mesh",
+                                                         "architecture": "mlp"}))["cluster_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        run = await ok(client, "neural_train_distributed", {"cluster_id": cid, "dataset": "digits", "epochs": 8,
+                                                            "batch_size": 8, "learning_rate": 0.01})
+        sid = run["session_id"]
+        for _ in range(600):  # wait for the first epoch
+            status = await ok(client, "neural_training_status", {"session_id": sid})
+            if status["history"].get("val_accuracy"):
+                break
+            await anyio.sleep(0.5)
+        added = await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker"})
+        assert added["group"]["action"] == "at_next_boundary", added["group"]
+        for _ in range(1200):
+            status = await ok(client, "neural_training_status", {"session_id": sid})
+            if status["status"] != "running":
+                break
+            await anyio.sleep(0.5)
+        assert status["status"] == "completed", status.get("error")
+        events = await ok(client, "execution_stream_subscribe", {"deployment_id": sid, "wait_s": 0})
+        rescaled = [e for e in events["events"] if e["kind"] == "session_rescaled"]
+        assert len(rescaled) == 1 and added["node_id"] in rescaled[0]["message"]
+        assert status["live"]["nodes"][added["node_id"]]["samples_processed"] > 0  # it trained
+        assert status["live"]["metrics"]["val_accuracy"] >= 0.90
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
