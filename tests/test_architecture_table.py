@@ -18,7 +18,7 @@ from mcp import Client
 from flow_nexus_server.config import Settings
 from flow_nexus_server.server import build_server
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.archslow]
 
 ARCHITECTURES = ("mlp", "cnn", "rnn", "transformer")
 # (dataset, architecture) -> bar: a few points under the cluster's accuracy in the README run.

@@ -30,7 +30,7 @@ async def test_full_lifecycle_over_stdio(home):
         assert tools["neural_cluster_status"].annotations.read_only_hint
         assert tools["neural_cluster_terminate"].annotations.destructive_hint
 
-        init = await ok(client, "neural_cluster_init", {"name": "e2e", "topology": "mesh"})
+        init = await ok(client, "neural_cluster_init", {"name": "e2e", "topology": "mesh", "max_nodes": 8})
         cid = init["cluster_id"]
         assert cid.startswith("dnc_") and init["status"] == "initializing"
         assert init["backend"] == "auto"  # decided at connect, from the GPUs the nodes see

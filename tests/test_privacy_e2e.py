@@ -15,7 +15,7 @@ from workers.privacy import local_cost
 from workers.protocol import DifferentialPrivacy
 
 # Real node processes: each test is tens of seconds on an idle 2-core machine (minutes under load).
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.privacyslow]
 
 
 async def _cluster(client: Client, workers: int) -> str:
