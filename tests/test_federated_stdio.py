@@ -24,6 +24,8 @@ def held_out_tweets(n: int) -> tuple[list[str], list[str]]:
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.slow
+@pytest.mark.long
 async def test_federated_tweet_polarity(home):
     params = StdioServerParameters(command=server_command(), env=server_env(home))
     async with Client(params, read_timeout_seconds=300) as client:
