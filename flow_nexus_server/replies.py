@@ -132,14 +132,14 @@ class NodeStatus(BaseModel):
     role: str
     status: NodeState
     alive: bool = Field(description="Process exists and the control API answered just now")
-    pid: int | None
+    pid: int | None = None
     host: str | None = Field(None, description="Address of the node's control API: 127.0.0.1 on the server's "
                              "host, that host's address for a node on another machine (launcher ray)")
     rss_mb: float | None = Field(None, description="Resident memory measured now")
-    rank: int | None
-    generation: int | None
+    rank: int | None = None
+    generation: int | None = None
     last_heartbeat: float | None = Field(None, description="Unix time of the last health answer")
-    heartbeat_age_s: float | None
+    heartbeat_age_s: float | None = None
     connections: int = Field(description="Edges touching this node in the current topology")
     capabilities: list[str]
     error: str | None = None
@@ -375,12 +375,12 @@ class TrainingStatusReply(ToolReply):
     status: SessionState
     config: dict[str, Any]
     created_at: float
-    finished_at: float | None
+    finished_at: float | None = None
     live: TrainingLive | None = Field(None, description="Progress while running, final figures after")
-    final_metrics: dict[str, Any] | None
+    final_metrics: dict[str, Any] | None = None
     history: dict[str, list[list[float]]] = Field(description="metric -> [[epoch, step, value], ...]")
     checkpoints: list[CheckpointInfo]
-    error: str | None
+    error: str | None = None
 
 
 class TrainingStopReply(ToolReply):

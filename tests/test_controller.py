@@ -44,7 +44,7 @@ async def start_training(home: Path, name: str) -> tuple[str, str, list[int]]:
         await ok(client, "neural_cluster_connect", {"cluster_id": cid})
         sid = (await ok(client, "neural_train_distributed", {"cluster_id": cid, **TRAIN}))["session_id"]
         deadline = time.monotonic() + 60
-        while ((await ok(client, "neural_training_status", {"session_id": sid}))["live"] or {}).get("epoch", 0) < 1:
+        while ((await ok(client, "neural_training_status", {"session_id": sid})).get("live") or {}).get("epoch", 0) < 1:
             assert time.monotonic() < deadline, "training did not start"
             await anyio.sleep(0.5)
     return cid, sid, pids

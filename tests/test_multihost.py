@@ -152,7 +152,7 @@ def kill_host_mid_session(front: Frontend, sim: SimulatedHosts, cid: str, victim
     """Once the session has trained two epochs, take ``victim`` away; when it happened."""
     for _ in range(600):
         status = front.tool("neural_cluster_status", {"cluster_id": cid})
-        if (status["current_epoch"] or 0) >= 2:
+        if (status.get("current_epoch") or 0) >= 2:
             break
         time.sleep(0.1)
     assert status["training"]["status"] == "running", "the session ended before the host was cut"
@@ -232,7 +232,7 @@ def test_killed_host_is_detected_and_auto_healing_replaces_its_node(front, hosts
     print(f"host {victim_host.name} powered off: node {victim} marked down after {detected_s:.1f} s")
     done = wait_session(front, run["session_id"])
     assert detected_s <= DETECT_S, f"the dead host was noticed only after {detected_s:.1f} s"
-    assert done["status"] == "completed", done["error"]
+    assert done["status"] == "completed", done.get("error")
     assert done["live"]["restarts"] == 1 and done["final_metrics"]["val_accuracy"] >= 0.9, done
     status = front.tool("neural_cluster_status", {"cluster_id": cid})
     running = [n for n in status["nodes"] if n["status"] == "running"]

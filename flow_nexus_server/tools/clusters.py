@@ -76,11 +76,12 @@ def register(mcp: MCPServer, app: App) -> None:
         """Join every node into a torch.distributed group (new generation) and measure each topology edge."""
         return await call(app.clusters.connect, cluster_id, topology)
 
-    @tool(mcp, title="Cluster status", annotations=READ_ONLY)
+    @tool(mcp, title="Cluster status", annotations=READ_ONLY, sparse=True)
     async def neural_cluster_status(cluster_id: ClusterId) -> r.ClusterStatusReply:
         """Live state of every node (alive, pid, RSS, rank, heartbeat) merged with the store, and the current
         session in the guides' shape: training_sessions, worker / parameter_server / aggregator stats,
-        convergence_rate, estimated_completion, throughput (all measured, read from memory)."""
+        convergence_rate, estimated_completion, throughput (all measured, read from memory). A figure not
+        measured yet is left out of the reply (never sent as null)."""
         if app.clusters.rows_cached(cluster_id):  # the usual case: nothing but memory to read
             return cluster_status_hinted(call_in_loop(app.training.cluster_status, cluster_id))
         return cluster_status_hinted(await call(app.training.cluster_status, cluster_id))

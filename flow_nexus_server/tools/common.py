@@ -120,14 +120,19 @@ class App:
 
 
 def tool(mcp: MCPServer, *, title: str, annotations: ToolAnnotations,
-         ignored: dict[str, str] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+         ignored: dict[str, str] | None = None, sparse: bool = False) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """``mcp.tool`` with the docstring as the description, its continuation lines unindented, and a
     reply model answered as compact JSON text (``compact_reply``).
 
     No argument is accepted silently: ``ignored`` names the parameters kept for Flow Nexus
     compatibility that change nothing here (with a one-line reason); those the client sent come back
     in the reply's ``ignored``, and every argument the tool does not declare in its ``unknown``
-    (the SDK's argument model would drop them without a word)."""
+    (the SDK's argument model would drop them without a word).
+
+    ``sparse`` (the polled status tools): a value not known yet is left out of the reply rather
+    than sent as null, and the published schema says so (``output_schemas.absent_when_unknown``).
+    Every client validates every reply against the schema; on a 4-node status reply the nullable
+    fields' ``anyOf`` branches were half of that cost."""
 
     def declare(fn: Callable[..., T]) -> Callable[..., T]:
         returns_model = _returns_model(fn)
@@ -140,8 +145,11 @@ def tool(mcp: MCPServer, *, title: str, annotations: ToolAnnotations,
             notes = {name: why for name, why in (ignored or {}).items() if name in sent}
             if isinstance(reply, CallToolResult):
                 return result_with_compat_notes(reply, notes, unknown)
-            return compact_reply(with_compat_notes(reply, notes, unknown)) if returns_model else reply
+            if not returns_model:
+                return reply
+            return compact_reply(with_compat_notes(reply, notes, unknown), sparse=sparse)
 
+        published.sparse_reply = sparse  # type: ignore[attr-defined]  # read by output_schemas
         mcp.tool(title=title, annotations=annotations, description=inspect.cleandoc(fn.__doc__ or ""))(published)
         _keep_unknown_arguments(mcp, fn.__name__)
         return fn
@@ -201,15 +209,17 @@ def compat_sentence(ignored: dict[str, str], unknown: list[str]) -> str | None:
     return "Note on arguments: " + ". ".join(parts) + "." if parts else None
 
 
-def compact_reply(reply: BaseModel) -> CallToolResult:
+def compact_reply(reply: BaseModel, *, sparse: bool = False) -> CallToolResult:
     """The reply as structured content plus the same JSON as text for clients that read only text.
     The SDK would indent that text: compact, a status reply is about half the bytes to send and parse
     and half the tokens in a model's context. The SDK still validates it against the output model.
-    Arguments ignored or unknown are also said in a sentence, so a model reading text sees them."""
-    content = [TextContent(type="text", text=reply.model_dump_json(by_alias=True))]
+    Arguments ignored or unknown are also said in a sentence, so a model reading text sees them.
+    ``sparse``: fields whose value is None are left out (see ``tool``)."""
+    content = [TextContent(type="text", text=reply.model_dump_json(by_alias=True, exclude_none=sparse))]
     if isinstance(reply, r.ToolReply) and (note := compat_sentence(reply.ignored, reply.unknown)):
         content.append(TextContent(type="text", text=note))
-    return CallToolResult(content=content, structured_content=reply.model_dump(mode="json", by_alias=True))
+    return CallToolResult(content=content,
+                          structured_content=reply.model_dump(mode="json", by_alias=True, exclude_none=sparse))
 
 
 def _returns_model(fn: Callable[..., Any]) -> bool:

@@ -61,13 +61,14 @@ def register(mcp: MCPServer, app: App) -> None:
         final = app.training.live_view(cluster_id)
         return reply.model_copy(update={"result": final, "status": final.status if final else reply.status})
 
-    @tool(mcp, title="Training session status", annotations=READ_ONLY)
+    @tool(mcp, title="Training session status", annotations=READ_ONLY, sparse=True)
     async def neural_training_status(
         session_id: Annotated[str | None, Field(max_length=64, description="Session id from "
                                                                            "neural_train_distributed")] = None,
         job_id: Annotated[str | None, Field(max_length=64, description="Alias of session_id (Flow Nexus)")] = None,
     ) -> r.TrainingStatusReply:
-        """One session, running or finished: progress, metric history, per-node stats, checkpoints."""
+        """One session, running or finished: progress, metric history, per-node stats, checkpoints.
+        A figure not measured yet is left out of the reply (never sent as null)."""
         sid = session_id or job_id
         if not sid:
             raise ToolError("give session_id (the id neural_train_distributed returned)")
