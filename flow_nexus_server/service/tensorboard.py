@@ -36,10 +36,10 @@ def worker_tag(node_id: str, name: str) -> str:
 
 
 class TensorBoardLog:
-    """One ``SummaryWriter`` per running session, opened on its first write and closed at its end.
+    """One event writer per running session, opened on its first write and closed at its end.
 
     Writes go through a queue to one writer thread: the telemetry listener and a training call
-    never wait for a file, nor for the first import of torch's TensorBoard module."""
+    never wait for a file, nor for the first import of TensorBoard's modules."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -124,7 +124,7 @@ class TensorBoardLog:
 
     def _open(self, session_id: str) -> Any:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from flow_nexus_server.service.tensorboard_events import EventWriter
         except ImportError as exc:  # tensorboard is a dependency; an odd install may lack it
             self._unavailable = str(exc)
             log.warning("no TensorBoard logs: %s (pip install 'tensorboard>=2.14')", exc)
@@ -132,7 +132,7 @@ class TensorBoardLog:
         self.root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
         path = self.session_dir(session_id)
         path.mkdir(exist_ok=True, mode=PRIVATE_DIR_MODE)
-        writer = SummaryWriter(log_dir=str(path), flush_secs=5)
+        writer = EventWriter(str(path), flush_secs=5)
         self._writers[session_id] = writer
         self._make_private(session_id)
         return writer
@@ -153,24 +153,8 @@ _CLOSE = _close_marker
 
 
 def _add_hparams_start(writer: Any, hparams: dict[str, Any]) -> None:
-    from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-    experiment, session_start, _ = hparams_summary(hparams, dict.fromkeys(HPARAM_METRICS, 0.0))
-    file_writer = writer.file_writer  # the run's own file: hparams beside its scalars
-    file_writer.add_summary(experiment)
-    file_writer.add_summary(session_start)
+    writer.add_hparams_start(hparams, HPARAM_METRICS)
 
 
 def _add_hparams_end(writer: Any, status: str) -> None:
-    """The hparams session-end record (what torch's ``hparams()`` builds, with the real status)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboard.plugins.hparams.api_pb2 import Status
-    from tensorboard.plugins.hparams.metadata import PLUGIN_DATA_VERSION, PLUGIN_NAME, SESSION_END_INFO_TAG
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
-
-    # TensorBoard knows no "stopped on request": that one, like interrupted, ends unknown.
-    ended = {"completed": Status.STATUS_SUCCESS, "failed": Status.STATUS_FAILURE}.get(status, Status.STATUS_UNKNOWN)
-    content = HParamsPluginData(session_end_info=SessionEndInfo(status=ended), version=PLUGIN_DATA_VERSION)
-    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME,
-                                                                      content=content.SerializeToString()))
-    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)]))
+    writer.add_hparams_end(status)
