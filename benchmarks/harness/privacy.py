@@ -6,6 +6,7 @@ and with secure aggregation, beside plain FedAvg on the same cluster, job and da
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from benchmarks.harness.common import FED_JOB, FED_LAYERS, BenchError, Row, ratio, say
@@ -26,8 +27,8 @@ def noise_for(target_epsilon: float, shard: int, batch_size: int, rounds: int, l
     from workers.privacy import steps_per_epoch
 
     q = batch_size / shard
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=1e-5, sample_rate=q,
-                                      steps=rounds * local_epochs * steps_per_epoch(q), accountant="rdp"))
+    return _up(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=1e-5, sample_rate=q,
+                                    steps=rounds * local_epochs * steps_per_epoch(q), accountant="rdp"))
 
 
 def central_noise_for(target_epsilon: float, rounds: int) -> float:
@@ -35,8 +36,14 @@ def central_noise_for(target_epsilon: float, rounds: int) -> float:
     mechanism per round; opacus' calibration again (delta 1e-5: min(1e-5, 1/4 workers))."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=1e-5, sample_rate=1.0,
-                                      steps=rounds, accountant="rdp"))
+    return _up(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=1e-5, sample_rate=1.0,
+                                    steps=rounds, accountant="rdp"))
+
+
+def _up(noise: float) -> float:
+    """Four decimals, rounded up: less noise than calibrated would overspend target_epsilon, and
+    the session would then stop a round early."""
+    return math.ceil(noise * 1e4) / 1e4
 
 
 async def row_privacy(bench: Bench) -> list[Row]:
@@ -57,9 +64,9 @@ async def row_privacy(bench: Bench) -> list[Row]:
         central_noise = central_noise_for(TARGET_EPSILON, rounds)
         runs = {
             "plain": {},
-            "dp": {"differential_privacy": {"mode": "local", "noise_multiplier": round(noise, 4),
+            "dp": {"differential_privacy": {"mode": "local", "noise_multiplier": noise,
                                             "max_grad_norm": MAX_GRAD_NORM, "target_epsilon": TARGET_EPSILON}},
-            "central": {"differential_privacy": {"mode": "central", "noise_multiplier": round(central_noise, 4),
+            "central": {"differential_privacy": {"mode": "central", "noise_multiplier": central_noise,
                                                  "max_grad_norm": MAX_GRAD_NORM, "target_epsilon": TARGET_EPSILON}},
             "secagg": {"secure_aggregation": True},
         }
