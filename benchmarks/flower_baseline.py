@@ -15,6 +15,11 @@ part of the validation split; the model is ``workers.models.build_model`` (``mlp
 with ``--layers``, 64-64-10 on digits by default) with the same initial weights (seeded). Each
 round every client trains ``--local-epochs`` over its shard (batch ``--batch-size``, Adam) and
 then evaluates the new global model on its validation part, like the server's federated mode.
+With ``--dp-noise-multiplier`` and ``--dp-clipping-norm`` the run is Flower's central DP with
+client-side fixed clipping (``DifferentialPrivacyClientSideFixedClipping`` around FedAvg, and
+``fixedclipping_mod`` on the clients): each client clips its update, the server adds Gaussian
+noise of std ``noise_multiplier x clipping_norm / clients`` to the mean -- the mechanism of the
+server's ``differential_privacy: {mode: "central"}``.
 The script imports this repository's ``workers`` package (numpy, torch and pydantic only).
 
 Prints, as its last stdout line, ``FLOWER_BASELINE_JSON {...}`` with the wall time of the
@@ -88,11 +93,16 @@ def parse_config() -> tuple[argparse.Namespace, dict]:
     ap.add_argument("--validation-split", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus-per-client", type=float, default=1.0)
+    ap.add_argument("--dp-noise-multiplier", type=float, default=None, help="central DP (client-side clipping)")
+    ap.add_argument("--dp-clipping-norm", type=float, default=None, help="central DP: L2 bound of each update")
     args = ap.parse_args()
     cfg = {"clients": args.clients, "rounds": args.rounds, "local_epochs": args.local_epochs,
            "batch_size": args.batch_size, "lr": args.lr, "dataset": args.dataset,
            "architecture": args.architecture, "preset": args.preset, "layers": json.loads(args.layers),
-           "validation_split": args.validation_split, "seed": args.seed}
+           "validation_split": args.validation_split, "seed": args.seed,
+           "dp_noise_multiplier": args.dp_noise_multiplier, "dp_clipping_norm": args.dp_clipping_norm}
+    if (cfg["dp_noise_multiplier"] is None) != (cfg["dp_clipping_norm"] is None):
+        ap.error("--dp-noise-multiplier and --dp-clipping-norm go together")
     return args, cfg
 
 
@@ -103,8 +113,10 @@ def build_client_app(cfg: dict):  # type: ignore[no-untyped-def]
     import torch.nn.functional as F
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
+    from flwr.clientapp.mod import fixedclipping_mod
 
-    client_app = ClientApp()
+    # the mod clips the update (new weights minus the global ones) to the norm the DP wrapper sends
+    client_app = ClientApp(mods=[fixedclipping_mod] if cfg["dp_noise_multiplier"] is not None else [])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -157,7 +169,7 @@ def build_server_app(cfg: dict, out: dict):  # type: ignore[no-untyped-def]
     round's client-side evaluation into ``out``."""
     from flwr.app import ArrayRecord, ConfigRecord, Context
     from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
     server_app = ServerApp()
 
@@ -168,6 +180,10 @@ def build_server_app(cfg: dict, out: dict):  # type: ignore[no-untyped-def]
         n = cfg["clients"]
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n,
                           min_available_nodes=n)
+        if cfg["dp_noise_multiplier"] is not None:
+            strategy = DifferentialPrivacyClientSideFixedClipping(
+                strategy, noise_multiplier=cfg["dp_noise_multiplier"], clipping_norm=cfg["dp_clipping_norm"],
+                num_sampled_clients=n)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                                 num_rounds=cfg["rounds"], train_config=ConfigRecord({"lr": cfg["lr"]}))
         ev = result.evaluate_metrics_clientapp

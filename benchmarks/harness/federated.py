@@ -23,8 +23,6 @@ from benchmarks.harness.session import Bench
 
 
 async def row_federated(bench: Bench) -> list[Row]:
-    import anyio
-
     from flow_nexus_server.states import SessionState
 
     rounds = 2 if bench.quick else 5
@@ -54,30 +52,9 @@ async def row_federated(bench: Bench) -> list[Row]:
     row = Row("federated", f"FedAvg 4 clients x {rounds} rounds, digits 64-64-10", "s", ours, note=(
         f"ours: train call to completion, nodes already up (deploy+connect {setup_s:.1f} s more); "
         "theirs: run_simulation call (starts Ray and its actors)"), details=details)
-    py = bench.args.flower_python
-    if not py:
-        row.note, row.reason = "theirs " + FLOWER_HINT, FLOWER_HINT
-        return [row]
-    try:
-        check = await anyio.to_thread.run_sync(lambda: subprocess.run(
-            [py, "-c", "import flwr, torch; print(flwr.__version__)"], capture_output=True, text=True,
-            timeout=120))
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        row.note = row.reason = FLOWER_HINT + f" ({py}: {exc})"
-        return [row]
-    if check.returncode != 0:
-        row.note = row.reason = FLOWER_HINT + f" ({py} cannot import flwr/torch)"
-        return [row]
-    say(f"federated: theirs, Flower {check.stdout.strip()} run_simulation")
-    try:
-        fl = await anyio.to_thread.run_sync(lambda: run_script(
-            [py, str(BENCH_DIR / "flower_baseline.py"), "--clients", "4", "--rounds", str(rounds),
-             "--local-epochs", str(FED_JOB["local_epochs"]), "--batch-size", str(FED_JOB["batch_size"]),
-             "--lr", str(FED_JOB["learning_rate"]), "--dataset", FED_JOB["dataset"],
-             "--layers", json.dumps(FED_LAYERS), "--seed", str(FED_JOB["seed"])], 900,
-            marker="FLOWER_BASELINE_JSON"))
-    except BenchError as exc:
-        row.note = row.reason = f"Flower baseline failed: {exc}"
+    fl, why = await flower_baseline(bench, rounds, [])
+    if fl is None:
+        row.note, row.reason = (f"theirs {why}" if why == FLOWER_HINT else why), why
         return [row]
     row.theirs = fl["run_simulation_s"]
     row.ratio = ratio(ours, row.theirs)
@@ -86,6 +63,35 @@ async def row_federated(bench: Bench) -> list[Row]:
     if acc is not None and final.get("val_accuracy") is not None:
         row.note += f"; final val accuracy ours {final['val_accuracy']:.3f}, Flower {acc:.3f}"
     return [row]
+
+
+async def flower_baseline(bench: Bench, rounds: int, extra: list[str]) -> tuple[dict[str, Any] | None, str]:
+    """``benchmarks/flower_baseline.py`` (4 clients, FED_JOB, ``extra`` arguments) with the
+    ``--flower-python`` interpreter: (its JSON result, "") or (None, why it did not run)."""
+    import anyio
+
+    py = bench.args.flower_python
+    if not py:
+        return None, FLOWER_HINT
+    try:
+        check = await anyio.to_thread.run_sync(lambda: subprocess.run(
+            [py, "-c", "import flwr, torch; print(flwr.__version__)"], capture_output=True, text=True,
+            timeout=120))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, FLOWER_HINT + f" ({py}: {exc})"
+    if check.returncode != 0:
+        return None, FLOWER_HINT + f" ({py} cannot import flwr/torch)"
+    say(f"Flower {check.stdout.strip()} run_simulation {' '.join(extra)}")
+    try:
+        fl = await anyio.to_thread.run_sync(lambda: run_script(
+            [py, str(BENCH_DIR / "flower_baseline.py"), "--clients", "4", "--rounds", str(rounds),
+             "--local-epochs", str(FED_JOB["local_epochs"]), "--batch-size", str(FED_JOB["batch_size"]),
+             "--lr", str(FED_JOB["learning_rate"]), "--dataset", FED_JOB["dataset"],
+             "--layers", json.dumps(FED_LAYERS), "--seed", str(FED_JOB["seed"]), *extra], 900,
+            marker="FLOWER_BASELINE_JSON"))
+    except BenchError as exc:
+        return None, f"Flower baseline failed: {exc}"
+    return fl, ""
 
 
 async def row_byzantine(bench: Bench) -> list[Row]:
