@@ -27,7 +27,7 @@ from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.paths import sandbox_path, under_allowed_root
 from flow_nexus_server.service.prediction import classification_report, combine, shard_indices
-from flow_nexus_server.store import Checkpoint, Cluster, Node
+from flow_nexus_server.store import Checkpoint, Cluster, Node, Store
 from workers import protocol as p
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,21 @@ def split_examples(payload: Any) -> tuple[list[Any], list[Any] | None, bool]:
     return payload, labels, True
 
 
+def set_serving_release(store: Store, cluster_id: str, release: dict[str, str] | None) -> None:
+    """Record which registry release the cluster's nodes hold (None: a model from elsewhere), so
+    predictions can name it."""
+    cluster = store.cluster(cluster_id)
+    if cluster is None or (cluster.options or {}).get("serving_release") == release:
+        return
+    options = {k: v for k, v in (cluster.options or {}).items() if k != "serving_release"}
+    store.update(Cluster, cluster_id, options={**options, **({"serving_release": release} if release else {})})
+
+
+def release_label(cluster: Cluster) -> str | None:
+    release = (cluster.options or {}).get("serving_release")
+    return f"{release['name']}@{release['version']}" if release else None
+
+
 class InferenceService:
     def __init__(self, clusters: ClusterService) -> None:
         self.clusters = clusters
@@ -293,6 +308,7 @@ class InferenceService:
             model="int8" if use_int8 else model, nodes_used=len(replies), examples=len(pred_names),
             individual_predictions=per_node, details=examples[:MAX_EXAMPLES_SHOWN],
             details_truncated=len(examples) > MAX_EXAMPLES_SHOWN, total_latency_ms=total_ms,
+            release=release_label(cluster),
             metrics=r.ClassificationMetrics(**report, precision=report["macro_precision"],
                                             recall=report["macro_recall"], f1_score=report["macro_f1"])
             if report else None,
@@ -453,6 +469,7 @@ class InferenceService:
         if errors:
             raise ServiceError("loading the model failed on " + "; ".join(errors))
         info = results[0]
+        set_serving_release(self.clusters.store, cluster_id, None)
         self.clusters.event(cluster_id, "model_loaded", f"{source} loaded on {len(nodes)} node(s)")
         return r.LoadReply(success=True, cluster_id=cluster_id, source=str(source), nodes_loaded=len(nodes),
                            model=info.model_dump())  # type: ignore[union-attr]
