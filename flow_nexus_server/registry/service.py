@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 PREFIX = "registry:"
 
 
+def dataset_key(dataset: str) -> str:
+    """How evaluations are filed: a name or path as given, inline examples by their digest."""
+    return dataset if len(dataset) <= 200 else "inline:" + mf.sha256_json(dataset)[:16]
+
+
 def release_view(row: ModelRelease, aliases: dict[str, str], *, with_manifest: bool) -> dict[str, Any]:
     """What list / get answer about one release."""
     view = {"name": row.name, "version": row.version, "kind": row.manifest.get("kind", "model"),
@@ -237,9 +242,9 @@ class RegistryService:
         parents = len(row.manifest.get("parents") or []) or 1
         with self.serving_cluster(cluster_id, parents) as cid:
             self.serve(cid, f"{PREFIX}{name}@{row.version}")
-            report = evaluate(self.inference, cid, data, dataset)
+            report = evaluate(self.inference, cid, data, dataset_key(dataset))
         report = {**report, "measured_at": time.time(), "cluster_id": cluster_id or "temporary"}
-        self.releases.add_evaluation(name, row.version, dataset, report)
+        self.releases.add_evaluation(name, row.version, dataset_key(dataset), report)
         return {"name": name, "version": row.version, "report": report}
 
     # ------------------------------------------------------------ promote / rollback
@@ -288,7 +293,7 @@ class RegistryService:
         return max(shared or mine, key=lambda d: mine[d]["measured_at"])
 
     def _evaluation(self, row: ModelRelease, dataset: str) -> dict[str, Any]:
-        report = (row.evaluations or {}).get(dataset)
+        report = (row.evaluations or {}).get(dataset_key(dataset))
         return report if report is not None else self.evaluate(row.name, row.version, dataset, None)["report"]
 
     def rollback(self, name: str, reason: str = "on request") -> dict[str, Any]:
