@@ -155,6 +155,28 @@ async def test_gates_rollback_tamper_and_copy_with_exported_models(home, tmp_pat
         assert pred["release"] == "digits@1.0.0"
         assert "no previous" in await err(client, "neural_model_rollback", {"name": "digits"})
 
+        # Automatic rollback: 1.1.0 back to stable with an SLO no real prediction keeps (p95 under 1 microsecond
+        # over 3 predictions): the cluster following stable serves 1.1.0, breaks it, and stable rolls back.
+        again = await ok(client, "neural_model_promote", {"name": "digits", "version": "1.1.0", "gates": lenient,
+                                                          "slo": {"max_p95_ms": 0.001, "window": 3}})
+        assert again["promoted"] and again["stable"] == "1.1.0"
+        for _ in range(3):
+            pred = await ok(client, "neural_predict_distributed", {"cluster_id": cid, "input_data": json.dumps(X)})
+            assert pred["release"] == "digits@1.1.0"
+        pred = await ok(client, "neural_predict_distributed", {"cluster_id": cid, "input_data": json.dumps(X)})
+        assert pred["release"] == "digits@1.0.0"
+        stable = (await ok(client, "neural_model_get", {"name": "digits", "version": "stable"}))["release"]
+        assert stable["version"] == "1.0.0"
+        events = Settings.from_env(home)
+        from flow_nexus_server.store import Store
+        from flow_nexus_server.store.tables import Event
+
+        store = Store(events.db_url)
+        with store.session() as s:
+            messages = [e.message for e in s.query(Event).filter(Event.kind == "model_rolled_back")]
+        store.close()
+        assert any("automatic: SLO breach on cluster " + cid in m and "p95 latency" in m for m in messages), messages
+
         weights = Path(listed[1]["directory"]) / "model.safetensors"
         weights.chmod(0o600)
         with weights.open("ab") as f:

@@ -21,6 +21,7 @@ from flow_nexus_server.registry import sources
 from flow_nexus_server.registry.distill import STUDENT_EPOCHS, teacher_labels, train_student
 from flow_nexus_server.registry.evaluation import evaluate, load_eval_set
 from flow_nexus_server.registry.releases import Releases
+from flow_nexus_server.registry.slo import Slo, SloWindows, breach
 from flow_nexus_server.registry.versions import ALIASES, NAME, SEMVER, newest, next_version
 from flow_nexus_server.service.budget import node_memory_mb
 from flow_nexus_server.service.errors import NotFound, ServiceError
@@ -57,6 +58,9 @@ class RegistryService:
         self.clusters = inference.clusters
         self.releases = Releases(self.clusters.store)
         self._lock = threading.Lock()  # one version number per register / fuse at a time
+        self._rollback_lock = threading.Lock()  # one automatic rollback per breach
+        self.windows = SloWindows()
+        self.inference.observers.append(self.observe)
 
     @property
     def root(self) -> Path:
@@ -195,6 +199,7 @@ class RegistryService:
         except ServiceError as exc:
             raise ServiceError(f"{name}@{row.version}: {exc}") from exc
         label = f"{name}@{row.version}"
+        self.windows.reset(cluster_id)  # the SLO judges this release's own predictions
         set_serving_release(self.clusters.store, cluster_id, {"name": name, "version": row.version,
                                                              "ref": version or "stable"})
         self.clusters.event(cluster_id, "model_loaded", f"release {label} loaded on {info['nodes']} node(s)")
@@ -248,7 +253,8 @@ class RegistryService:
         return {"name": name, "version": row.version, "report": report}
 
     # ------------------------------------------------------------ promote / rollback
-    def promote(self, name: str, version: str, dataset: str | None, options: g.GateOptions) -> dict[str, Any]:
+    def promote(self, name: str, version: str, dataset: str | None, options: g.GateOptions,
+                slo: Slo | None = None) -> dict[str, Any]:
         row = self.release(name, version)
         aliases = self.releases.aliases(name)
         stable = self.releases.get(name, aliases["stable"]) if "stable" in aliases else None
@@ -278,7 +284,8 @@ class RegistryService:
             return {"promoted": False, "gates": results, "stable": stable.version if stable else None,
                     "message": message}
         self.releases.set_aliases(name, {"stable": row.version, "previous": stable.version if stable else None})
-        self.releases.update(name, row.version, promoted_at=time.time(), rolled_back_at=None)
+        self.releases.update(name, row.version, promoted_at=time.time(), rolled_back_at=None,
+                             slo=(slo or Slo()).model_dump())
         message = f"{name}@{row.version} promoted to stable" + (f"; previous is {stable.version}" if stable else "")
         self.clusters.store.add_event("-", "model_promoted", message)
         self._follow_stable(name)
@@ -315,6 +322,29 @@ class RegistryService:
         reloaded = self._follow_stable(name)
         return {"name": name, "stable": back, "previous": before.version if before else None, "rolled_back": bad,
                 "clusters_reloaded": reloaded, "message": message}
+
+    def observe(self, cluster_id: str, latency_ms: float, failed: bool) -> None:
+        """One prediction of a cluster: when it serves NAME@stable and the window breaks the release's SLO,
+        stable rolls back (the event says why)."""
+        cluster = self.clusters.store.cluster(cluster_id)
+        serving = (cluster.options or {}).get("serving_release") if cluster else None
+        if not serving or serving.get("ref") != "stable":
+            return
+        row = self.releases.get(serving["name"], serving["version"])
+        if row is None or row.slo is None:
+            return
+        slo = Slo(**row.slo)
+        reason = breach(self.windows.record(cluster_id, latency_ms, failed, slo.window), slo)
+        if reason is None:
+            return
+        with self._rollback_lock:
+            aliases = self.releases.aliases(row.name)
+            if aliases.get("stable") != row.version or "previous" not in aliases:
+                log.warning("%s@%s breaks its SLO on %s (%s); no previous release to roll back to",
+                            row.name, row.version, cluster_id, reason)
+                return
+            self.windows.reset(cluster_id)
+            self.rollback(row.name, f"automatic: SLO breach on cluster {cluster_id}: {reason}")
 
     def _follow_stable(self, name: str) -> list[str]:
         """Clusters serving ``NAME@stable`` load the new stable release."""

@@ -11,7 +11,7 @@ import logging
 import secrets
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,15 @@ def release_label(cluster: Cluster) -> str | None:
 class InferenceService:
     def __init__(self, clusters: ClusterService) -> None:
         self.clusters = clusters
+        # Called with (cluster id, server-measured ms, failed) after each classification prediction.
+        self.observers: list[Callable[[str, float, bool], None]] = []
+
+    def _observe(self, cluster_id: str, latency_ms: float, failed: bool) -> None:
+        for observer in self.observers:
+            try:
+                observer(cluster_id, latency_ms, failed)
+            except Exception:  # an observer's failure never fails the prediction
+                log.exception("a prediction observer failed on %s", cluster_id)
 
     # ---------------------------------------------------------------- helpers
     def inference_nodes(self, cluster_id: str) -> tuple[Cluster, list[Node]]:
@@ -275,6 +284,7 @@ class InferenceService:
             bad = errors[0]
             if isinstance(bad, NodeRequestError) and bad.status == 400:
                 raise ServiceError(f"the input does not fit the model: {str(bad).split(': ', 1)[-1]}")
+            self._observe(cluster_id, total_ms, True)
             raise ServiceError("prediction failed: " + "; ".join(map(str, errors)))
         if model == "local" and not any(a[0].model == "local" for a in answers):  # type: ignore[index]
             raise ServiceError("no node holds a local (pre-aggregation) model; those exist after federated "
@@ -302,6 +312,7 @@ class InferenceService:
         pred_names = [names[int(i)] for i in combined.predictions]
         report = classification_report(labels_idx, [int(i) for i in combined.predictions], names) \
             if labels_idx is not None else None
+        self._observe(cluster_id, total_ms, False)
         return r.PredictReply(
             success=True, cluster_id=cluster_id, prediction=pred_names[0] if len(pred_names) == 1 else pred_names,
             confidence=float(np.mean(combined.confidence)), aggregation_method=method, mode=mode,

@@ -131,6 +131,7 @@ class ModelRelease(Base):
     evaluations: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # dataset -> report
     gates: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)  # the last promotion attempt
     promoted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    slo: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # set when promoted
     rolled_back_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
 

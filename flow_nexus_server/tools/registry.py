@@ -10,6 +10,7 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.registry.gates import GateOptions
+from flow_nexus_server.registry.slo import Slo
 from flow_nexus_server.tools.common import CREATES, READ_ONLY, REPLACES, App, call, tool
 
 # Moves `stable`: clusters serving NAME@stable then answer with another model; the same call again differs.
@@ -79,12 +80,17 @@ def register(mcp: MCPServer, app: App) -> None:
             "evaluation that stable also has"))] = None,
         gates: Annotated[GateOptions | None, Field(description="Gate thresholds (defaults: the registry's policy)")
                          ] = None,
+        slo: Annotated[Slo | None, Field(description=(
+            "The release's service-level objectives once stable: when a cluster serving NAME@stable breaks one over "
+            "the window of its last predictions, stable rolls back by itself (default: error rate 0.1, p95 "
+            "5000 ms, 20 predictions)"))] = None,
     ) -> r.PromoteReply:
         """Run the gates against the current stable (floors for a first release): quality (accuracy >= stable -
         tolerance), latency (p95 <= stable x 1.2), compatibility (same input spec, labels, tokenizer), safety
         (robustness >= stable - tolerance, no NaN). Promotes only if all pass (stable's release becomes
-        previous); a refusal is a successful call with promoted false naming the failing gate."""
-        out = await call(app.registry.promote, name, version, dataset, gates or GateOptions())
+        previous); a refusal is a successful call with promoted false naming the failing gate. Once stable, an
+        SLO breach on a cluster serving NAME@stable rolls it back by itself."""
+        out = await call(app.registry.promote, name, version, dataset, gates or GateOptions(), slo)
         return r.PromoteReply(success=True, **out)
 
     @tool(mcp, title="Roll back a model's stable release", annotations=MOVES_STABLE)

@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("evaluations", sa.JSON(), nullable=False),
         sa.Column("gates", sa.JSON(), nullable=True),
         sa.Column("promoted_at", sa.Float(), nullable=True),
+        sa.Column("slo", sa.JSON(), nullable=True),
         sa.Column("rolled_back_at", sa.Float(), nullable=True),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
