@@ -67,6 +67,7 @@ def export_folder(directory: Path, classes: int, steps: int, seed: int = 0) -> P
     from workers.serving import export_model
     from workers.training.common import TrainedModel
 
+    torch.set_num_threads(1)  # the host's cores belong to the node processes
     torch.manual_seed(seed)
     X, y = digits_train_split()
     keep = y < classes
@@ -90,7 +91,7 @@ async def test_gates_rollback_tamper_and_copy_with_exported_models(home, tmp_pat
     artifact at load; the release folder registers unchanged in another home."""
     home.mkdir(mode=0o700, parents=True)
     good, better, worse, five = (export_folder(home / "in" / n, c, k) for n, c, k in
-                                 (("good", 10, 40), ("better", 10, 150), ("worse", 10, 2), ("five", 5, 40)))
+                                 (("good", 10, 40), ("better", 10, 150), ("worse", 10, 2), ("five", 5, 2)))
     async with Client(build_server(Settings.from_env(home))) as client:
         cid = (await ok(client, "neural_cluster_init", {"name": "serving", "architecture": "mlp"}))["cluster_id"]
         await ok(client, "neural_node_deploy", {"cluster_id": cid, "count": 1})
@@ -344,7 +345,7 @@ async def test_ensemble_of_label_skewed_sites_beats_both_and_distills(home):
                                                          "dataset": "digits"})
         assert student["version"] == "1.3.0" and student["manifest"]["kind"] == "distilled"
         assert [p["version"] for p in student["manifest"]["teacher"]["parents"]] == versions
-        assert student["manifest"]["transfer_set"]["examples"] == 1437
+        assert student["manifest"]["transfer_set"]["examples"] == 1438
         assert student["manifest"]["student"]["final_metrics"]
         report = (await ok(client, "neural_model_evaluate", {"name": "sites", "version": "1.3.0", "dataset": "digits",
                                                              "cluster_id": serving}))["report"]
