@@ -507,6 +507,9 @@ class PredictReply(ToolReply):
     total_latency_ms: float = Field(description="Measured by the server: first request out to last answer in")
     metrics: ClassificationMetrics | None = Field(None, description="When the input carried labels")
     generation: dict[str, Any] | None = Field(None, description="A language model: the generation options used")
+    release: str | None = Field(None, description=(
+        "The registry release the cluster serves (NAME@VERSION, loaded as registry:NAME@...); none for a model "
+        "trained or loaded otherwise"))
 
 
 class LatencyStats(BaseModel):
@@ -547,6 +550,7 @@ class LoadReply(ToolReply):
     source: str
     nodes_loaded: int
     model: dict[str, Any]
+    release: str | None = Field(None, description="NAME@VERSION when a registry release was loaded")
 
 
 class CollectiveFigure(BaseModel):
@@ -555,3 +559,74 @@ class CollectiveFigure(BaseModel):
     time_ms: float = Field(description="Slowest rank's median all-reduce time")
     algbw_mbps: float = Field(description="bytes x 8 / time, Mbit/s")
     world_size: int
+
+
+# ------------------------------------------------------------------ model registry
+class GateResult(BaseModel):
+    name: Literal["quality", "latency", "compatibility", "safety"]
+    passed: bool
+    value: float | str | None = Field(description="The candidate's figure (None: not measured)")
+    threshold: float | str | None = Field(description="What it had to reach: from stable, or a floor")
+    detail: str
+
+
+class ReleaseInfo(BaseModel):
+    name: str
+    version: str
+    kind: Literal["model", "ensemble", "distilled"]
+    aliases: list[str] = Field(description="stable and/or previous when they point at this version")
+    directory: str = Field(description="The release folder: artifacts and manifest.json")
+    created_at: float
+    promoted_at: float | None = None
+    rolled_back_at: float | None = None
+    gates: list[GateResult] | None = Field(None, description="The last promotion attempt's gates")
+    evaluations: dict[str, dict[str, Any]] = Field(description="Canonical evaluation reports by dataset")
+    parents: list[dict[str, Any]] | None = Field(None, description="An ensemble's parent releases")
+    manifest: dict[str, Any] | None = Field(None, description="The immutable manifest (neural_model_get)")
+
+
+class RegisterReply(ToolReply):
+    success: bool
+    name: str
+    version: str = Field(description="Semantic version: minor bump, major when the input/label/tokenizer contract "
+                                     "changed")
+    directory: str
+    manifest: dict[str, Any] = Field(description=(
+        "files with sha256 and bytes, contract, model_card, training_config, dataset_fingerprint, metrics, provenance"))
+
+
+class ModelListReply(ToolReply):
+    success: bool
+    releases: list[ReleaseInfo]
+
+
+class ModelGetReply(ToolReply):
+    success: bool
+    release: ReleaseInfo
+
+
+class EvaluateReply(ToolReply):
+    success: bool
+    name: str
+    version: str
+    report: dict[str, Any] = Field(description=(
+        "accuracy, macro_f1, latency_p50_ms / latency_p95_ms (through a serving cluster), size_mb, parameters, "
+        "robustness (accuracy under the fixed perturbation), perturbation, nan_outputs, examples"))
+
+
+class PromoteReply(ToolReply):
+    success: bool
+    promoted: bool
+    gates: list[GateResult]
+    stable: str | None = Field(description="The stable version after the call")
+    message: str = Field(description="Promoted, or which gate refused it and why")
+
+
+class RollbackReply(ToolReply):
+    success: bool
+    name: str
+    stable: str
+    previous: str | None
+    rolled_back: str
+    clusters_reloaded: list[str] = Field(description="Clusters serving NAME@stable that now serve the new stable")
+    message: str

@@ -15,7 +15,7 @@ from flow_nexus_server.config import Settings
 from flow_nexus_server.controller.core import Controller
 from flow_nexus_server.output_schemas import flatten_output_schemas
 from flow_nexus_server.service.clusters import ClusterService
-from flow_nexus_server.tools import clusters, events, inference, nodes, templates, training
+from flow_nexus_server.tools import clusters, events, inference, nodes, registry, templates, training
 from flow_nexus_server.tools.common import App
 
 INSTRUCTIONS = """\
@@ -36,7 +36,7 @@ def build_server(settings: Settings | None = None, service: ClusterService | Non
     mcp = MCPServer("flow-nexus-server", version=__version__, instructions=INSTRUCTIONS,
                     lifespan=_lifespan(app, settings, service, bus), token_verifier=token_verifier, auth=auth,
                     subscriptions=bus)
-    for area in (clusters, nodes, training, inference, templates, events):
+    for area in (clusters, nodes, training, inference, registry, templates, events):
         area.register(mcp, app)
     prompts.register(mcp)
     completions.register(mcp, lambda: app.clusters.store)

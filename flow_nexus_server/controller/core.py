@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from flow_nexus_server import __version__
 from flow_nexus_server.config import Settings
+from flow_nexus_server.registry.service import RegistryService
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.inference import InferenceService
 from flow_nexus_server.service.monitor import NodeMonitor
@@ -36,6 +37,7 @@ class Controller:
         self.clusters = clusters or ClusterService(settings)
         self.training = TrainingService(self.clusters)
         self.inference = InferenceService(self.clusters)
+        self.registry = RegistryService(self.inference, self.training)
         self.monitor = NodeMonitor(self.clusters)
         self.bus = bus or InMemorySubscriptionBus()
         self._closed = False

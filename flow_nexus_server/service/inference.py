@@ -11,7 +11,7 @@ import logging
 import secrets
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from flow_nexus_server.service.node_client import NodeClient, NodeRequestError
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.paths import sandbox_path, under_allowed_root
 from flow_nexus_server.service.prediction import classification_report, combine, shard_indices
-from flow_nexus_server.store import Checkpoint, Cluster, Node
+from flow_nexus_server.store import Checkpoint, Cluster, Node, Store
 from workers import protocol as p
 
 log = logging.getLogger(__name__)
@@ -178,9 +178,33 @@ def split_examples(payload: Any) -> tuple[list[Any], list[Any] | None, bool]:
     return payload, labels, True
 
 
+def set_serving_release(store: Store, cluster_id: str, release: dict[str, str] | None) -> None:
+    """Record which registry release the cluster's nodes hold (None: a model from elsewhere), so
+    predictions can name it."""
+    cluster = store.cluster(cluster_id)
+    if cluster is None or (cluster.options or {}).get("serving_release") == release:
+        return
+    options = {k: v for k, v in (cluster.options or {}).items() if k != "serving_release"}
+    store.update(Cluster, cluster_id, options={**options, **({"serving_release": release} if release else {})})
+
+
+def release_label(cluster: Cluster) -> str | None:
+    release = (cluster.options or {}).get("serving_release")
+    return f"{release['name']}@{release['version']}" if release else None
+
+
 class InferenceService:
     def __init__(self, clusters: ClusterService) -> None:
         self.clusters = clusters
+        # Called with (cluster id, server-measured ms, failed) after each classification prediction.
+        self.observers: list[Callable[[str, float, bool], None]] = []
+
+    def _observe(self, cluster_id: str, latency_ms: float, failed: bool) -> None:
+        for observer in self.observers:
+            try:
+                observer(cluster_id, latency_ms, failed)
+            except Exception:  # an observer's failure never fails the prediction
+                log.exception("a prediction observer failed on %s", cluster_id)
 
     # ---------------------------------------------------------------- helpers
     def inference_nodes(self, cluster_id: str) -> tuple[Cluster, list[Node]]:
@@ -260,6 +284,7 @@ class InferenceService:
             bad = errors[0]
             if isinstance(bad, NodeRequestError) and bad.status == 400:
                 raise ServiceError(f"the input does not fit the model: {str(bad).split(': ', 1)[-1]}")
+            self._observe(cluster_id, total_ms, True)
             raise ServiceError("prediction failed: " + "; ".join(map(str, errors)))
         if model == "local" and not any(a[0].model == "local" for a in answers):  # type: ignore[index]
             raise ServiceError("no node holds a local (pre-aggregation) model; those exist after federated "
@@ -287,12 +312,14 @@ class InferenceService:
         pred_names = [names[int(i)] for i in combined.predictions]
         report = classification_report(labels_idx, [int(i) for i in combined.predictions], names) \
             if labels_idx is not None else None
+        self._observe(cluster_id, total_ms, False)
         return r.PredictReply(
             success=True, cluster_id=cluster_id, prediction=pred_names[0] if len(pred_names) == 1 else pred_names,
             confidence=float(np.mean(combined.confidence)), aggregation_method=method, mode=mode,
             model="int8" if use_int8 else model, nodes_used=len(replies), examples=len(pred_names),
             individual_predictions=per_node, details=examples[:MAX_EXAMPLES_SHOWN],
             details_truncated=len(examples) > MAX_EXAMPLES_SHOWN, total_latency_ms=total_ms,
+            release=release_label(cluster),
             metrics=r.ClassificationMetrics(**report, precision=report["macro_precision"],
                                             recall=report["macro_recall"], f1_score=report["macro_f1"])
             if report else None,
@@ -453,6 +480,7 @@ class InferenceService:
         if errors:
             raise ServiceError("loading the model failed on " + "; ".join(errors))
         info = results[0]
+        set_serving_release(self.clusters.store, cluster_id, None)
         self.clusters.event(cluster_id, "model_loaded", f"{source} loaded on {len(nodes)} node(s)")
         return r.LoadReply(success=True, cluster_id=cluster_id, source=str(source), nodes_loaded=len(nodes),
                            model=info.model_dump())  # type: ignore[union-attr]

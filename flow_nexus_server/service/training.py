@@ -284,7 +284,9 @@ class TrainingService:
                                       config=config.model_dump(), created_at=time.time()))
                 c = s.get(Cluster, cluster_id)
                 move(c, ClusterState.TRAINING)
-                c.options = {**c.options, "quantization": req.quantization.model_dump() if req.quantization else None}
+                # The nodes will hold this session's model, no longer a registry release.
+                c.options = {**{k: v for k, v in c.options.items() if k != "serving_release"},
+                             "quantization": req.quantization.model_dump() if req.quantization else None}
             views = [NodeView(n, job=t.job) for n, t in zip(nodes, started)]  # type: ignore[union-attr]
             live = LiveSession(session_id, cluster_id, mode, time.time(), views, job=job)
             self.live[session_id] = live

@@ -1,11 +1,11 @@
-"""Tables: clusters, nodes, training sessions, events."""
+"""Tables: clusters, nodes, training sessions, events, model releases."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -115,3 +115,32 @@ class Checkpoint(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ModelRelease(Base):
+    """One registered version of a named model: its folder, immutable manifest and measurements."""
+
+    __tablename__ = "model_releases"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_releases_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[str] = mapped_column(String(32))
+    directory: Mapped[str] = mapped_column(Text)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    evaluations: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # dataset -> report
+    gates: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)  # the last promotion attempt
+    promoted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    slo: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # set when promoted
+    rolled_back_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class ModelAlias(Base):
+    """``stable`` / ``previous`` of a model name, pointing at one of its versions."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(16), primary_key=True)
+    version: Mapped[str] = mapped_column(String(32))

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from flow_nexus_server import replies as r
 from flow_nexus_server.controller.core import Controller
 from flow_nexus_server.launchers import LaunchError
+from flow_nexus_server.registry.service import RegistryService
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import NextStep, ServiceError
 from flow_nexus_server.service.inference import InferenceService
@@ -117,6 +118,10 @@ class App:
     @property
     def inference(self) -> InferenceService:
         return self.ctrl().inference
+
+    @property
+    def registry(self) -> RegistryService:
+        return self.ctrl().registry
 
 
 def tool(mcp: MCPServer, *, title: str, annotations: ToolAnnotations,

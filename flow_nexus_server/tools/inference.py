@@ -90,7 +90,12 @@ def register(mcp: MCPServer, app: App) -> None:
         cluster_id: ClusterId,
         path: Annotated[str, Field(min_length=1, max_length=4096, description=(
             "An export directory (this server's, or a Hugging Face GPT-2 directory with model.safetensors and "
-            "tokenizer.json), a checkpoint file, or a checkpoint id"))],
+            "tokenizer.json), a checkpoint file, a checkpoint id, or a registry release: registry:NAME@stable, "
+            "registry:NAME@previous or registry:NAME@1.2.0 (its sha256s verified first; an ensemble's parents "
+            "are spread across the nodes)"))],
     ) -> r.LoadReply:
         """Every inference node of the cluster loads the model; no training needed before predicting."""
+        if path.startswith("registry:"):
+            out = await call(app.registry.serve, cluster_id, path)
+            return r.LoadReply(success=True, cluster_id=cluster_id, **out)
         return await call(app.inference.load, cluster_id, path)

@@ -17,7 +17,7 @@ from sqlalchemy import Column, Connection, Engine, MetaData, PrimaryKeyConstrain
 from flow_nexus_server.store.tables import Base
 
 BASELINE = "0001"  # the schema of 0.1.0, made by create_all before there were migrations
-HEAD = "0001"  # the newest revision in versions/ (tests/test_migrations.py checks it)
+HEAD = "0002"  # the newest revision in versions/ (tests/test_migrations.py checks it)
 SCRIPTS = Path(__file__).resolve().parent
 # Alembic's own version table, as alembic creates it.
 VERSION_TABLE = Table("alembic_version", MetaData(), Column("version_num", String(32), nullable=False),
