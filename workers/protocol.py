@@ -419,7 +419,10 @@ class TrainProgress(BaseModel):
     latest: dict[str, float] = Field(default_factory=dict)
     samples: list[MetricSample] = Field(default_factory=list, description="Samples after the cursor")
     node_stats: dict[str, float] = Field(default_factory=dict)
-    checkpoints: list[str] = Field(default_factory=list)
+    checkpoints: list[str] = Field(default_factory=list, description="This job's checkpoint files still on disk")
+    rotated_checkpoints: list[str] = Field(default_factory=list, description=(
+        "This job's checkpoints deleted again by max_checkpoints rotation, oldest first (a push may come "
+        "only after a file was both written and rotated away)"))
     error: str | None = None
     log_lines: list[str] = Field(default_factory=list)
 
