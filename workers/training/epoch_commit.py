@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from .commit import start_proof_of_learning
 from .common import Sums, evaluate
 from .consensus import pol_accepts
 from .epoch_judge import EpochJudge
@@ -59,15 +60,9 @@ class EpochCommit:
         self.prev_loss = _val_loss(self.committed_val, self.committed_judged)
         self._keep()
         if self.says:
-            ctx.sink.node_stat("rejected_rounds", 0)
-        if ctx.is_reporter:
-            by = ("the aggregator's validation split" if self.committed_judged
+            by = ("the aggregator on the whole validation split" if self.committed_judged
                   else "the workers' validation parts")
-            if self.prev_loss is None:
-                ctx.say("proof-of-learning: no validation data (validation_split 0); epochs are committed unchecked")
-            else:
-                ctx.say(f"proof-of-learning per epoch: initial validation loss {self.prev_loss:.4g}, tolerance "
-                        f"{ctx.job.pol_tolerance:g} (relative), judged on {by}")
+            start_proof_of_learning(ctx, self.prev_loss, "epoch", by, ("rejected_rounds",))
 
     def _keep(self) -> None:
         self._state = {"model": copy.deepcopy(self.ctx.model.state_dict()),
