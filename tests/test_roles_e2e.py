@@ -77,6 +77,8 @@ async def test_synchronous_epochs_are_committed_by_proof_of_learning(home):
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
 
 
+@pytest.mark.slow
+@pytest.mark.long  # the default run covers the aggregator in tests/workers/test_training.py
 async def test_the_aggregator_validates_commits_and_checkpoints_each_sync_epoch(home):
     """A dedicated aggregator in a sync run (the parameter-server case: tests/workers/test_training.py):
     it validates every epoch's model on the whole validation split, proof-of-learning judges on its
