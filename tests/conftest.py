@@ -216,6 +216,15 @@ async def err(client, tool: str, args: dict) -> str:
     return text
 
 
+def assert_noisy_worker_outvoted(live: dict, noisy_id: str) -> None:
+    """One noisy worker of four (a session's live view): the run still reached 0.90 on digits and the
+    noisy worker's reputation is below every honest worker's."""
+    assert live["metrics"]["val_accuracy"] >= 0.90, live["metrics"]
+    reputation = live["reputation"]
+    honest = [v for k, v in reputation.items() if k != noisy_id]
+    assert len(honest) == 3 and reputation[noisy_id] < min(honest), reputation
+
+
 def held_out_digits(n: int = 200) -> tuple[list[list[float]], list[int]]:
     """``n`` digits examples from the validation split training leaves out (seed 0)."""
     from workers.data import load_dataset, train_val_split

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from conftest import err, ok
+from conftest import assert_noisy_worker_outvoted, err, ok
 from mcp import Client
 
 from flow_nexus_server.config import Settings
@@ -31,10 +31,7 @@ async def test_proof_of_learning_leaves_out_a_noisy_worker(home):
             "batch_size": 8, "learning_rate": 0.01, "wait": True})
         assert run["status"] == "completed", run
         live = run["result"]
-        assert live["metrics"]["val_accuracy"] >= 0.90
-        reputation = live["reputation"]
-        honest = [v for k, v in reputation.items() if k != noisy_id]
-        assert len(honest) == 3 and reputation[noisy_id] < min(honest)
+        assert_noisy_worker_outvoted(live, noisy_id)
         assert live["consensus"]["excluded_updates"] >= 1 and live["consensus"]["rejected_rounds"] == 0, live
         judged = {node for node, stats in live["nodes"].items() if "candidate_val_loss" in stats}
         assert judged == {judge}  # the worker with the validation capability judged, not the aggregator
@@ -77,6 +74,36 @@ async def test_synchronous_epochs_are_committed_by_proof_of_learning(home):
         status = await ok(client, "neural_training_status", {"session_id": more["session_id"]})
         assert [row[0] for row in status["history"]["val_accuracy"]] == [4, 5]
         assert more["result"]["metrics"]["val_accuracy"] >= learning["result"]["metrics"]["val_accuracy"] - 0.02
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+
+
+@pytest.mark.slow
+@pytest.mark.long  # the default run covers the aggregator in tests/workers/test_training.py
+async def test_the_aggregator_validates_commits_and_checkpoints_each_sync_epoch(home):
+    """A dedicated aggregator in a sync run (the parameter-server case: tests/workers/test_training.py):
+    it validates every epoch's model on the whole validation split, proof-of-learning judges on its
+    figures, it writes the checkpoints (the best kept), and status / events show what it did, measured."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = (await ok(client, "neural_cluster_init", {"name": "agg", "architecture": "mlp"}))["cluster_id"]
+        aggregator = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "aggregator"}))["node_id"]
+        await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
+        await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+        run = await ok(client, "neural_train_distributed", {
+            "cluster_id": cid, "dataset": "digits", "batch_size": 32, "learning_rate": 0.01, "epochs": 3,
+            "checkpoint_best": True, "max_checkpoints": 1, "wait": True})
+        assert run["status"] == "completed", run["result"]["error"]
+        assert run["config"]["mode"] == "sync" and aggregator not in run["message"]  # not named idle
+        status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
+        stats = {a["node_id"]: a for a in status["aggregator_stats"]}[aggregator]
+        assert stats["consensus_rounds"] == 3 and stats["avg_consensus_ms"] > 0, stats
+        assert stats["checkpoints_created"] >= 1 and stats["rejected_rounds"] == 0, stats
+        session = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
+        judged = [value for _, _, value in session["history"]["judged_val_accuracy"]]
+        assert len(judged) == 3 and judged[-1] >= 0.85, judged  # the whole split (359 digits), per epoch
+        assert session["checkpoints"] and {c["node_id"] for c in session["checkpoints"]} == {aggregator}
+        events = await ok(client, "execution_stream_subscribe", {"deployment_id": run["session_id"], "wait_s": 0})
+        epochs = [e for e in events["events"] if e["kind"] == "epoch_completed"]
+        assert len(epochs) == 3 and all(e["data"]["judged_val_loss"] > 0 for e in epochs), epochs
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
 
 

@@ -37,6 +37,7 @@ from workers.training.checkpoint import (
     save_checkpoint,
 )
 from workers.training.common import TrainedModel, TrainingError
+from workers.training.progress import ProgressSink
 
 TASK = TaskInfo(kind="vectors", input_shape=(4,), num_classes=3)
 
@@ -285,16 +286,14 @@ def test_checkpoint_over_the_sandbox_quota_fails_with_a_sentence(tmp_path: Path)
 # --------------------------------------------------------------------------- finding 10
 
 
-def test_each_checkpoint_is_recorded_with_its_own_epoch(tmp_path: Path) -> None:
-    """One push that brings e056, e058 and e060 (the node already at epoch 60) records 56, 58 and 60."""
+def _one_node_session(tmp_path: Path) -> tuple[TrainingService, LiveSession, list[dict]]:
+    """A TrainingService over a real store following session s1 on node n1; the events it emits."""
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     with store.session() as s:
         s.add(Cluster(id="c1", name="c", status="training", topology="mesh", architecture="mlp",
                       consensus="proof-of-learning", launcher="subprocess", backend="gloo", max_nodes=1,
                       auto_healing=False, token="t", directory=str(tmp_path)))
         s.add(TrainingSession(id="s1", cluster_id="c1", status="running", config={}))
-    paths = [str(tmp_path / f"ckpt-s1-e{e:03d}.safetensors") for e in (56, 58, 60)]
-    snap = p.TrainProgress(session_id="s1", state="running", epoch=60, checkpoints=paths)
     events: list[dict] = []
     clusters = SimpleNamespace(
         store=store, telemetry=SimpleNamespace(), on_node_lost=[], on_training_membership=[],
@@ -303,11 +302,43 @@ def test_each_checkpoint_is_recorded_with_its_own_epoch(tmp_path: Path) -> None:
     service = TrainingService(clusters)  # type: ignore[arg-type]
     node = Node(id="n1", cluster_id="c1", seq=0, role="worker", status="running", model="base", capabilities=[],
                 sandbox=str(tmp_path))
-    live = LiveSession("s1", "c1", "sync", time.time(), [NodeView(node)])
+    return service, LiveSession("s1", "c1", "sync", time.time(), [NodeView(node)]), events
+
+
+def test_each_checkpoint_is_recorded_with_its_own_epoch(tmp_path: Path) -> None:
+    """One push that brings e056, e058 and e060 (the node already at epoch 60) records 56, 58 and 60."""
+    service, live, events = _one_node_session(tmp_path)
+    paths = [str(tmp_path / f"ckpt-s1-e{e:03d}.safetensors") for e in (56, 58, 60)]
+    snap = p.TrainProgress(session_id="s1", state="running", epoch=60, checkpoints=paths)
     service._apply_progress(live, live.nodes[0], snap)
     status = service.status("s1")
     assert sorted((c.path, c.epoch) for c in status.checkpoints) == list(zip(paths, [56, 58, 60]))
     assert [e["epoch"] for e in events] == [56, 58, 60]
+
+
+def test_a_checkpoint_rotated_away_between_two_pushes_is_still_recorded(tmp_path: Path) -> None:
+    """max_checkpoints=1 and an improvement every epoch, faster than the 1 s pushes: e001 is written
+    and rotated away before any push. It is recorded (as deleted), not lost (the #15 bug)."""
+    service, live, events = _one_node_session(tmp_path)
+    sink = ProgressSink("s1", "worker")
+    files = [tmp_path / f"ckpt-s1-e{e:03d}.safetensors" for e in (1, 2, 3)]
+
+    def write(epoch: int) -> None:  # what Runtime.write_checkpoint does with rotation
+        files[epoch - 1].write_bytes(b"x")
+        if epoch > 1:
+            files[epoch - 2].unlink()
+            sink.discard_checkpoint(str(files[epoch - 2]))
+        sink.add_checkpoint(str(files[epoch - 1]))
+
+    write(1)
+    write(2)
+    service._apply_progress(live, live.nodes[0], sink.snapshot())  # one push after two epochs
+    write(3)
+    service._apply_progress(live, live.nodes[0], sink.snapshot())
+    service._apply_progress(live, live.nodes[0], sink.snapshot())  # an unchanged push records nothing more
+    status = service.status("s1")
+    assert sorted((c.epoch, c.deleted) for c in status.checkpoints) == [(1, True), (2, True), (3, False)]
+    assert [e["epoch"] for e in events] == [1, 2, 3]
 
 
 # --------------------------------------------------------------------------- end to end

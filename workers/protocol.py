@@ -78,11 +78,7 @@ def idle_role_reason(role: str, mode: str, consensus: str) -> str | None:
     if role == "validator" and not (mode == "federated" and consensus in ("proof-of-learning", "raft")):
         return ("validators judge federated rounds under proof-of-learning or raft; here the workers' "
                 "validation parts judge")
-    if role == "aggregator":
-        if mode == "parameter_server":
-            return "the parameter servers apply the updates in parameter-server training"
-        if mode == "sync" and consensus != "byzantine":
-            return "synchronous training all-reduces gradients among the workers (consensus byzantine uses a hub)"
+    if role == "aggregator":  # in sync and parameter-server runs it validates, commits and checkpoints each epoch
         if mode == "federated" and consensus == "gossip":
             return "gossip averages between neighbours without an aggregator"
     if role == "parameter_server" and mode != "parameter_server":
@@ -419,7 +415,10 @@ class TrainProgress(BaseModel):
     latest: dict[str, float] = Field(default_factory=dict)
     samples: list[MetricSample] = Field(default_factory=list, description="Samples after the cursor")
     node_stats: dict[str, float] = Field(default_factory=dict)
-    checkpoints: list[str] = Field(default_factory=list)
+    checkpoints: list[str] = Field(default_factory=list, description="This job's checkpoint files still on disk")
+    rotated_checkpoints: list[str] = Field(default_factory=list, description=(
+        "This job's checkpoints deleted again by max_checkpoints rotation, oldest first (a push may come "
+        "only after a file was both written and rotated away)"))
     error: str | None = None
     log_lines: list[str] = Field(default_factory=list)
 

@@ -591,11 +591,14 @@ class TrainingService:
                                    value=snap.node_stats["local_loss"]))
             self.tensorboard.worker_scalar(live.session_id, node.id, "local_loss", snap.epoch,
                                            snap.node_stats["local_loss"])
-        known = set(view.snapshot.checkpoints) if view.snapshot else set()
-        for path in snap.checkpoints:
-            if path not in known:
-                # The file's own epoch: one push may bring several checkpoints (e056, e058, e060).
-                self._record_checkpoint(live, node, path, p.checkpoint_epoch(path) or snap.epoch)
+        before = view.snapshot
+        known = set(before.checkpoints) | set(before.rotated_checkpoints) if before else set()
+        rotated = set(snap.rotated_checkpoints)
+        # Rotated ones too: with pushes every second, a file may be written and rotated away between two.
+        new = [path for path in [*snap.rotated_checkpoints, *snap.checkpoints] if path not in known]
+        # The file's own epoch: one push may bring several checkpoints (e056, e058, e060).
+        for path in sorted(new, key=lambda x: p.checkpoint_epoch(x) or snap.epoch):
+            self._record_checkpoint(live, node, path, p.checkpoint_epoch(path) or snap.epoch, deleted=path in rotated)
         # Samples were consumed: keep the snapshot without them (the cursor moved on).
         view.snapshot = snap.model_copy(update={"samples": []})
 
@@ -612,10 +615,10 @@ class TrainingService:
         if live.error is None:
             live.error = message
 
-    def _record_checkpoint(self, live: LiveSession, node: Node, path: str, epoch: int) -> None:
+    def _record_checkpoint(self, live: LiveSession, node: Node, path: str, epoch: int, deleted: bool = False) -> None:
         with self.store.session() as s:
             s.add(Checkpoint(id="ckpt_" + secrets.token_hex(6), session_id=live.session_id, cluster_id=live.cluster_id,
-                             node_id=node.id, path=path, epoch=epoch, created_at=time.time()))
+                             node_id=node.id, path=path, epoch=epoch, created_at=time.time(), deleted=deleted))
             # Files the node pruned (max_checkpoints) are marked, not forgotten.
             for old in s.scalars(select(Checkpoint).where(Checkpoint.session_id == live.session_id,
                                                           Checkpoint.deleted.is_(False))):
@@ -809,7 +812,8 @@ class TrainingService:
                     move(s.get(Cluster, row.cluster_id), ClusterState.TRAINING)
                 # Progress shows at once; checkpoints saved while no controller watched are still news.
                 views = [NodeView(n, cursor=cursors.get(n.id) or 0, job=x.job, snapshot=x.model_copy(update={
-                    "samples": [], "checkpoints": [c for c in x.checkpoints if c in recorded]}))
+                    "samples": [], "checkpoints": [c for c in x.checkpoints if c in recorded],
+                    "rotated_checkpoints": [c for c in x.rotated_checkpoints if c in recorded]}))
                     for n, x in zip(nodes, snaps)]  # type: ignore[union-attr]
                 live = LiveSession(row.id, row.cluster_id, row.config.get("mode", "?"), row.created_at, views)
                 self.live[row.id] = live

@@ -40,13 +40,24 @@ def test_parameter_servers_do_not_write_the_global_model() -> None:
     assert plan.checkpointer == plan.reporter == 1  # a server holds only its shard
 
 
+@pytest.mark.parametrize("mode,roles", [("sync", ["worker", "aggregator", "worker"]),
+                                        ("parameter_server", ["worker", "aggregator", "parameter_server", "worker"])])
+def test_an_aggregator_judges_and_checkpoints_each_epoch_in_step_wise_modes(mode: str, roles: list[str]) -> None:
+    plan = make_plan(_job(roles, mode=mode), rank=1, world=len(roles))
+    assert plan.epoch_judge == plan.aggregator == plan.checkpointer == 1 and plan.is_active
+    assert plan.judges == [1] and plan.reporter == 0  # the first worker still reports the summed figures
+    byz = make_plan(_job(["worker", "aggregator", "worker"], mode="sync", consensus="byzantine"), rank=1, world=3)
+    assert byz.epoch_judge is None and byz.aggregator == 1  # the byzantine hub aggregates gradients instead
+
+
 def test_raft_outside_federated_is_refused() -> None:
     with pytest.raises(TrainingError, match="federated=true"):
         make_plan(_job(["worker", "worker"], mode="sync", consensus="raft"), rank=0, world=2)
 
 
 def test_idle_roles_are_named_with_a_reason() -> None:
-    assert "synchronous training" in idle_role_reason("aggregator", "sync", "proof-of-learning")
+    assert idle_role_reason("aggregator", "sync", "proof-of-learning") is None  # it judges each epoch
+    assert idle_role_reason("aggregator", "parameter_server", "proof-of-learning") is None
     assert idle_role_reason("aggregator", "sync", "byzantine") is None
     assert "parameter-server training" in idle_role_reason("parameter_server", "federated", "proof-of-learning")
     assert idle_role_reason("validator", "federated", "proof-of-learning") is None

@@ -145,6 +145,7 @@ WORLD = 4
 SYNC_ROLES = ["worker", "worker", "parameter_server", "validator"]  # ranks 2, 3: no part in sync
 FED_ROLES = ["aggregator", "worker", "worker", "validator"]
 PS_ROLES = ["parameter_server", "parameter_server", "worker", "worker"]
+PS_AGG_ROLES = ["aggregator", "parameter_server", "worker", "worker"]
 
 
 def _jobs(ckdir: str, lm_file: str) -> list[dict[str, Any]]:
@@ -174,6 +175,10 @@ def _jobs(ckdir: str, lm_file: str) -> list[dict[str, Any]]:
          "expect_error": True},
         {"name": "ps", "job": _job(session_id="ps", mode="parameter_server", epochs=3, batch_size=8,
                                    learning_rate=0.01, roles=PS_ROLES)},
+        {"name": "ps-agg", "job": _job(session_id="psagg", mode="parameter_server", epochs=2, learning_rate=0.01,
+                                       checkpoint_best=True, roles=PS_AGG_ROLES)},
+        {"name": "sync-agg-div", "job": _job(session_id="aggdiv", epochs=2, optimizer="adam", learning_rate=1.0,
+                                             roles=["worker", "aggregator", "worker", "validator"])},
         {"name": "fed", "job": _job(session_id="fed", mode="federated", rounds=3, local_epochs=1, batch_size=8,
                                     learning_rate=0.01, roles=FED_ROLES)},
         {"name": "fed-bad", "job": _job(session_id="bad4", mode="federated", dataset="no-such-dataset",
@@ -402,6 +407,28 @@ def test_parameter_server(run: dict[str, Any]) -> None:
     assert res[0]["weights"] is None and res[1]["weights"] is None
     assert torch.equal(res[2]["weights"], res[3]["weights"])
     assert w0["node_stats"]["bytes_received"] > 0 and ps0["node_stats"]["bytes_received"] > 0
+
+
+def test_the_aggregator_validates_and_checkpoints_each_parameter_server_epoch(run: dict[str, Any]) -> None:
+    res = _ok(run, "ps-agg")
+    agg, ps, w0, _ = (x["snapshot"] for x in res)
+    assert agg["node_stats"]["consensus_rounds"] == 2 and agg["node_stats"]["avg_consensus_ms"] > 0
+    assert agg["checkpoints"] and not w0["checkpoints"]  # the aggregator writes them, not the reporter
+    judged = [v for e, v in _series(res[2], "judged_val_accuracy")]
+    assert len(judged) == 2 and judged[-1] >= 0.85, judged  # its validation of the whole split, each epoch
+    assert ps["node_stats"]["updates_applied"] > 0
+
+
+def test_the_aggregator_judges_sync_epochs_and_they_roll_back(run: dict[str, Any]) -> None:
+    """Adam at learning rate 1.0 diverges: the aggregator's validation of the whole split rejects both
+    epochs, every rank rolls back, and the reported figures are the committed (initial) model's."""
+    res = _ok(run, "sync-agg-div")
+    w0, agg = res[0]["snapshot"], res[1]["snapshot"]
+    assert w0["latest"]["rejected_rounds"] == 2 and agg["node_stats"]["rejected_rounds"] == 2
+    assert agg["node_stats"]["consensus_rounds"] == 2
+    judged = [v for _, v in _series(res[0], "judged_val_loss")]
+    assert len(judged) == 2 and judged[0] == judged[1] < 2.5  # ln 10 = 2.30: the initial model, kept
+    assert torch.equal(res[0]["weights"], res[2]["weights"])  # the replicas rolled back alike
 
 
 def test_federated(run: dict[str, Any]) -> None:

@@ -72,6 +72,19 @@ def evaluate_members(ctx: Ctx, model: nn.Module, group: object,
     return glob, None, None
 
 
+def start_proof_of_learning(ctx: Ctx, loss: float | None, unit: str, judged_by: str, counters: tuple[str, ...]) -> None:
+    """What both proof-of-learning rules (per round here, per epoch in :mod:`.epoch_commit`) do once
+    the start's model is measured, on the node that shows the rule's figures: its counters at 0
+    and one sentence naming the reference loss, the tolerance and who judges."""
+    for name in counters:
+        ctx.sink.node_stat(name, 0)
+    if loss is None:
+        ctx.say(f"proof-of-learning: no validation data (validation_split 0); {unit}s are committed unchecked")
+    else:
+        ctx.say(f"proof-of-learning per {unit}: initial validation loss {loss:.4g}, tolerance "
+                f"{ctx.job.pol_tolerance:g} (relative), judged by {judged_by}")
+
+
 class PlainCommit:
     """Every candidate becomes the global model."""
 
@@ -119,13 +132,8 @@ class ProofOfLearningCommit(PlainCommit):
         ctx = self.ctx
         self.committed_val, self.prev_loss, source = evaluate_members(ctx, self.model, self.group, judge=True)
         if self.is_leader:
-            ctx.sink.node_stat("rejected_rounds", 0)
-            ctx.sink.node_stat("excluded_updates", 0)
-            if self.prev_loss is None:
-                ctx.say("proof-of-learning: no validation data (validation_split 0); rounds are committed unchecked")
-            else:
-                ctx.say(f"proof-of-learning: initial validation loss {self.prev_loss:.4g}, tolerance "
-                        f"{ctx.job.pol_tolerance:g} (relative), judged by {self._judged_by(source)}")
+            start_proof_of_learning(ctx, self.prev_loss, "round", self._judged_by(source),
+                                    ("rejected_rounds", "excluded_updates"))
 
     def _judged_by(self, source: str | None) -> str:
         plan = self.ctx.plan
@@ -281,4 +289,4 @@ def commit_rule(consensus: str) -> type[PlainCommit]:
 
 
 __all__ = ["COMMIT_RULES", "PlainCommit", "ProofOfLearningCommit", "RaftCommit", "broadcast", "commit_rule",
-           "evaluate_members"]
+           "evaluate_members", "start_proof_of_learning"]

@@ -5,7 +5,8 @@ gradients or parameters after this rank's forward / backward.
 What the loop does for every mode: the per-epoch shard order, ``accum`` micro-batches per
 step (mixed precision inside :meth:`Ctx.forward_backward`), the learning-rate schedule,
 progress and the collective stop check every ``STOP_CHECK_EVERY`` steps, then per epoch the
-validation, the metric sums, the per-epoch commit rule (:mod:`.epoch_commit`: proof-of-learning
+validation, the metric sums, the dedicated aggregator's validation (:mod:`.epoch_judge`), the
+per-epoch commit rule (:mod:`.epoch_commit`: proof-of-learning
 rolls a rejected epoch back), reporting and the checkpoint (:meth:`Ctx.epoch_end`).
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from .common import Sums, epoch_order
 from .epoch_commit import EpochCommit
+from .epoch_judge import EpochJudge
 from .runtime import Ctx
 
 
@@ -56,6 +58,23 @@ class StepStrategy:
         """Release what the strategy holds (runs also when training fails)."""
 
 
+class AggregatorStep(StepStrategy):
+    """The dedicated aggregator during the steps: no data, no update; it keeps pace with the
+    stop checks and at the epoch end validates, commits and checkpoints (:class:`.epoch_judge.EpochJudge`)."""
+
+    trains = False
+
+    def __init__(self, ctx: Ctx) -> None:
+        ctx.model.cpu()  # it only evaluates, between epochs
+        self.group = ctx.groups["active"]
+        self.checkpoint_model = ctx.model
+        ctx.say(f"aggregator: validates the global model every epoch on {len(ctx.judge_val or [])} examples, "
+                "runs the commit rule and writes the checkpoints")
+
+    def apply(self, ctx: Ctx, step: int) -> None:
+        return None
+
+
 def run_epochs(ctx: Ctx, strategy: StepStrategy, spe: int, accum: int, step: int) -> int:
     """Epochs ``ctx.start`` .. ``job.epochs`` of ``spe`` steps from global step ``step``;
     returns the step reached. Stops early when the ranks agree to."""
@@ -64,7 +83,9 @@ def run_epochs(ctx: Ctx, strategy: StepStrategy, spe: int, accum: int, step: int
     data = ctx.data if strategy.trains else None
     eval_model = strategy.checkpoint_model if data is not None else None
     try:
-        gate = EpochCommit(ctx, strategy.optimizer, strategy.group, eval_model)
+        judge = EpochJudge(ctx, strategy.group,
+                           strategy.checkpoint_model if strategy.checkpoint_model is not None else ctx.model)
+        gate = EpochCommit(ctx, strategy.optimizer, strategy.group, eval_model, judge)
         for epoch in range(ctx.start, job.epochs + 1):
             ctx.epoch = epoch
             ctx.sink.update(epoch=epoch)
@@ -85,7 +106,7 @@ def run_epochs(ctx: Ctx, strategy: StepStrategy, spe: int, accum: int, step: int
                     break
             seconds = time.perf_counter() - t_epoch
             glob = ctx.epoch_sums(local, strategy.group, eval_model)
-            extra = gate.judge(epoch, glob)
+            extra = gate.judge(epoch, glob, judge.validate(epoch))
             final = ctx.stopped or epoch == job.epochs
             strategy.before_epoch_end(ctx, epoch, spe)
             ctx.epoch_end(epoch, step, glob, seconds, local if strategy.trains else None,
@@ -101,4 +122,4 @@ def run_epochs(ctx: Ctx, strategy: StepStrategy, spe: int, accum: int, step: int
     return step
 
 
-__all__ = ["StepStrategy", "run_epochs"]
+__all__ = ["AggregatorStep", "StepStrategy", "run_epochs"]

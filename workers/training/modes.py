@@ -24,11 +24,18 @@ from .setup import Plan
 from .sync import run_sync
 
 
+def _epoch_judge_group(plan: Plan, groups: dict[str, Any]) -> None:
+    """The reporter and the dedicated aggregator: each epoch's model goes from one to the other."""
+    if plan.epoch_judge is not None:
+        groups["epoch_judge"] = new_group([plan.reporter, plan.epoch_judge])
+
+
 def _sync_groups(plan: Plan, groups: dict[str, Any]) -> None:
     groups["workers"] = new_group(plan.workers)
-    groups["active"] = groups["workers"]
+    groups["active"] = groups["workers"] if plan.active == plan.workers else new_group(plan.active)
     groups["reducer"] = TopologyReducer(plan.job.topology, ranks=plan.workers, hub=plan.workers[0],
                                         timeout=pg_timeout())
+    _epoch_judge_group(plan, groups)
 
 
 def _hub_groups(plan: Plan, groups: dict[str, Any]) -> None:
@@ -40,6 +47,7 @@ def _ps_groups(plan: Plan, groups: dict[str, Any]) -> None:
     groups["ps"] = {p: new_group([p] + plan.workers) for p in plan.ps}
     if len(plan.ps) > 1:
         groups["ps_all"] = new_group(plan.ps)
+    _epoch_judge_group(plan, groups)
 
 
 def _federated_groups(plan: Plan, groups: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ class ProgressSink:
         self._seq = 0
         self._node_stats: dict[str, float] = {}
         self._checkpoints: list[str] = []
+        self._rotated: list[str] = []  # written, then deleted by rotation (perhaps between two pushes)
         self._log: deque[str] = deque(maxlen=MAX_LOG_LINES)
 
     # ------------------------------------------------------------------ writers
@@ -104,6 +105,7 @@ class ProgressSink:
         with self._lock:
             if path in self._checkpoints:
                 self._checkpoints.remove(path)
+                self._rotated.append(path)
 
     def log(self, line: str) -> None:
         """Keep the line (the last 50 are kept) and write it to this node's log."""
@@ -146,6 +148,7 @@ class ProgressSink:
                 samples=list(self._samples[start:]),
                 node_stats=dict(self._node_stats),
                 checkpoints=list(self._checkpoints),
+                rotated_checkpoints=list(self._rotated),
                 error=self._error,
                 log_lines=list(self._log),
             )

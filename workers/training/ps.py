@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .common import TrainedModel, make_optimizer
-from .loop import StepStrategy, run_epochs
+from .loop import AggregatorStep, StepStrategy, run_epochs
 from .runtime import Ctx
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ def run_parameter_server(ctx: Ctx) -> TrainedModel | None:
         torch.manual_seed(job.seed * 1_000_003 + plan.worker_index + 1)
         run_epochs(ctx, PSWorkerStep(ctx, params, shards), spe, accum, step)
         return ctx.trained(model)
+    if plan.rank == plan.epoch_judge:
+        run_epochs(ctx, AggregatorStep(ctx), spe, accum, step)
+        return None
     run_epochs(ctx, PSServerStep(ctx, [params[i] for i in shards[plan.rank]]), spe, accum, step)
     return None
 

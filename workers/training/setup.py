@@ -93,7 +93,11 @@ class Plan:
     when there is none."""
     checkpointer: int | None = None
     """The rank that writes the checkpoints: the first rank holding the global model with the
-    ``checkpoint_creation`` capability, else the reporter."""
+    ``checkpoint_creation`` capability, else the epoch judge, else the reporter."""
+    epoch_judge: int | None = None
+    """Sync and parameter-server runs: the dedicated aggregator (role ``aggregator``, no data) that
+    validates each epoch's model, runs the commit rule on its figures and writes the checkpoints
+    (:mod:`.epoch_judge`)."""
 
     @property
     def consensus(self) -> str:
@@ -134,6 +138,7 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
     workers = [r for r, role in enumerate(job.roles) if role == "worker"]
     ps = [r for r, role in enumerate(job.roles) if role == "parameter_server"]
     aggs = [r for r, role in enumerate(job.roles) if role == "aggregator"]
+    dedicated = aggs[0] if aggs else None  # an aggregator node, not a worker with the capability
     vals = [r for r, role in enumerate(job.roles) if role == "validator"]
     consensus = getattr(job, "consensus", None) or "proof-of-learning"
     caps = [set(c) for c in (getattr(job, "capabilities", None) or [])] + [set()] * world
@@ -142,7 +147,7 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
         return [r for r in range(world) if caps[r] & set(names)]
 
     aggs = aggs or having(*AGGREGATING_CAPABILITIES)  # a node with an aggregating capability may aggregate
-    aggregator = None
+    aggregator = epoch_judge = None
     validators: list[int] = []
     judges: list[int] = []
     if consensus == "gossip" and job.mode != "federated":
@@ -174,6 +179,7 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
             raise TrainingError("parameter-server training needs at least one node with role 'worker'; add workers")
         active = sorted(set(workers) | set(ps))
         reporter = workers[0]
+        aggregator = epoch_judge = dedicated
     elif job.mode == "sync":
         if not workers:
             raise TrainingError("synchronous training needs at least one node with role 'worker'; add workers")
@@ -183,14 +189,21 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
             aggregator = aggs[0] if aggs else workers[0]
             active = sorted(set(workers) | {aggregator})
             resolve_rule(job, len(workers))
+        else:
+            aggregator = epoch_judge = dedicated
     else:
         raise TrainingError(f"unknown training mode {job.mode!r}; use sync, parameter_server or federated")
     builtin_kind = BUILTIN_KINDS.get(job.dataset.strip().lower().replace("_", "-"))
     if builtin_kind is not None:
         check_compatible(job.architecture, builtin_kind)  # before anything is loaded
+    if epoch_judge is not None:
+        active = sorted(set(active) | {epoch_judge})
+        judges = [epoch_judge]
     holders = [] if consensus == "gossip" else [r for r in active if r not in ps]  # ranks holding the global model
-    checkpointer = next((r for r in having("checkpoint_creation") if r in holders), reporter)
-    return Plan(job, world, rank, workers, ps, aggregator, reporter, active, validators, judges, checkpointer)
+    checkpointer = next((r for r in having("checkpoint_creation") if r in holders),
+                        reporter if epoch_judge is None else epoch_judge)
+    return Plan(job, world, rank, workers, ps, aggregator, reporter, active, validators, judges, checkpointer,
+                epoch_judge)
 
 
 # --------------------------------------------------------------------------- phase 1

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from workers.comm import make_ddp_hook
 
 from .common import TrainedModel, grad_norm, make_optimizer
-from .loop import StepStrategy, run_epochs
+from .loop import AggregatorStep, StepStrategy, run_epochs
 from .runtime import Ctx
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,12 @@ class DDPStep(StepStrategy):
 
     def __init__(self, ctx: Ctx) -> None:
         job = ctx.job
-        self.group = ctx.groups["workers"]
+        self.group = ctx.groups["active"]  # the workers, and the dedicated aggregator when there is one
         self.reducer = ctx.groups["reducer"]
         model = ctx.model.to(ctx.device)
         model.train()
         self.checkpoint_model = model
-        self.ddp = DDP(model, process_group=self.group,
+        self.ddp = DDP(model, process_group=ctx.groups["workers"],
                        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         self.state, hook = make_ddp_hook(self.reducer, compression=job.gradient_compression)
         self.ddp.register_comm_hook(self.state, hook)
@@ -62,15 +62,19 @@ class DDPStep(StepStrategy):
         self.state.close()
 
 
-def run_sync(ctx: Ctx) -> TrainedModel:
+def run_sync(ctx: Ctx) -> TrainedModel | None:
     job, plan = ctx.job, ctx.plan
+    spe, accum = ctx.steps_per_epoch(ctx.setup.worker_train_sizes)
+    step = (ctx.start - 1) * spe
+    if not plan.is_worker:  # the dedicated aggregator
+        ctx.sink.update(total_epochs=job.epochs, total_steps=spe * job.epochs, step=step, epoch=ctx.start - 1)
+        run_epochs(ctx, AggregatorStep(ctx), spe, accum, step)
+        return None
     assert ctx.data is not None
     strategy = DDPStep(ctx)
-    spe, accum = ctx.steps_per_epoch(ctx.setup.worker_train_sizes)
     # Same initial weights everywhere (seeded build + DDP's broadcast); dropout differs per
     # worker but is reproducible, so the same seed gives the same run on every topology.
     torch.manual_seed(job.seed * 1_000_003 + plan.worker_index + 1)
-    step = (ctx.start - 1) * spe
     ctx.sink.update(total_epochs=job.epochs, total_steps=spe * job.epochs, step=step, epoch=ctx.start - 1)
     ctx.say(f"sync data parallel over workers {plan.workers} ({job.topology}"
             f"{f', top-{job.gradient_compression:g} compression' if job.gradient_compression else ''}): "
