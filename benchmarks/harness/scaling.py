@@ -24,51 +24,67 @@ def world_sizes(bench: Bench) -> tuple[int, ...]:
 
 
 async def row_scaling(bench: Bench) -> list[Row]:
-    import anyio
 
     epochs = 1 if bench.quick else 2
     reps = 1 if bench.quick else 2
     measured: dict[int, dict[str, list[float]]] = {}
+    failed: list[Row] = []
     for workers in world_sizes(bench):
-        per_worker = GLOBAL_BATCH // workers
-        cid = await bench.cluster(workers)
-        base_args = ["--dataset", SYNC_JOB["dataset"], "--architecture", SYNC_ARCH, "--preset", SYNC_PRESET,
-                     "--batch-size", str(per_worker), "--epochs", str(epochs),
-                     "--lr", str(SYNC_JOB["learning_rate"]), "--seed", str(SYNC_JOB["seed"]),
-                     "--validation-split", str(SYNC_JOB["validation_split"])]
-        runs: dict[str, list[float]] = {"ours": [], "theirs": [], "ours_steps": [], "theirs_steps": []}
-        for rep in range(reps):  # alternate, so both see the same background load
-            say(f"scaling: ours, {workers} worker(s) x batch {per_worker}, {epochs} epoch(s) ({rep + 1}/{reps})")
-            _, status = await bench.train_sync(cid, epochs, batch_size=per_worker)
-            nodes = bench.node_stats(status)
-            runs["ours"].append(max(float(n["mean_step_ms"]) for n in nodes.values()))
-            runs["ours_steps"].append(float((status.get("live") or {}).get("step") or 0))
-            say(f"scaling: theirs, DDP under torchrun, {workers} process(es) ({rep + 1}/{reps})")
-            base = await anyio.to_thread.run_sync(functools.partial(torchrun, "ddp_baseline.py", base_args,
-                                                                    nproc=workers))
-            runs["theirs"].append(max(r["mean_step_ms"] for r in base["ranks"]))
-            runs["theirs_steps"].append(float(base["ranks"][0]["steps"]))
-        bench.has_model.add(workers)
-        measured[workers] = runs
+        try:
+            measured[workers] = await scaling_runs(bench, workers, epochs, reps)
+        except BenchError as exc:  # one world size lost must not lose the others
+            failed.append(Row(f"scaling.{workers}", f"sync throughput, {workers} worker(s)", status="failed",
+                              reason=str(exc)))
     throughput = {w: {side: GLOBAL_BATCH / (statistics.median(m[side]) / 1000) for side in ("ours", "theirs")}
                   for w, m in measured.items()}
     rows = []
     for workers, m in measured.items():
         ours, theirs = throughput[workers]["ours"], throughput[workers]["theirs"]
         rt = ratio(ours, theirs)
-        eff = {side: throughput[workers][side] / (workers * throughput[1][side]) for side in ("ours", "theirs")}
+        eff = {side: throughput[workers][side] / (workers * throughput[1][side]) if 1 in throughput else None
+               for side in ("ours", "theirs")}
         rows.append(Row(
             f"scaling.{workers}", f"sync throughput, {workers} worker(s), global batch {GLOBAL_BATCH}", "samples/s",
             ours, theirs, rt, f">= {TARGETS['scaling']}", rt is not None and rt >= TARGETS["scaling"],
-            f"efficiency (throughput / ({workers} x 1-worker throughput)): ours {eff['ours']:.2f}, theirs "
-            f"{eff['theirs']:.2f}; MLP large mnist-5k, batch {GLOBAL_BATCH // workers} per worker; median of {reps} "
+            f"efficiency (throughput / ({workers} x 1-worker throughput)): ours {fmt(eff['ours'])}, theirs "
+            f"{fmt(eff['theirs'])}; MLP large mnist-5k, batch {GLOBAL_BATCH // workers} per worker; median of {reps} "
             f"alternating runs of the slowest rank's mean step (ours {', '.join(f'{x:.1f}' for x in m['ours'])} ms, "
             f"theirs {', '.join(f'{x:.1f}' for x in m['theirs'])} ms) over {int(m['ours_steps'][-1])} / "
             f"{int(m['theirs_steps'][-1])} steps; {os.cpu_count()} cores shared by every process",
             details={"epochs": epochs, "repetitions": reps, "per_worker_batch": GLOBAL_BATCH // workers,
                      "efficiency_ours": eff["ours"], "efficiency_theirs": eff["theirs"],
                      "slowest_mean_step_ms": m}))
-    return rows
+    return sorted(rows + failed, key=lambda r: r.key)
+
+
+async def scaling_runs(bench: Bench, workers: int, epochs: int, reps: int) -> dict[str, list[float]]:
+    """Slowest-rank mean step times, ours and torchrun DDP's, alternating ``reps`` times."""
+    import anyio
+
+    per_worker = GLOBAL_BATCH // workers
+    cid = await bench.cluster(workers)
+    base_args = ["--dataset", SYNC_JOB["dataset"], "--architecture", SYNC_ARCH, "--preset", SYNC_PRESET,
+                 "--batch-size", str(per_worker), "--epochs", str(epochs),
+                 "--lr", str(SYNC_JOB["learning_rate"]), "--seed", str(SYNC_JOB["seed"]),
+                 "--validation-split", str(SYNC_JOB["validation_split"])]
+    runs: dict[str, list[float]] = {"ours": [], "theirs": [], "ours_steps": [], "theirs_steps": []}
+    for rep in range(reps):  # alternate, so both see the same background load
+        say(f"scaling: ours, {workers} worker(s) x batch {per_worker}, {epochs} epoch(s) ({rep + 1}/{reps})")
+        _, status = await bench.train_sync(cid, epochs, batch_size=per_worker)
+        nodes = bench.node_stats(status)
+        runs["ours"].append(max(float(n["mean_step_ms"]) for n in nodes.values()))
+        runs["ours_steps"].append(float((status.get("live") or {}).get("step") or 0))
+        say(f"scaling: theirs, DDP under torchrun, {workers} process(es) ({rep + 1}/{reps})")
+        base = await anyio.to_thread.run_sync(functools.partial(torchrun, "ddp_baseline.py", base_args,
+                                                                nproc=workers))
+        runs["theirs"].append(max(r["mean_step_ms"] for r in base["ranks"]))
+        runs["theirs_steps"].append(float(base["ranks"][0]["steps"]))
+    bench.has_model.add(workers)
+    return runs
+
+
+def fmt(x: float | None) -> str:
+    return "n/a (no 1-worker figure)" if x is None else f"{x:.2f}"
 
 
 async def row_collectives(bench: Bench) -> list[Row]:
