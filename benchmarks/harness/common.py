@@ -78,12 +78,23 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
+BASELINE_PRIORITY = {"nice": 0}  # run() sets the server's node_nice: baselines compete for the CPU as nodes do
+
+
 def run_script(cmd: list[str], timeout: float, marker: str | None = None,
                env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a baseline; its JSON is the last stdout line (after ``marker`` when given)."""
+    """Run a baseline; its JSON is the last stdout line (after ``marker`` when given).
+
+    The baseline runs at the local nodes' CPU priority, in a session (scheduling autogroup) of its
+    own as each node does: on a machine others load, a baseline at normal priority would take the
+    CPU that the niced nodes yield, and the ratio would measure the priority, not the code."""
+    from workers.priority import lower_cpu_priority
+
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    nice = BASELINE_PRIORITY["nice"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=full_env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=full_env,
+                              start_new_session=True, preexec_fn=lambda: lower_cpu_priority(nice))
     except subprocess.TimeoutExpired as exc:
         script = next((Path(c).name for c in cmd if c.endswith(".py")), cmd[0])
         raise BenchError(f"{script} ran past {timeout:.0f} s") from exc

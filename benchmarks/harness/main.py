@@ -17,7 +17,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from benchmarks.harness import architectures, deploy, federated, lm, privacy, scaling, serving, status, sync
-from benchmarks.harness.common import DEFAULT_JSON, DEFAULT_ROWS, ROWS, TARGETS, BenchError, Row, machine_facts, say
+from benchmarks.harness.common import (
+    BASELINE_PRIORITY,
+    DEFAULT_JSON,
+    DEFAULT_ROWS,
+    ROWS,
+    TARGETS,
+    BenchError,
+    Row,
+    machine_facts,
+    say,
+)
 from benchmarks.harness.session import Bench
 from benchmarks.harness.table import render
 
@@ -80,6 +90,7 @@ async def run_rows(args: argparse.Namespace, home: Path, selected: list[str]) ->
     rows: list[Row] = []
     # Never a configured FLOW_NEXUS_DB_URL: benchmark clusters stay out of a real database.
     settings = Settings.from_env(home).model_copy(update={"db_url": f"sqlite:///{home / 'state.db'}"})
+    BASELINE_PRIORITY["nice"] = settings.node_nice
     service = ClusterService(settings)  # the collectives row asks the nodes for more than the tool's defaults
     server = build_server(settings, service)
     quiet_logging(settings.log_file)
