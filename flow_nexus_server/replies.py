@@ -555,8 +555,9 @@ class LoadReply(ToolReply):
 
 class CollectiveFigure(BaseModel):
     topology: str
+    op: str = Field("all_reduce", description="all_reduce (averaging), all_gather or broadcast")
     bytes: int
-    time_ms: float = Field(description="Slowest rank's median all-reduce time")
+    time_ms: float = Field(description="Slowest rank's median time of the collective")
     algbw_mbps: float = Field(description="bytes x 8 / time, Mbit/s")
     world_size: int
 

@@ -59,7 +59,7 @@ JOIN = Endpoint("join", "POST", "/join", p.JoinRequest, p.JoinReply, _join_timeo
 PROBE = Endpoint("probe", "POST", "/probe", p.ProbeRequest, p.ProbeReply, 120.0,
                  "Measure round trip and bandwidth of the edges from this node's rank")
 BENCH_COLLECTIVES = Endpoint("bench_collectives", "POST", "/bench/collectives", p.CollectiveBenchRequest,
-                             p.CollectiveBenchReply, 300.0, "Time all-reduce along each topology")
+                             p.CollectiveBenchReply, 300.0, "Time collectives along each topology")
 LEAVE = Endpoint("leave", "POST", "/leave", None, p.LeaveReply, 35.0, "Leave the process group")
 VALIDATE_JOB = Endpoint("validate_job", "POST", "/train/validate", p.TrainJob, p.DatasetCheck, 120.0,
                         "Check that the job's data loads here and its model can take it")

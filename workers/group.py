@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -128,22 +130,34 @@ def _round_trip(t: torch.Tensor, peer: int, initiator: bool) -> float:
 
 
 def bench_collectives(me: GroupInfo, req: CollectiveBenchRequest) -> list[CollectiveTiming]:
-    """Time an averaging all-reduce per topology and size; every rank runs the same loops."""
+    """Time each collective per topology and size; every rank runs the same loops in the same order."""
     from workers.comm import TopologyReducer
 
     out = []
     for topology in req.topologies:
         reducer = TopologyReducer(topology)  # collective: every rank builds it in the same order
-        for size in req.sizes_bytes:
-            t = torch.ones(max(1, size // 4), dtype=torch.float32)
-            for _ in range(5):  # warm-up, as the bare gloo baseline does
-                reducer.allreduce_mean(t)
-            times = []
-            for _ in range(req.reps):
-                dist.barrier()
-                start = time.perf_counter()
-                reducer.allreduce_mean(t)
-                times.append((time.perf_counter() - start) * 1000)
-            out.append(CollectiveTiming(topology=topology, bytes=t.numel() * 4, median_ms=statistics.median(times),
-                                        min_ms=min(times)))
+        for op in req.ops:
+            run = _collective_call(reducer, op)
+            for size in req.sizes_bytes:
+                t = torch.ones(max(1, size // 4), dtype=torch.float32)
+                for _ in range(req.warmup):  # as the bare gloo baseline does
+                    run(t)
+                times = []
+                for _ in range(req.reps):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    run(t)
+                    times.append((time.perf_counter() - start) * 1000)
+                out.append(CollectiveTiming(topology=topology, op=op, bytes=t.numel() * 4,
+                                            median_ms=statistics.median(times), min_ms=min(times)))
     return out
+
+
+def _collective_call(reducer: Any, op: str) -> Callable[[torch.Tensor], object]:
+    """What one timed call of ``op`` does: the reducer's own all-reduce and all-gather (the paths
+    training uses), a broadcast from the reducer group's first rank."""
+    if op == "all_reduce":
+        return reducer.allreduce_mean
+    if op == "all_gather":
+        return reducer.allgather
+    return lambda t: dist.broadcast(t, src=reducer.ranks[0], group=reducer.group)

@@ -25,6 +25,7 @@ else:  # enum.StrEnum arrived in 3.11: a str whose str() and format() are its va
 # templates import them, so a value added or dropped here is added or dropped everywhere.
 Role = Literal["worker", "parameter_server", "aggregator", "validator"]
 Topology = Literal["mesh", "ring", "star", "hierarchical"]
+CollectiveOp = Literal["all_reduce", "all_gather", "broadcast"]  # what the nodes' collective benchmark can time
 Backend = Literal["gloo", "nccl"]
 BackendChoice = Literal["auto", Backend]  # what a cluster asks for; auto = nccl when every node sees a GPU
 Launcher = Literal["subprocess", "docker", "ray"]
@@ -627,14 +628,20 @@ class LoadRequest(BaseModel):
 class CollectiveBenchRequest(BaseModel):
     generation: int
     topologies: list[Topology] = Field(default_factory=lambda: list(TOPOLOGIES))
-    sizes_bytes: list[int] = Field(default_factory=lambda: [4 << 10, 256 << 10, 4 << 20])
+    sizes_bytes: list[Annotated[int, Field(ge=4, le=256 << 20)]] = Field(
+        default_factory=lambda: [4 << 10, 256 << 10, 4 << 20])
     reps: int = Field(20, ge=1, le=200)
+    ops: list[CollectiveOp] = Field(default_factory=lambda: ["all_reduce"], min_length=1,
+                                    description="all_reduce: the topology's averaging all-reduce; all_gather: its "
+                                                "all-gather; broadcast: from the group's first rank")
+    warmup: int = Field(5, ge=0, le=50, description="Untimed calls before the timed ones, per op and size")
 
 
 class CollectiveTiming(BaseModel):
     topology: Topology
     bytes: int
-    median_ms: float = Field(description="This rank's median all-reduce time over the timed reps")
+    op: CollectiveOp = "all_reduce"
+    median_ms: float = Field(description="This rank's median time of the collective over the timed reps")
     min_ms: float
 
 

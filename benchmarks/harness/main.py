@@ -16,8 +16,18 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from benchmarks.harness import architectures, deploy, federated, lm, privacy, serving, status, sync
-from benchmarks.harness.common import DEFAULT_JSON, DEFAULT_ROWS, ROWS, TARGETS, BenchError, Row, machine_facts, say
+from benchmarks.harness import architectures, deploy, federated, lm, privacy, scaling, serving, status, sync
+from benchmarks.harness.common import (
+    BASELINE_PRIORITY,
+    DEFAULT_JSON,
+    DEFAULT_ROWS,
+    ROWS,
+    TARGETS,
+    BenchError,
+    Row,
+    machine_facts,
+    say,
+)
 from benchmarks.harness.session import Bench
 from benchmarks.harness.table import render
 
@@ -27,10 +37,11 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "memory": serving.row_memory, "federated": federated.row_federated, "byzantine": federated.row_byzantine,
     "privacy": privacy.row_privacy, "architectures": architectures.row_architectures,
     "lm_sync": lm.row_lm_sync, "generate": lm.row_generate,
+    "scaling": scaling.row_scaling, "collectives": scaling.row_collectives,
 }
 # The comparisons that are most sensitive to other load run while fewest nodes exist.
-RUN_ORDER = ("deploy", "sync", "allreduce", "federated", "byzantine", "privacy", "lm_sync", "predict", "generate",
-             "bytes", "status", "memory", "architectures")
+RUN_ORDER = ("deploy", "sync", "scaling", "allreduce", "collectives", "federated", "byzantine", "privacy", "lm_sync",
+             "predict", "generate", "bytes", "status", "memory", "architectures")
 
 
 def quiet_logging(log_file: Path) -> None:
@@ -74,14 +85,17 @@ async def run_rows(args: argparse.Namespace, home: Path, selected: list[str]) ->
 
     from flow_nexus_server.config import Settings
     from flow_nexus_server.server import build_server
+    from flow_nexus_server.service.clusters import ClusterService
 
     rows: list[Row] = []
     # Never a configured FLOW_NEXUS_DB_URL: benchmark clusters stay out of a real database.
     settings = Settings.from_env(home).model_copy(update={"db_url": f"sqlite:///{home / 'state.db'}"})
-    server = build_server(settings)
+    BASELINE_PRIORITY["nice"] = settings.node_nice
+    service = ClusterService(settings)  # the collectives row asks the nodes for more than the tool's defaults
+    server = build_server(settings, service)
     quiet_logging(settings.log_file)
     async with Client(server, read_timeout_seconds=900) as client:
-        bench = Bench(client, args, home)
+        bench = Bench(client, args, home, service)
         for name in RUN_ORDER:
             if name not in selected:
                 continue

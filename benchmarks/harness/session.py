@@ -13,8 +13,9 @@ from benchmarks.harness.common import SYNC_ARCH, SYNC_JOB, SYNC_PRESET, BenchErr
 class Bench:
     """Holds the in-memory client and the clusters the rows share."""
 
-    def __init__(self, client: Any, args: argparse.Namespace, home: Path) -> None:
+    def __init__(self, client: Any, args: argparse.Namespace, home: Path, service: Any = None) -> None:
         self.client = client
+        self.service = service  # the server's ClusterService, for what no tool parameter asks
         self.args = args
         self.quick = bool(args.quick)
         self.home = home

@@ -170,15 +170,16 @@ class GroupManager:
             return r.GroupChange.pending("needs_connect", cluster.generation, what, NextStep.CONNECT)
         return r.GroupChange(action="none", generation=cluster.generation, message=what)
 
-    def collective_benchmark(self, cluster_id: str) -> list[r.CollectiveFigure]:
-        """Averaging all-reduce time and bandwidth per topology and message size, across the live group."""
+    def collective_benchmark(self, cluster_id: str, request: dict | None = None) -> list[r.CollectiveFigure]:
+        """Collective time and bandwidth per topology and message size, across the live group: the averaging
+        all-reduce at the default sizes, or what ``request`` (fields of ``CollectiveBenchRequest``) asks."""
         with self.lock(cluster_id):
             cluster = self.get_cluster(cluster_id)
             if cluster.status != ClusterState.CONNECTED:
                 raise ServiceError(f"cluster {cluster_id} is {cluster.status}; connect it (and let training finish) "
                                    "before benchmarking its links")
             nodes = sorted(self.store.nodes(cluster_id), key=lambda n: n.rank if n.rank is not None else 1 << 30)
-            req = p.CollectiveBenchRequest(generation=cluster.generation)
+            req = p.CollectiveBenchRequest(**(request or {}), generation=cluster.generation)
             replies = parallel(lambda n: self.client(cluster, n).bench_collectives(req), nodes)
             errors = [f"{n.id}: {e}" for n, e in zip(nodes, replies) if isinstance(e, BaseException)]
             if errors:
@@ -186,7 +187,8 @@ class GroupManager:
             figures = []
             for i, first in enumerate(replies[0].results):  # type: ignore[union-attr]
                 slowest = max(rep.results[i].median_ms for rep in replies)  # type: ignore[union-attr]
-                figures.append(r.CollectiveFigure(topology=first.topology, bytes=first.bytes, time_ms=slowest,
+                figures.append(r.CollectiveFigure(topology=first.topology, op=first.op, bytes=first.bytes,
+                                                  time_ms=slowest,
                                                   algbw_mbps=first.bytes * 8 / (slowest / 1000) / 1e6,
                                                   world_size=len(nodes)))
             return figures
