@@ -297,7 +297,7 @@ def test_each_checkpoint_is_recorded_with_its_own_epoch(tmp_path: Path) -> None:
     snap = p.TrainProgress(session_id="s1", state="running", epoch=60, checkpoints=paths)
     events: list[dict] = []
     clusters = SimpleNamespace(
-        store=store, telemetry=SimpleNamespace(), on_node_lost=[], on_training_membership=[],
+        store=store, telemetry=SimpleNamespace(), on_node_lost=[], on_training_membership=[], on_training_leave=[],
         settings=SimpleNamespace(home=tmp_path),
         event=lambda cid, kind, msg, **kw: events.append(kw.get("data") or {}))
     service = TrainingService(clusters)  # type: ignore[arg-type]
