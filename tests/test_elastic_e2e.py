@@ -57,6 +57,7 @@ async def _scale_in(client, cid: str, sid: str, leaver: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 async def test_a_worker_removed_mid_run_leaves_a_sync_session_at_the_next_boundary(home):
     """Sync data parallel over three workers; one is removed after epoch 1: the other two re-form,
     re-shard the data, carry the model on and finish above the bar; its process is gone."""
@@ -102,7 +103,7 @@ async def test_a_parameter_server_added_mid_run_takes_a_share_of_the_parameters(
     boundary, the parameters re-split between both and both apply updates. The last server cannot
     be removed while the session runs."""
     async with Client(build_server(Settings.from_env(home))) as client:
-        cid = (await ok(client, "neural_cluster_init", {"name": "ps-scale-out", "topology": "star",
+        cid = (await ok(client, "neural_cluster_init", {"name": "ps-scale-out", "topology": "mesh",
                                                          "architecture": "mlp"}))["cluster_id"]
         first = (await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "parameter_server"}))["node_id"]
         await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": 2})
