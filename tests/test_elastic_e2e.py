@@ -3,6 +3,8 @@ the next boundary (scale-in), a parameter server deployed mid-run joins and the 
 
 from __future__ import annotations
 
+import re
+
 import anyio
 import psutil
 import pytest
@@ -73,6 +75,9 @@ async def test_a_worker_removed_mid_run_leaves_a_sync_session_at_the_next_bounda
         assert set(status["live"]["nodes"]) == {nodes[0]["node_id"], nodes[1]["node_id"]}
         assert status["live"]["metrics"]["val_accuracy"] >= 0.90
         assert [row[0] for row in status["history"]["val_accuracy"]][-1] == 6  # every epoch ran
+        log = (await ok(client, "neural_node_logs", {"node_id": nodes[0]["node_id"], "tail": 1000}))["log"]
+        shards = [int(n.replace(",", "")) for n in re.findall(r"task \w+: ([\d,]+) training", log)]
+        assert len(shards) == 2 and shards[1] > shards[0] * 1.4, shards  # re-sharded over two workers, not three
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
 
 
