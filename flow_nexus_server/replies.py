@@ -57,7 +57,8 @@ class NodeInfo(BaseModel):
 
 class GroupChange(BaseModel):
     action: str = Field(description="'reformed' (new generation), 'at_next_boundary' (a running session takes "
-                                    "the node in at its next epoch / round boundary), 'needs_connect', or 'none'")
+                                    "the node in, or lets it go, at its next epoch / round boundary), "
+                                    "'needs_connect', or 'none'")
     generation: int
     message: str
     # What to do next, named as a tool by the tool layer in `message`; not sent as a field.
@@ -262,7 +263,9 @@ class NodeRemoveReply(ToolReply):
     cluster_id: str
     node_id: str
     pid: int | None
-    process_gone: bool = Field(description="Checked after stopping: the process no longer exists")
+    process_gone: bool = Field(description="Checked after stopping: the process no longer exists (false while "
+                                           "a running session still holds the node: it is stopped at the "
+                                           "session's next epoch / round boundary)")
     cluster_status: ClusterState
     group: GroupChange
 

@@ -296,7 +296,7 @@ def _one_node_session(tmp_path: Path) -> tuple[TrainingService, LiveSession, lis
         s.add(TrainingSession(id="s1", cluster_id="c1", status="running", config={}))
     events: list[dict] = []
     clusters = SimpleNamespace(
-        store=store, telemetry=SimpleNamespace(), on_node_lost=[], on_training_membership=[],
+        store=store, telemetry=SimpleNamespace(), on_node_lost=[], on_training_membership=[], on_training_leave=[],
         settings=SimpleNamespace(home=tmp_path),
         event=lambda cid, kind, msg, **kw: events.append(kw.get("data") or {}))
     service = TrainingService(clusters)  # type: ignore[arg-type]

@@ -73,6 +73,9 @@ class ClusterService(NodeRegistry, GroupManager, SandboxFiles):
         # Asked when nodes join a cluster that is training: (cluster_id, what happened) -> True when a
         # running session takes them in at its next epoch / round boundary.
         self.on_training_membership: list[Callable[[str, str], bool]] = []
+        # Asked when a node is removed from a cluster that is training: (cluster_id, node) -> True when a
+        # running session lets it go at its next epoch / round boundary (raises ServiceError to refuse).
+        self.on_training_leave: list[Callable[[str, Node], bool]] = []
         self._rows: dict[str, ClusterRows] = {}  # cluster_id -> what status last read of it
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()

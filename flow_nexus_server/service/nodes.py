@@ -198,20 +198,41 @@ class NodeRegistry:
         with self.lock(node.cluster_id):
             cluster = self.get_cluster(node.cluster_id)
             node = self.get_node(node_id)
-            if cluster.status == ClusterState.TRAINING:
-                raise Conflict(f"cluster {cluster.id} is training; stop the session before removing nodes")
             if node.status not in LIVE_NODE_STATES:
                 raise Conflict(f"node {node_id} is already {node.status}; nothing to remove")
-            gone = self._stop_node(cluster, node)
-            if not gone:
-                raise ServiceError(f"node {node_id} (pid {node.pid}) could not be stopped; it is still running")
-            self.store.update(Node, node_id, status=NodeState.REMOVED, stopped_at=time.time(), rank=None)
-            self.telemetry.forget(node_id)
-            self.event(cluster.id, "node_removed", f"node {node_id} removed", node_id=node_id)
+            if cluster.status == ClusterState.TRAINING:
+                # Elastic scale-in: the running session lets the node go at its next boundary (or refuses).
+                if not any(listener(cluster.id, node) for listener in self.on_training_leave):
+                    raise Conflict(f"cluster {cluster.id} is training; stop the session before removing nodes")
+                self.event(cluster.id, "node_leaving", f"node {node_id} ({node.role}) leaves the running session "
+                           "at its next epoch / round boundary and is stopped there", node_id=node_id)
+                return r.NodeRemoveReply(
+                    success=True, cluster_id=cluster.id, node_id=node_id, pid=node.pid, process_gone=False,
+                    cluster_status=cluster.status, group=r.GroupChange(
+                        action="at_next_boundary", generation=cluster.generation,
+                        message=f"node {node_id} removed from the running session: the group re-forms without it at "
+                                "the session's next epoch / round boundary (the data is re-sharded among the rest, "
+                                "the model carries over) and its process is stopped there"))
+            self._retire(cluster, node)
             group = self._after_membership_change(cluster.id, f"node {node_id} removed")
             return r.NodeRemoveReply(success=True, cluster_id=cluster.id, node_id=node_id, pid=node.pid,
                                      process_gone=True, cluster_status=self.get_cluster(cluster.id).status,
                                      group=group)
+
+    def retire_node(self, cluster_id: str, node_id: str) -> None:
+        """Stop a node a running session let go at its boundary (the caller re-forms the group)."""
+        with self.lock(cluster_id):
+            node = self.get_node(node_id)
+            if node.status in LIVE_NODE_STATES:
+                self._retire(self.get_cluster(cluster_id, active=False), node)
+
+    def _retire(self, cluster: Cluster, node: Node) -> None:
+        """Stop ``node`` for good and record it removed."""
+        if not self._stop_node(cluster, node):
+            raise ServiceError(f"node {node.id} (pid {node.pid}) could not be stopped; it is still running")
+        self.store.update(Node, node.id, status=NodeState.REMOVED, stopped_at=time.time(), rank=None)
+        self.telemetry.forget(node.id)
+        self.event(cluster.id, "node_removed", f"node {node.id} removed", node_id=node.id)
 
     def _stop_node(self, cluster: Cluster, node: Node) -> bool:
         """Ask the node to shut down, then make sure: SIGTERM, SIGKILL. True once it is gone."""

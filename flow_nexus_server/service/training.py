@@ -103,7 +103,8 @@ class LiveSession:
     ended: float | None = None  # time.time() when the session ended: elapsed stops there
     error: str | None = None
     stop_requested: bool = False
-    rescale: str | None = None  # nodes joined while running: re-form at the next boundary (what happened)
+    rescale: str | None = None  # nodes joined or left while running: re-form at the next boundary (what happened)
+    leaving: dict[str, Node] = field(default_factory=dict)  # nodes removed while running: stopped at that boundary
     last_event_epoch: int = 0
     job: p.TrainJob | None = None
     lost: Node | None = None  # the node whose loss ended (or interrupted) the session
@@ -177,6 +178,7 @@ class TrainingService:
         clusters.telemetry.on_progress = self.on_progress
         clusters.on_node_lost.append(self._node_lost)
         clusters.on_training_membership.append(self._membership_changed)
+        clusters.on_training_leave.append(self._leave_at_boundary)
 
     # ------------------------------------------------------------------ start
     def start_from_dict(self, cluster_id: str, args: dict[str, Any]) -> r.TrainStartReply:
@@ -440,15 +442,42 @@ class TrainingService:
             live.rescale = what if live.rescale is None else f"{live.rescale}; {what}"
         return True
 
+    def _leave_at_boundary(self, cluster_id: str, node: Node) -> bool:
+        """ClusterService.on_training_leave: ``node`` was removed while a session runs here; it leaves
+        at the next boundary. Refused when the rest could not run the session."""
+        live = self.live.get(self.by_cluster.get(cluster_id, ""))
+        if live is None or live.status != SessionState.RUNNING or live.job is None or live.stop_requested:
+            return False
+        with live.lock:
+            rest = [n for n in self.store.nodes(cluster_id) if n.id != node.id and n.id not in live.leaving]
+            if not any(n.role == "worker" and "training" in n.capabilities for n in rest):
+                raise Conflict(f"node {node.id} is the last worker with the 'training' capability of session "
+                               f"{live.session_id}; stop the session before removing it",
+                               next_step=NextStep.STOP_TRAINING)
+            if live.job.mode == "parameter_server" and not any(n.role == "parameter_server" for n in rest):
+                raise Conflict(f"node {node.id} is the last parameter server of parameter-server session "
+                               f"{live.session_id}; deploy another parameter server first, or stop the session",
+                               next_step=NextStep.STOP_TRAINING)
+            live.leaving[node.id] = node
+            what = f"node {node.id} ({node.role}) removed"
+            live.rescale = what if live.rescale is None else f"{live.rescale}; {what}"
+        return True
+
+    def _retire_leavers(self, live: LiveSession, leaving: dict[str, Node]) -> None:
+        """Stop the nodes removed while the session ran (they have left its job)."""
+        for node_id in leaving:
+            self.clusters.retire_node(live.cluster_id, node_id)
+
     def _rescale(self, live: LiveSession, cluster: Cluster) -> bool:
-        """Elastic scale-out: the members stop at their next stop check (each writes its final
-        checkpoint there), the group re-forms over every live node (the data is re-sharded and
-        parameter servers re-split the parameters by the new roles) and the session resumes from
-        that checkpoint under the same id. True once the session has ended."""
+        """Elastic scale-out and scale-in: the members stop at their next stop check (each writes its
+        final checkpoint there), nodes removed meanwhile are stopped, the group re-forms over every live
+        node (the data is re-sharded and parameter servers re-split the parameters by the new roles)
+        and the session resumes from that checkpoint under the same id. True once the session has ended."""
         svc = self.clusters
         assert live.job is not None
         with live.lock:
             what, live.rescale = live.rescale, None
+            leaving, live.leaving = live.leaving, {}
         members = [v.node for v in live.nodes]
         try:
             snaps = self._stop_and_wait(cluster, members, timeout=120)
@@ -456,21 +485,26 @@ class TrainingService:
             reached = max(x.epoch for x in snaps)
             written = [Path(c) for x in snaps for c in x.checkpoints if Path(c).is_file()]
             if reached >= total:  # the boundary was the last one: nothing left to rescale
+                live.leaving.update(leaving)  # _finish stops them
                 self._finish(live, cluster, SessionState.COMPLETED)
                 return True
             resume = str(max(written, key=lambda f: f.stat().st_mtime)) if written else None
+            self._retire_leavers(live, leaving)
             svc.reform(live.cluster_id)
             nodes, _ = self._restart(live, cluster, resume)
         except Exception as exc:
             log.exception("re-forming session %s with new nodes failed", live.session_id)
-            live.error = f"re-forming the session with new nodes ({what}) failed: {exc}"
+            live.error = f"re-forming the session after a membership change ({what}) failed: {exc}"
             return False
         joined = [n.id for n in nodes if n.id not in {m.id for m in members}]
+        left = [n.id for n in members if n.id in leaving]
+        changes = ([f"{', '.join(joined)} joined"] if joined else []) + ([f"{', '.join(left)} left"] if left else [])
         svc.event(live.cluster_id, "session_rescaled",
-                  f"{what}: {', '.join(joined) or 'no new node'} joined; the session re-formed over {len(nodes)} "
-                  f"nodes and resumed after {'round' if live.job.mode == 'federated' else 'epoch'} {reached} from "
-                  + (resume or "the start (no checkpoint)"),
-                  session_id=live.session_id, data={"joined": joined, "resume_from": resume, "after": reached})
+                  f"{what}: {'; '.join(changes) or 'no node joined or left'}; the session re-formed over "
+                  f"{len(nodes)} nodes and resumed after {'round' if live.job.mode == 'federated' else 'epoch'} "
+                  f"{reached} from " + (resume or "the start (no checkpoint)"),
+                  session_id=live.session_id,
+                  data={"joined": joined, "left": left, "resume_from": resume, "after": reached})
         return False
 
     def _raft_takeover(self, live: LiveSession, cluster: Cluster) -> bool:
@@ -662,6 +696,12 @@ class TrainingService:
                             + (f" ({final['end_reason']})" if "end_reason" in final else ""),
                             session_id=live.session_id)
         self.tensorboard.finish(live.session_id, status)
+        for node_id in list(live.leaving):  # removed during the session: stopped now, the group re-formed
+            try:
+                self.clusters.remove_node(node_id)
+            except ServiceError as exc:
+                log.warning("removing %s after session %s: %s", node_id, live.session_id, exc)
+        live.leaving.clear()
         live.done.set()
 
     # ----------------------------------------------------------------- status

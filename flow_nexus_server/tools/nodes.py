@@ -98,7 +98,9 @@ def register(mcp: MCPServer, app: App) -> None:
 
     @tool(mcp, title="Remove a node", annotations=DESTROYS)
     async def neural_node_remove(node_id: NodeId) -> r.NodeRemoveReply:
-        """Stop one node and take it out of its cluster; a connected cluster re-forms its group."""
+        """Stop one node and take it out of its cluster; a connected cluster re-forms its group. During
+        training the session lets the node go at its next epoch / round boundary (elastic scale-in: the rest
+        re-form, re-shard the data and carry the model on) and the node is stopped there."""
         reply = await call(app.clusters.remove_node, node_id)
         return reply.model_copy(update={"group": group_change_hinted(reply.group)})
 

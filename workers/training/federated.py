@@ -237,13 +237,14 @@ def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None
     table = [torch.empty_like(row) for _ in fed.members] if fed.is_agg else None
     dist.gather(row, gather_list=table, dst=fed.agg, group=fed.group)
     ctx.comm_s += time.perf_counter() - t0
-    updates = _worker_rows(ctx, fed, table)[:, :d] if fed.is_agg and fed.secagg is None else None
+    rows = _worker_rows(ctx, fed, table) if fed.is_agg else None  # stacked once: screened, then aggregated
+    updates = rows[:, :d] if rows is not None and fed.secagg is None else None
     # proof-of-learning scores each update; under secure aggregation no single update is visible, so
     # only the aggregate is judged (the session's start message says so)
     kept = None if fed.secagg is not None else fed.commit.screen(rnd, updates, len(ctx.plan.workers))
     if fed.is_agg:
-        assert table is not None
-        glob_w, flag, status, agg_error, train_sums = _aggregate(ctx, fed, table, rnd, secure, kept)
+        assert table is not None and rows is not None
+        glob_w, flag, status, agg_error, train_sums = _aggregate(ctx, fed, table, rows, rnd, secure, kept)
     else:
         ctx.bytes_sent += row.numel() * 4
         glob_w, flag, status, agg_error, train_sums = torch.empty(d), 0.0, OK, None, Sums(ctx.num_classes)
@@ -342,18 +343,19 @@ def _worker_rows(ctx: Ctx, fed: _Federation, table: list[torch.Tensor] | None) -
     return torch.stack([table[fed.members.index(r)] for r in ctx.plan.workers])
 
 
-def _aggregate(ctx: Ctx, fed: _Federation, table: list[torch.Tensor], rnd: int, secure: np.ndarray | None = None,
+def _aggregate(ctx: Ctx, fed: _Federation, table: list[torch.Tensor], rows: torch.Tensor, rnd: int,
+               secure: np.ndarray | None = None,
                kept: list[int] | None = None) -> tuple[torch.Tensor, float, float, Any, Sums]:
     """The aggregator: (candidate weights, flag, status, error, the workers' summed training
-    figures) from the gathered rows (without weights under secure aggregation: ``secure`` holds
-    the sum of the workers' vectors instead); ``kept``: the worker positions whose updates the commit
-    rule let through (None: all)."""
+    figures) from the gathered ``table`` (every member's row) and ``rows`` (the workers' rows of it,
+    stacked in worker order; without weights under secure aggregation: ``secure`` holds the sum of
+    the workers' vectors instead); ``kept``: the worker positions whose updates the commit rule let
+    through (None: all)."""
     job, rule, reputation = ctx.job, fed.rule, fed.reputation
     d = fed.d if secure is None else 0  # weights in a row
     central = job.differential_privacy is not None and job.differential_privacy.mode == "central"
     assert reputation is not None
     ctx.bytes_received += (len(fed.members) - 1) * table[0].numel() * 4
-    rows = _worker_rows(ctx, fed, table)
     n = rows.shape[0]
     use = list(range(n)) if kept is None else list(kept)
     excluded = [i for i in range(n) if i not in use]

@@ -60,13 +60,16 @@ def run_parameter_server(ctx: Ctx) -> TrainedModel | None:
     ctx.report_baseline()
     if plan.is_worker:
         torch.manual_seed(job.seed * 1_000_003 + plan.worker_index + 1)
-        run_epochs(ctx, PSWorkerStep(ctx, params, shards), spe, accum, step)
-        return ctx.trained(model)
-    if plan.rank == plan.epoch_judge:
-        run_epochs(ctx, AggregatorStep(ctx), spe, accum, step)
-        return None
-    run_epochs(ctx, PSServerStep(ctx, [params[i] for i in shards[plan.rank]]), spe, accum, step)
-    return None
+        strategy: StepStrategy = PSWorkerStep(ctx, params, shards)
+    elif plan.rank == plan.epoch_judge:
+        strategy = AggregatorStep(ctx)
+    else:
+        strategy = PSServerStep(ctx, [params[i] for i in shards[plan.rank]])
+    # Only the servers build an optimizer, whose first use in a process may take long on a busy
+    # host: meet on the store (no process-group timeout) before the first collective.
+    ctx.coord.barrier("ps-ready", sorted(plan.active))
+    run_epochs(ctx, strategy, spe, accum, step)
+    return ctx.trained(model) if plan.is_worker else None
 
 
 class PSWorkerStep(StepStrategy):
