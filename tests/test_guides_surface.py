@@ -143,6 +143,8 @@ def test_convergence_rate_is_the_measured_fall_per_epoch():
     assert convergence_rate({1: {"loss": 2.0}, 2: {"loss": 1.0}}) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
+@pytest.mark.long
 async def test_checkpoints_on_improvement_best_kept_schedule_and_compression_that_does_not_pay(home, tmp_path):
     """Digits on two workers: compression true (ratio 0.5) goes dense with the figures to show it,
     the step schedule drops the learning rate, checkpoints follow improvements and the best stays."""
