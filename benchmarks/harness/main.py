@@ -40,7 +40,7 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "scaling": scaling.row_scaling, "collectives": scaling.row_collectives,
 }
 # The comparisons that are most sensitive to other load run while fewest nodes exist.
-RUN_ORDER = ("deploy", "sync", "scaling", "allreduce", "collectives", "federated", "byzantine", "privacy", "lm_sync",
+RUN_ORDER = ("deploy", "sync", "scaling", "collectives", "allreduce", "federated", "byzantine", "privacy", "lm_sync",
              "predict", "generate", "bytes", "status", "memory", "architectures")
 
 

@@ -88,48 +88,65 @@ def fmt(x: float | None) -> str:
 
 
 async def row_collectives(bench: Bench) -> list[Row]:
-    import anyio
-
-    sizes = list(COLLECTIVE_SIZES_QUICK if bench.quick else COLLECTIVE_SIZES)
+    sizes = tuple(COLLECTIVE_SIZES_QUICK if bench.quick else COLLECTIVE_SIZES)
     reps, warmup, repetitions = (5, 2, 1) if bench.quick else (10, 3, 2)
-    cid = await bench.cluster(COLLECTIVE_WORLD)
-    request = {"topologies": ["mesh"], "ops": list(COLLECTIVE_OPS), "sizes_bytes": sizes, "reps": reps,
-               "warmup": warmup}
-    ours_runs: list[dict[tuple[str, int], float]] = []
-    theirs_runs: list[dict[tuple[str, int], float]] = []
-    for rep in range(repetitions):  # alternate, so both see the same background load
-        say(f"collectives: ours, {', '.join(COLLECTIVE_OPS)} in the {COLLECTIVE_WORLD} nodes' mesh group "
-            f"({rep + 1}/{repetitions})")
-        figures = await anyio.to_thread.run_sync(lambda: bench.service.collective_benchmark(cid, request))
-        ours_runs.append({(f.op, f.bytes): f.time_ms for f in figures})
-        say(f"collectives: theirs, bare gloo under torchrun ({rep + 1}/{repetitions})")
-        base = await anyio.to_thread.run_sync(lambda: torchrun("gloo_baseline.py", [
-            "--sizes", *map(str, sizes), "--reps", str(reps), "--warmup", str(warmup), "--ops", *COLLECTIVE_OPS],
-            nproc=COLLECTIVE_WORLD))
-        theirs_runs.append({(r["op"], r["bytes"]): r["time_ms"] for r in base["results"]})
-    rows = []
-    for op in COLLECTIVE_OPS:
-        for size in sizes:
-            key = (op, size)
-            label = f"{op.replace('_', '-')} {human_bytes(size)}, world {COLLECTIVE_WORLD}"
-            o = [run[key] for run in ours_runs if key in run]
-            t = [run[key] for run in theirs_runs if key in run]
-            if not o or not t:
-                rows.append(Row(f"collectives.{op}.{size}", label, status="failed",
-                                reason=f"no {'server' if not o else 'baseline'} figure for {op} of {size} bytes"))
-                continue
-            ours_bw, theirs_bw = mbps(size, statistics.median(o)), mbps(size, statistics.median(t))
-            rt = ratio(ours_bw, theirs_bw)
-            judged = size >= RATIO_FROM_BYTES
-            rows.append(Row(
-                f"collectives.{op}.{size}", label, "Mbit/s", ours_bw, theirs_bw, rt,
-                f">= {TARGETS['collectives']}" if judged else "",
-                (rt is not None and rt >= TARGETS["collectives"]) if judged else None,
-                f"time ms: ours {statistics.median(o):.2f}, theirs {statistics.median(t):.2f} (slowest rank's median "
-                f"of {reps} after {warmup} warm-up; median of {repetitions} alternating runs)",
-                details={"ours_ms": o, "theirs_ms": t}))
+    m = await measure_collectives(bench, COLLECTIVE_OPS, sizes, reps, warmup, repetitions)
+    bench.shared["collectives"] = m  # the allreduce row reads its slice from here when both run
+    rows = [collective_row(m, op, size, f"collectives.{op}.{size}",
+                           f"{op.replace('_', '-')} {human_bytes(size)}, world {COLLECTIVE_WORLD}",
+                           TARGETS["collectives"], judged=size >= RATIO_FROM_BYTES)
+            for op in COLLECTIVE_OPS for size in sizes]
     rows.append(nccl_row())
     return rows
+
+
+class Collectives:
+    """Per-run times (ms, the slowest rank's median) of each (op, bytes), ours and bare gloo's."""
+
+    def __init__(self, reps: int, warmup: int) -> None:
+        self.reps, self.warmup = reps, warmup
+        self.ours: list[dict[tuple[str, int], float]] = []
+        self.theirs: list[dict[tuple[str, int], float]] = []
+
+    def has(self, op: str, sizes: tuple[int, ...]) -> bool:
+        return bool(self.ours) and all((op, size) in self.ours[0] for size in sizes)
+
+
+async def measure_collectives(bench: Bench, ops: tuple[str, ...], sizes: tuple[int, ...], reps: int,
+                              warmup: int, repetitions: int) -> Collectives:
+    """Time ``ops`` x ``sizes`` in a 2-node cluster's mesh group and under bare gloo, alternating runs."""
+    import anyio
+
+    cid = await bench.cluster(COLLECTIVE_WORLD)
+    request = {"topologies": ["mesh"], "ops": list(ops), "sizes_bytes": list(sizes), "reps": reps, "warmup": warmup}
+    m = Collectives(reps, warmup)
+    for rep in range(repetitions):  # alternate, so both see the same background load
+        say(f"collectives: ours, {', '.join(ops)} in the {COLLECTIVE_WORLD} nodes' mesh group "
+            f"({rep + 1}/{repetitions})")
+        figures = await anyio.to_thread.run_sync(lambda: bench.service.collective_benchmark(cid, request))
+        m.ours.append({(f.op, f.bytes): f.time_ms for f in figures})
+        say(f"collectives: theirs, bare gloo under torchrun ({rep + 1}/{repetitions})")
+        base = await anyio.to_thread.run_sync(lambda: torchrun("gloo_baseline.py", [
+            "--sizes", *map(str, sizes), "--reps", str(reps), "--warmup", str(warmup), "--ops", *ops],
+            nproc=COLLECTIVE_WORLD))
+        m.theirs.append({(r["op"], r["bytes"]): r["time_ms"] for r in base["results"]})
+    return m
+
+
+def collective_row(m: Collectives, op: str, size: int, key: str, label: str, target: float, judged: bool) -> Row:
+    """One (op, size) line: bandwidth from the median time of each side's runs, and the ratio."""
+    o = [run[(op, size)] for run in m.ours if (op, size) in run]
+    t = [run[(op, size)] for run in m.theirs if (op, size) in run]
+    if not o or not t:
+        return Row(key, label, status="failed",
+                   reason=f"no {'server' if not o else 'baseline'} figure for {op} of {size} bytes")
+    ours_bw, theirs_bw = mbps(size, statistics.median(o)), mbps(size, statistics.median(t))
+    rt = ratio(ours_bw, theirs_bw)
+    return Row(key, label, "Mbit/s", ours_bw, theirs_bw, rt, f">= {target}" if judged else "",
+               (rt is not None and rt >= target) if judged else None,
+               f"time ms: ours {statistics.median(o):.2f}, theirs {statistics.median(t):.2f} (slowest rank's median "
+               f"of {m.reps} after {m.warmup} warm-up; median of {len(o)} alternating runs)",
+               details={"ours_ms": o, "theirs_ms": t})
 
 
 def nccl_row() -> Row:

@@ -1,6 +1,6 @@
 """Rows of the synchronous job: ``sync`` (step time vs plain DDP under torchrun), ``bytes``
 (bytes sent per node per step, each topology) and ``allreduce`` (mesh all-reduce bandwidth in
-our nodes vs bare gloo under torchrun)."""
+our nodes vs bare gloo under torchrun: the all-reduce slice of ``collectives`` in scaling.py)."""
 
 from __future__ import annotations
 
@@ -123,43 +123,17 @@ def parameters(bench: Bench) -> int:
 
 
 async def row_allreduce(bench: Bench) -> list[Row]:
-    import anyio
+    """The all-reduce slice of the collectives row, judged at 4 MiB against its own target; measured
+    here only when the collectives row did not run in this invocation."""
+    from benchmarks.harness.scaling import Collectives, collective_row, measure_collectives
 
-    cid = await bench.ensure_model(2)
-    sizes = [4 << 20, 256 << 10]
-    reps = 1 if bench.quick else 3
-    ours_runs: list[dict[int, dict[str, Any]]] = []
-    theirs_runs: list[dict[int, dict[str, Any]]] = []
-    for rep in range(reps):  # alternate, so both see the same background load
-        say(f"allreduce: neural_performance_benchmark(comprehensive) on the 2-worker cluster ({rep + 1}/{reps})")
-        measured = await bench.tool("neural_performance_benchmark", {
-            "model_id": cid, "benchmark_type": "comprehensive", "runs": 20 if bench.quick else 50})
-        ours_runs.append({c["bytes"]: c for c in measured.get("collectives") or [] if c["topology"] == "mesh"})
-        say(f"allreduce: theirs, bare gloo all_reduce under torchrun ({rep + 1}/{reps})")
-        base = await anyio.to_thread.run_sync(lambda: torchrun(
-            "gloo_baseline.py", ["--sizes", *map(str, sizes), "--reps", "20", "--warmup", "5"]))
-        theirs_runs.append({r["bytes"]: r for r in base["results"]})
-    rows = []
-    for size in sizes:
-        label = (f"all-reduce bandwidth {size >> 20} MB" if size >= 1 << 20 else
-                 f"all-reduce bandwidth {size >> 10} KB") + ", world 2"
-        o = [run[size] for run in ours_runs if size in run]
-        t = [run[size] for run in theirs_runs if size in run]
-        if not o or not t:
-            rows.append(Row(f"allreduce.{size}", label, status="failed",
-                            reason=f"no {'server' if not o else 'baseline'} figure for {size} bytes"))
-            continue
-        ob = statistics.median(x["algbw_mbps"] for x in o)
-        tb = statistics.median(x["algbw_mbps"] for x in t)
-        rt = ratio(ob, tb)
-        is_main = size == 4 << 20
-        o_ms = ", ".join(f"{x['time_ms']:.2f}" for x in o)
-        t_ms = ", ".join(f"{x['time_ms']:.2f}" for x in t)
-        rows.append(Row(f"allreduce.{size}", label, "Mbit/s", ob, tb, rt,
-                        f">= {TARGETS['allreduce']}" if is_main else "",
-                        (rt is not None and rt >= TARGETS["allreduce"]) if is_main else None,
-                        f"median of {reps} alternating runs; slowest rank's median time: ours {o_ms} ms "
-                        f"(mesh averaging all-reduce in the nodes, 5 warm-up + 20 reps), theirs {t_ms} ms "
-                        "(5 warm-up + 20 reps)",
-                        details={"ours": o, "theirs": t}))
-    return rows
+    sizes = (256 << 10, 4 << 20)
+    m = bench.shared.get("collectives")
+    if not (isinstance(m, Collectives) and m.has("all_reduce", sizes)):
+        m = await measure_collectives(bench, ("all_reduce",), sizes, reps=20, warmup=5,
+                                      repetitions=1 if bench.quick else 3)
+    return [collective_row(m, "all_reduce", size, f"allreduce.{size}",
+                           f"all-reduce bandwidth {size >> 20} MB, world 2" if size >= 1 << 20 else
+                           f"all-reduce bandwidth {size >> 10} KB, world 2",
+                           TARGETS["allreduce"], judged=size == 4 << 20)
+            for size in (4 << 20, 256 << 10)]
