@@ -475,9 +475,9 @@ class TrainingService:
             live.error = f"{live.error}; continuing with the survivors failed: {exc}"
             return False
         svc.event(live.cluster_id, "secagg_dropout_recovered",
-                  f"round {rnd}: worker {dead.id} (rank {dead.rank}) dropped out mid-round; the survivors' shares "
-                  "removed its masks and the round's aggregate is the sum of the surviving workers' updates; the "
-                  f"group re-formed over {len(nodes)} nodes"
+                  f"round {rnd}: worker {dead.id} (rank {dead.rank}) dropped out mid-round; the survivors finished "
+                  "the round without it (SecAgg dropout recovery) and the round's aggregate is "
+                  f"the sum of the surviving workers' updates; the group re-formed over {len(nodes)} nodes"
                   + (f" with {replacement.id} in its place" if replacement else "")
                   + f" and the session resumed from {resume}, committing round {rnd} first",
                   session_id=live.session_id, node_id=dead.id,

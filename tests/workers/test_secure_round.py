@@ -58,7 +58,7 @@ def _round(n: int, dead: set[int]) -> tuple[dict[int, object], list[np.ndarray],
 def test_a_worker_dying_mid_round_is_recovered_from_the_survivors_shares():
     results, updates, counts = _round(4, dead={3})
     total, outcome = results[0]
-    assert outcome == {"survivors": [1, 2, 4], "dropped": [3]}
+    assert outcome == {"survivors": [1, 2, 4], "dropped": [3], "unmasked": [3]}
     assert all(results[r] == outcome for r in (1, 2, 4))
     alive = [0, 1, 3]  # positions of ranks 1, 2, 4
     plain = sum(counts[i] * updates[i] for i in alive)

@@ -49,6 +49,15 @@ Multi-Krum weigh each update by sample count x reputation. Workers with a non-ho
 The round loop here gathers, aggregates (``workers.aggregation``) and broadcasts; what is then
 committed is decided by the consensus' commit rule (:mod:`.commit`).
 
+``secure_aggregation``: the weights travel masked, through the rendezvous store
+(:mod:`.secure_round`; keys and secret shares at the start of the round, the masked updates after
+local training), with every member's row of figures; only the sum reaches the aggregator. A worker
+that dies mid-round is recovered there: the survivors' shares remove its masks and the aggregate is
+the survivors' FedAvg. This job's groups still hold the dead rank, so the aggregator checkpoints the
+round's candidate (``secagg_pending``) and the survivors end the job (:class:`SurvivorsGoOn`); the
+server re-forms the group over them and resumes, and the new job commits that round first
+(:func:`_commit_pending`) on the survivors.
+
 While workers train, the aggregator (and workers that finish early) wait on the rendezvous
 store, not in a collective, so a round may take longer than the process-group timeout.
 """
@@ -294,7 +303,7 @@ def _secure_gather(ctx: Ctx, fed: _Federation, rnd: int, local: Sums, secure: Se
         ctx.bytes_sent += row.numel() * 4
     total = secure.masked_sum(_secure_vector(ctx, fed, rnd) if plan.is_worker else None, d + 1)
     result = secure.outcome()
-    survivors, dropped = result["survivors"], result["dropped"]
+    survivors, dropped, unmasked = result["survivors"], result["dropped"], result["unmasked"]
     assert fed.secagg is not None
     fed.secagg.add(secure.seconds, {**secure.figures(), "secagg_dropped_workers": float(len(dropped))})
     outcome = _Outcome(torch.empty(d), 0.0, OK, None, Sums(ctx.num_classes))
@@ -310,20 +319,23 @@ def _secure_gather(ctx: Ctx, fed: _Federation, rnd: int, local: Sums, secure: Se
         rows = torch.stack([have[r] for r in plan.workers if r in survivors])
         outcome = _Outcome(*_aggregate(ctx, fed, table, rows, rnd, total, None))
     if dropped:
-        _hand_over(ctx, fed, rnd, outcome, survivors, dropped)
+        _hand_over(ctx, fed, rnd, outcome, survivors, dropped, unmasked)
     return outcome
 
 
 def _hand_over(ctx: Ctx, fed: _Federation, rnd: int, outcome: _Outcome, survivors: list[int],
-               dropped: list[int]) -> None:
+               dropped: list[int], unmasked: list[int]) -> None:
     """Worker(s) ``dropped`` out of round ``rnd``, which the survivors recovered. This job's groups
     hold the dead rank, so the round cannot be committed here: the aggregator writes the last
     committed model with the round's candidate (``secagg_pending``) as the checkpoint of round
     ``rnd - 1``, and every survivor ends the job (SurvivorsGoOn); the server re-forms the group
     over the survivors (or a replacement, with auto_healing) and resumes from that checkpoint."""
-    what = (f"worker rank(s) {dropped} dropped out of round {rnd}; the survivors revealed their shares of the "
-            f"dropped workers' mask keys and the round's aggregate is the sum of the {len(survivors)} surviving "
-            f"workers' updates")
+    early = [r for r in dropped if r not in unmasked]
+    what = (f"worker rank(s) {dropped} dropped out of round {rnd}; "
+            + (f"the survivors revealed their shares of the mask keys of {unmasked}, whose masks were removed, "
+               if unmasked else "")
+            + (f"{early} dropped before sharing secrets (no mask of theirs was in the sum), " if early else "")
+            + f"and the round's aggregate is the sum of the {len(survivors)} surviving workers' updates")
     if fed.is_agg:
         assert fed.secagg is not None
         pending = {"round": rnd, "candidate": outcome.weights.clone(), "flag": outcome.flag, "status": outcome.status,

@@ -150,13 +150,15 @@ class SecureRound:
         except secagg.SecAggError as exc:
             self._fail(f"secure aggregation cannot finish round {self.rnd}: {exc}")
         dropped = sorted(set(self.workers) - set(u3))
-        self._publish("outcome", {"survivors": u3, "dropped": dropped})
+        unmasked = [r for r in dropped if r in self.u2]  # their pairwise masks were in the sum: removed here
+        self._publish("outcome", {"survivors": u3, "dropped": dropped, "unmasked": unmasked})
         self.coord.forget(self._name("keys"), self.u1)
         self.coord.forget(self._name("cts"), self.u1)
         return secagg.dequantize(total)
 
     def outcome(self) -> dict[str, list[int]]:
-        """{"survivors": worker ranks whose update is in the sum, "dropped": the others}, for every member."""
+        """{"survivors": worker ranks whose update is in the sum, "dropped": the others, "unmasked": the
+        dropped ones that had shared their secrets, whose masks the survivors' shares removed}."""
         msg = json.loads(self.coord.wait_for(self._name("outcome"), self.agg))
         if "error" in msg:
             raise TrainingError(msg["error"])
