@@ -23,9 +23,9 @@ from workers.protocol import DifferentialPrivacy
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.privacyslow]
 
 
-async def _cluster(client: Client, workers: int) -> str:
+async def _cluster(client: Client, workers: int, **init: object) -> str:
     cid = (await ok(client, "neural_cluster_init", {"name": "private", "topology": "star",
-                                                     "architecture": "mlp"}))["cluster_id"]
+                                                     "architecture": "mlp", **init}))["cluster_id"]
     await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "aggregator"})
     await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": workers})
     await ok(client, "neural_cluster_connect", {"cluster_id": cid})
@@ -104,13 +104,14 @@ async def test_secure_aggregation_trains_and_refusals_name_the_problem(home):
         assert status["status"] == "connected"  # nothing changed by the refusals
 
 
-async def test_a_worker_killed_mid_round_is_recovered_and_the_session_completes(home):
+@pytest.mark.parametrize(("auto_healing", "consensus"), [(False, "proof-of-learning"), (True, "raft")])
+async def test_a_worker_killed_mid_round_is_recovered_and_the_session_completes(home, auto_healing, consensus):
     async with Client(build_server(Settings.from_env(home))) as client:
-        cid = await _cluster(client, 3)
+        cid = await _cluster(client, 3, auto_healing=auto_healing)
         # many local epochs: a round lasts seconds, so the kill lands inside round 2, after its key exchange
         run = await ok(client, "neural_train_distributed", {
             "cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 4, "local_epochs": 40,
-            "batch_size": 32, "learning_rate": 0.01, "secure_aggregation": True})
+            "batch_size": 32, "learning_rate": 0.01, "secure_aggregation": True, "consensus": consensus})
         for _ in range(1200):
             status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
             if (status.get("current_epoch") or 0) >= 2:  # round 2 began: its keys are shared before training
@@ -139,4 +140,12 @@ async def test_a_worker_killed_mid_round_is_recovered_and_the_session_completes(
         dropped = {e: v for e, _, v in history["secagg_dropped_workers"]}
         assert dropped[rnd] == 1 and all(v == 0 for e, v in dropped.items() if e != rnd)
         assert done["live"]["restarts"] == 1
+        # the survivors went on alone, or with a fresh worker in the dead one's place (auto_healing)
+        replacement = recovered[0]["data"]["replacement"]
+        assert (replacement is not None) == auto_healing
+        workers = [n["node_id"] for n in (await ok(client, "neural_cluster_status", {"cluster_id": cid}))["nodes"]
+                   if n["role"] == "worker" and n["status"] == "running"]
+        assert victim["node_id"] not in workers and len(workers) == (3 if auto_healing else 2)
+        if consensus == "raft":  # the recovered round went through raft's majority like the others
+            assert done["live"]["consensus"]["raft_commit_index"] == 4
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
