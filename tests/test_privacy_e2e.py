@@ -149,3 +149,27 @@ async def test_a_worker_killed_mid_round_is_recovered_and_the_session_completes(
         if consensus == "raft":  # the recovered round went through raft's majority like the others
             assert done["live"]["consensus"]["raft_commit_index"] == 4
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+
+
+async def test_a_dropout_below_the_threshold_fails_the_session_naming_it(home):
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = await _cluster(client, 2)  # threshold 2 of 2: no worker may drop out
+        run = await ok(client, "neural_train_distributed", {
+            "cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 3, "local_epochs": 40,
+            "batch_size": 32, "learning_rate": 0.01, "secure_aggregation": True})
+        for _ in range(1200):
+            status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
+            if (status.get("current_epoch") or 0) >= 2:
+                break
+            await anyio.sleep(0.05)
+        victim = next(n for n in reversed(status["nodes"]) if n["role"] == "worker")
+        os.kill(victim["pid"], signal.SIGKILL)
+        for _ in range(1200):
+            done = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
+            if done["status"] != "running":
+                break
+            await anyio.sleep(0.5)
+        assert done["status"] == "failed"
+        assert victim["node_id"] in done["error"]
+        assert "only 1 of 2 workers survived" in done["error"] and "the threshold (2 of 2)" in done["error"]
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
