@@ -366,8 +366,8 @@ def _commit_pending(ctx: Ctx, fed: _Federation, pending: dict[str, Any]) -> tupl
     outcome = _Outcome(pending["candidate"].float() if fed.is_agg else torch.empty(fed.d), float(pending["flag"]),
                        float(pending["status"]), error, train)
     ctx.lr = float(pending.get("lr") or ctx.lr)
-    if fed.secagg is not None:
-        fed.secagg.add(0.0, {k: float(v) for k, v in (pending.get("secagg") or {}).items()})  # its own secagg_ms
+    if fed.secagg is not None:  # the round's figures as the aggregator measured them (its own secagg_ms)
+        fed.secagg.add(0.0, {k: float(v) for k, v in (pending.get("secagg") or {}).items()} if fed.is_agg else {})
     if fed.is_agg:
         ctx.say(f"round {rnd}: committing the aggregate the survivors recovered without worker rank(s) "
                 f"{pending.get('dropped')} (ranks of the earlier group)")
