@@ -1,9 +1,14 @@
 """Privacy through the tools on real node processes: local DP stops at its epsilon budget with the
 spent epsilon in status, events and final metrics; secure aggregation trains as FedAvg does and
-shows its cost; combinations that cannot hold are refused before start."""
+shows its cost, and recovers a worker killed mid-round; combinations that cannot hold are refused
+before start."""
 
 from __future__ import annotations
 
+import os
+import signal
+
+import anyio
 import pytest
 from conftest import err, ok
 from mcp import Client
@@ -18,9 +23,9 @@ from workers.protocol import DifferentialPrivacy
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.privacyslow]
 
 
-async def _cluster(client: Client, workers: int) -> str:
+async def _cluster(client: Client, workers: int, **init: object) -> str:
     cid = (await ok(client, "neural_cluster_init", {"name": "private", "topology": "star",
-                                                     "architecture": "mlp"}))["cluster_id"]
+                                                     "architecture": "mlp", **init}))["cluster_id"]
     await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "aggregator"})
     await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": workers})
     await ok(client, "neural_cluster_connect", {"cluster_id": cid})
@@ -97,3 +102,74 @@ async def test_secure_aggregation_trains_and_refusals_name_the_problem(home):
         assert "one federated round of local DP-SGD" in text and "above target_epsilon 1" in text
         status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
         assert status["status"] == "connected"  # nothing changed by the refusals
+
+
+@pytest.mark.parametrize(("auto_healing", "consensus"), [(False, "proof-of-learning"), (True, "raft")])
+async def test_a_worker_killed_mid_round_is_recovered_and_the_session_completes(home, auto_healing, consensus):
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = await _cluster(client, 3, auto_healing=auto_healing)
+        # many local epochs: a round lasts seconds, so the kill lands inside round 2, after its key exchange
+        run = await ok(client, "neural_train_distributed", {
+            "cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 4, "local_epochs": 40,
+            "batch_size": 32, "learning_rate": 0.01, "secure_aggregation": True, "consensus": consensus})
+        for _ in range(1200):
+            status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
+            if (status.get("current_epoch") or 0) >= 2:  # round 2 began: its keys are shared before training
+                break
+            await anyio.sleep(0.05)
+        assert status["training"]["status"] == "running", "the session ended before the kill"
+        victim = next(n for n in reversed(status["nodes"]) if n["role"] == "worker")
+        os.kill(victim["pid"], signal.SIGKILL)
+        for _ in range(1200):
+            done = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
+            if done["status"] != "running":
+                break
+            await anyio.sleep(0.5)
+        assert done["status"] == "completed", done.get("error")
+        final = done["final_metrics"]
+        assert final["epochs_done"] == 4 and final["val_accuracy"] > 0.8
+        events = (await ok(client, "execution_stream_subscribe", {"deployment_id": run["session_id"],
+                                                                  "limit": 500}))["events"]
+        recovered = [e for e in events if e["kind"] == "secagg_dropout_recovered"]
+        assert len(recovered) == 1 and victim["node_id"] in recovered[0]["message"]
+        rnd = recovered[0]["data"]["round"]
+        assert recovered[0]["data"]["dropped_node"] == victim["node_id"] and rnd == 2
+        # the recovered round was committed and reported once, with the dropout counted; every round was
+        history = done["history"]
+        assert [e for e, _, _ in history["val_accuracy"]] == [1, 2, 3, 4]
+        dropped = {e: v for e, _, v in history["secagg_dropped_workers"]}
+        assert dropped[rnd] == 1 and all(v == 0 for e, v in dropped.items() if e != rnd)
+        assert done["live"]["restarts"] == 1
+        # the survivors went on alone, or with a fresh worker in the dead one's place (auto_healing)
+        replacement = recovered[0]["data"]["replacement"]
+        assert (replacement is not None) == auto_healing
+        workers = [n["node_id"] for n in (await ok(client, "neural_cluster_status", {"cluster_id": cid}))["nodes"]
+                   if n["role"] == "worker" and n["status"] == "running"]
+        assert victim["node_id"] not in workers and len(workers) == (3 if auto_healing else 2)
+        if consensus == "raft":  # the recovered round went through raft's majority like the others
+            assert done["live"]["consensus"]["raft_commit_index"] == 4
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+
+
+async def test_a_dropout_below_the_threshold_fails_the_session_naming_it(home):
+    async with Client(build_server(Settings.from_env(home))) as client:
+        cid = await _cluster(client, 2)  # threshold 2 of 2: no worker may drop out
+        run = await ok(client, "neural_train_distributed", {
+            "cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 3, "local_epochs": 40,
+            "batch_size": 32, "learning_rate": 0.01, "secure_aggregation": True})
+        for _ in range(1200):
+            status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
+            if (status.get("current_epoch") or 0) >= 2:
+                break
+            await anyio.sleep(0.05)
+        victim = next(n for n in reversed(status["nodes"]) if n["role"] == "worker")
+        os.kill(victim["pid"], signal.SIGKILL)
+        for _ in range(1200):
+            done = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
+            if done["status"] != "running":
+                break
+            await anyio.sleep(0.5)
+        assert done["status"] == "failed"
+        assert victim["node_id"] in done["error"]
+        assert "only 1 of 2 workers survived" in done["error"] and "the threshold (2 of 2)" in done["error"]
+        await ok(client, "neural_cluster_terminate", {"cluster_id": cid})

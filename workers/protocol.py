@@ -98,6 +98,10 @@ class JobState(StrEnum):
     STOPPED = "stopped"
 
 
+SECAGG_HANDOVER = "the server re-forms the group over the survivors"
+"""In the error a survivor's job ends with after a worker dropped out of a secure-aggregation round
+that the survivors recovered (workers.training.federated): the session goes on without it."""
+
 BUSY_JOB_STATES = frozenset({JobState.PREPARING, JobState.RUNNING})  # inside a job: not free for another
 ENDED_JOB_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.STOPPED})
 

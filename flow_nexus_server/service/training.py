@@ -54,6 +54,12 @@ MAX_RESTARTS = 3
 # the dead node within about a second (its process check). Wait this long for that verdict before
 # failing the session on the survivor's error alone, so healing and raft can act on the node.
 LOST_VERDICT_WAIT_S = 3.0
+# Survivors that recovered a secure-aggregation round end their job at once; a monitor that judges by
+# silent telemetry may name the dead worker later than the process check does: wait that long for it.
+HANDOVER_VERDICT_WAIT_S = 60.0
+# The survivors of a secure-aggregation round finish it without the lost worker (the rest of their
+# local training, the dropout timeout, the unmasking) before the group re-forms around them.
+SECAGG_ROUND_WAIT_S = 900.0
 MAX_BACKOFF_S = 30.0  # longest wait between retries of a failing watcher pass
 WATCH_GIVE_UP_S = 300.0  # a watcher failing this long marks its session failed
 
@@ -369,10 +375,13 @@ class TrainingService:
         if live.error is None and failed is not None:
             # A survivor often reports "connection closed by peer" before the monitor has named
             # the node that died: wait for that verdict, so healing/takeover can act on it.
-            live.lost_seen.wait(LOST_VERDICT_WAIT_S)
+            handover = p.SECAGG_HANDOVER in (failed.snapshot.error or "")
+            live.lost_seen.wait(HANDOVER_VERDICT_WAIT_S if handover else LOST_VERDICT_WAIT_S)
             self._fail(live, f"node {failed.node.id} ({failed.node.role}) failed: {failed.snapshot.error}")
         if live.error is not None:
             can_restart = live.lost is not None and live.restarts < MAX_RESTARTS and not live.stop_requested
+            if can_restart and self._secagg_dropout(live, cluster):
+                return False
             if can_restart and cluster.auto_healing and self._heal(live, cluster):
                 return False
             if can_restart and live.job is not None and live.job.consensus == "raft" \
@@ -431,6 +440,49 @@ class TrainingService:
                   f"restart {live.restarts}: {dead.id} replaced, resumed from "
                   + (resume or "the start (no checkpoint)"),
                   session_id=live.session_id, data={"restarts": live.restarts, "resume_from": resume})
+        return True
+
+    def _secagg_dropout(self, live: LiveSession, cluster: Cluster) -> bool:
+        """secure_aggregation: a worker lost mid-round is recovered by the survivors
+        (workers.training.secure_round). They finish the round without it and end their job, the
+        aggregator having written the round's candidate into a checkpoint; the group re-forms over
+        them (with auto_healing a replacement joins) and the session resumes from that checkpoint,
+        committing the round first. False when the session is not such a case or the survivors
+        could not recover the round (then healing or failing take over)."""
+        svc, dead, job = self.clusters, live.lost, live.job
+        assert dead is not None and job is not None
+        if not (job.secure_aggregation and job.mode == "federated" and dead.role == "worker"):
+            return False
+        survivors = [v.node for v in live.nodes if v.node.id != dead.id]
+        svc.event(live.cluster_id, "secagg_dropout",
+                  f"worker {dead.id} (rank {dead.rank}) dropped out of a secure-aggregation round; the survivors "
+                  "finish the round without it", session_id=live.session_id, node_id=dead.id)
+        try:
+            snaps = self._wait_out(cluster, survivors, SECAGG_ROUND_WAIT_S)
+            done = next((x for x in snaps if x.node_stats.get("secagg_recovered_round")), None)
+            rnd = int(done.node_stats["secagg_recovered_round"]) if done else 0
+            resume = next((c for c in (done.checkpoints if done else []) if p.checkpoint_epoch(c) == rnd - 1
+                           and Path(c).is_file()), None)
+            if resume is None:
+                why = next((x.error for x in snaps if x.error), None) or "no survivor reported the recovered round"
+                live.error = f"{live.error}; the survivors could not recover the secure-aggregation round: {why}"
+                return False
+            replacement = svc.replace_node(live.cluster_id, dead) if cluster.auto_healing else None
+            svc.reform(live.cluster_id)
+            nodes, _ = self._restart(live, cluster, resume)
+        except Exception as exc:
+            log.exception("continuing session %s without %s failed", live.session_id, dead.id)
+            live.error = f"{live.error}; continuing with the survivors failed: {exc}"
+            return False
+        svc.event(live.cluster_id, "secagg_dropout_recovered",
+                  f"round {rnd}: worker {dead.id} (rank {dead.rank}) dropped out mid-round; the survivors finished "
+                  "the round without it (SecAgg dropout recovery) and the round's aggregate is "
+                  f"the sum of the surviving workers' updates; the group re-formed over {len(nodes)} nodes"
+                  + (f" with {replacement.id} in its place" if replacement else "")
+                  + f" and the session resumed from {resume}, committing round {rnd} first",
+                  session_id=live.session_id, node_id=dead.id,
+                  data={"dropped_node": dead.id, "dropped_rank": dead.rank, "round": rnd, "resume_from": resume,
+                        "replacement": replacement.id if replacement else None, "restarts": live.restarts})
         return True
 
     def _membership_changed(self, cluster_id: str, what: str) -> bool:
@@ -565,6 +617,10 @@ class TrainingService:
         """Ask nodes to stop and wait until none is still inside the job (they may sit in a collective);
         their last progress."""
         parallel(lambda n: self.clusters.client(cluster, n).stop_training(), nodes)
+        return self._wait_out(cluster, nodes, timeout)
+
+    def _wait_out(self, cluster: Cluster, nodes: list[Node], timeout: float) -> list[p.TrainProgress]:
+        """Wait until none of ``nodes`` is still inside the job; their last progress."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             snaps = parallel(lambda n: self.clusters.client(cluster, n).training_status(1 << 62), nodes)

@@ -249,13 +249,15 @@ def save_checkpoint(
     metrics: dict[str, float],
     quota: SandboxQuota | None = None,
     keep: Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Path, list[Path]]:
     """Write the checkpoint atomically; returns (path, files deleted by the rotation). ``keep`` (the
-    best checkpoint) is never rotated away and does not count toward max_checkpoints."""
+    best checkpoint) is never rotated away and does not count toward max_checkpoints; ``extra``:
+    further fields (e.g. ``secagg_pending``: a round recovered after a worker dropped out)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / checkpoint_name(job.session_id, epoch)
     write_atomic(path, checkpoint_payload(job, epoch, model, optimizer, task, tokenizer, label_names, max_len,
-                                          metrics), quota)
+                                          metrics, **(extra or {})), quota)
     removed = []
     files = [f for f in session_checkpoints(directory, job.session_id) if keep is None or f != keep]
     for old in files[: max(0, len(files) - job.max_checkpoints)]:

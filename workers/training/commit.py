@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,10 @@ class PlainCommit:
     def start(self, initial: torch.Tensor) -> None:
         """Round 0: every member holds ``initial``, the first committed model."""
         self.committed = initial.clone()
+
+    def resume_fields(self) -> dict[str, Any]:
+        """What a checkpoint written mid-session needs for the rule to resume from it (raft: its log)."""
+        return {}
 
     def screen(self, rnd: int, updates: torch.Tensor | None, n: int) -> list[int] | None:
         """Collective, before aggregation: the positions (0..n-1, worker order) of the worker
@@ -242,6 +247,10 @@ class RaftCommit(PlainCommit):
             raft={"term": self.term, "version": version, "commit_index": self.commit_index + 1,
                   "leader": ctx.plan.aggregator}),
             ctx.quota)
+
+    def resume_fields(self) -> dict[str, Any]:
+        return {"raft": {"term": self.term, "version": self.replica.version, "commit_index": self.commit_index,
+                         "leader": self.ctx.plan.aggregator}}
 
     def start(self, initial: torch.Tensor) -> None:
         super().start(initial)

@@ -8,7 +8,9 @@
   job waiting for the end) are done by polling the rendezvous store (hosted by the cluster's
   first node, so these waits outlive the controller) instead of blocking in a gloo
   collective. Every rank that takes part writes a heartbeat counter; a waiter gives up when a
-  rank it waits for stops beating.
+  rank it waits for stops beating. Messages may travel the same way (:meth:`Coordinator.post`,
+  :meth:`Coordinator.collect`): a rank that dies then costs a timeout, not the whole group, which
+  is what secure aggregation's dropout recovery needs.
 * :func:`pg_timeout` / :func:`new_group` -- sub-groups get the default group's timeout
   (``dist.new_group`` otherwise uses the 30-minute gloo default).
 """
@@ -131,8 +133,8 @@ class Coordinator:
     (the c10d TCPStore client serialises its operations, so the thread may share it).
     """
 
-    def __init__(self, nonce: str, rank: int, stop: threading.Event) -> None:
-        self.store = c10d._get_default_store()
+    def __init__(self, nonce: str, rank: int, stop: threading.Event, store: Any = None) -> None:
+        self.store = store if store is not None else c10d._get_default_store()
         self.prefix = f"flow-nexus/train/{nonce}"
         self.rank = rank
         self.stop = stop
@@ -189,15 +191,7 @@ class Coordinator:
             watched = watch if watch is not None else ranks
             stale = []
             for r in watched:
-                try:
-                    key = self._key("hb", r)
-                    value = self.store.get(key).decode() if self.store.check([key]) else None
-                except Exception:
-                    value = None
-                last = seen.get(r)
-                if last is None or last[0] != value:
-                    seen[r] = (value, now)
-                elif now - last[1] > STALE_AFTER_S:
+                if self._silent_for(r, seen, now) > STALE_AFTER_S:
                     stale.append(r)
             if stale and (not all_stale or len(stale) == len(watched)):
                 raise TrainingError(
@@ -210,6 +204,71 @@ class Coordinator:
                     raise TrainingError(f"{what}: stopped while waiting for ranks {watched}")
             time.sleep(delay)
             delay = min(0.2, delay * 1.5)
+
+    def _silent_for(self, r: int, seen: dict[int, tuple[str | None, float]], now: float) -> float:
+        """Seconds rank ``r``'s heartbeat has not moved, as this waiter has watched it (``seen``)."""
+        try:
+            key = self._key("hb", r)
+            value = self.store.get(key).decode() if self.store.check([key]) else None
+        except Exception:
+            value = None
+        last = seen.get(r)
+        if last is None or last[0] != value:
+            seen[r] = (value, now)
+            return 0.0
+        return now - last[1]
+
+    # ------------------------------------------------------------------ messages
+
+    def post(self, name: str, data: bytes) -> None:
+        """This rank's message ``name`` (read by :meth:`collect` / :meth:`wait_for`)."""
+        self.store.set(self._key("msg", name, self.rank), data)
+
+    def wait_for(self, name: str, sender: int) -> bytes:
+        """``sender``'s message ``name``, once it is there (a dead sender: TrainingError)."""
+        key = self._key("msg", name, sender)
+
+        def done() -> bytes | None:
+            return bytes(self.store.get(key)) if self.store.check([key]) else None
+
+        return self._poll(f"waiting for rank {sender}'s {name}", [sender], done, watch=[sender])
+
+    def collect(self, name: str, ranks: list[int], dropout_after_s: float, keep: bool = False) -> dict[int, bytes]:
+        """The message ``name`` of every rank in ``ranks`` that sent it; a rank whose heartbeat stood
+        still for ``dropout_after_s`` before it sent is left out (it dropped out). Waits as long as
+        a missing rank is alive; each message is deleted from the store once read, unless ``keep``
+        (others read it too: then :meth:`forget` it)."""
+        got: dict[int, bytes] = {}
+        seen: dict[int, tuple[str | None, float]] = {}
+        dropped: set[int] = set()
+        stop_since: float | None = None
+        delay = 0.005
+        while True:
+            for r in ranks:
+                key = self._key("msg", name, r)
+                if r not in got and r not in dropped and self.store.check([key]):
+                    got[r] = bytes(self.store.get(key))
+                    if not keep:
+                        self.store.delete_key(key)
+            now = time.monotonic()
+            dropped |= {r for r in ranks if r not in got and self._silent_for(r, seen, now) > dropout_after_s}
+            if len(got) + len(dropped) == len(ranks):
+                return got
+            if self.stop.is_set():
+                stop_since = stop_since or now
+                if now - stop_since > STOP_GRACE_S:
+                    raise TrainingError(f"stopped while waiting for the {name} of ranks "
+                                        f"{sorted(set(ranks) - set(got) - dropped)}")
+            time.sleep(delay)
+            delay = min(0.2, delay * 1.5)
+
+    def forget(self, name: str, ranks: list[int]) -> None:
+        """Delete the message ``name`` of ``ranks`` from the store (read by everyone who needed it)."""
+        for r in ranks:
+            try:
+                self.store.delete_key(self._key("msg", name, r))
+            except Exception:  # already gone, or the store host is: nothing to free
+                log.debug("deleting a message failed", exc_info=True)
 
     def barrier(self, name: str, ranks: list[int]) -> None:
         """Wait until every rank in ``ranks`` arrived (no process-group timeout applies)."""

@@ -49,6 +49,15 @@ Multi-Krum weigh each update by sample count x reputation. Workers with a non-ho
 The round loop here gathers, aggregates (``workers.aggregation``) and broadcasts; what is then
 committed is decided by the consensus' commit rule (:mod:`.commit`).
 
+``secure_aggregation``: the weights travel masked, through the rendezvous store
+(:mod:`.secure_round`; keys and secret shares at the start of the round, the masked updates after
+local training), with every member's row of figures; only the sum reaches the aggregator. A worker
+that dies mid-round is recovered there: the survivors' shares remove its masks and the aggregate is
+the survivors' FedAvg. This job's groups still hold the dead rank, so the aggregator checkpoints the
+round's candidate (``secagg_pending``) and the survivors end the job (:class:`SurvivorsGoOn`); the
+server re-forms the group over them and resumes, and the new job commits that round first
+(:func:`_commit_pending`) on the survivors.
+
 While workers train, the aggregator (and workers that finish early) wait on the rendezvous
 store, not in a collective, so a round may take longer than the process-group timeout.
 """
@@ -68,7 +77,7 @@ from torch import nn
 
 from workers.aggregation import AggregationError, aggregate
 from workers.privacy import RoundCost, budget_refusal, central_aggregate, central_cost, clip_update, noised_mean
-from workers.protocol import Behavior
+from workers.protocol import SECAGG_HANDOVER, Behavior
 from workers.secagg import default_threshold
 
 from .adversary import HONEST, behavior_of, corrupt_weights, describe, is_honest
@@ -76,8 +85,9 @@ from .commit import PlainCommit, broadcast, commit_rule, evaluate_members
 from .common import Sums, TrainedModel, TrainingError, epoch_order, flat_weights, grad_norm, make_optimizer, set_weights
 from .consensus import WEIGHTED_RULES, Reputation, resolve_rule, rule_kwargs
 from .coord import agree, error_of
-from .private import LocalDP, SecAggStats, secure_sum, session_cost
+from .private import LocalDP, SecAggStats, session_cost
 from .runtime import Ctx
+from .secure_round import DROPOUT_AFTER_S, SecureRound
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +123,43 @@ class _Federation:
     dp_cost: RoundCost | None = None  # what one round spends (differential_privacy)
     local_dp: LocalDP | None = None  # this worker's DP-SGD (local differential privacy)
     secagg: SecAggStats | None = None  # secure aggregation's cost on this rank
+    threshold: int = 0  # secure aggregation: shares needed to unmask (t of the session's n workers)
     agg_seconds: float = 0.0
     rounds_done: int = 0
+    round_started: float = 0.0  # perf_counter() at the start of the current round
+
+
+class SurvivorsGoOn(TrainingError):
+    """A worker dropped out of a secure-aggregation round and the survivors recovered its sum: the
+    job ends here on every survivor (its process group holds the dead rank), the aggregator having
+    written the round's candidate into a checkpoint; the server re-forms the group over the
+    survivors and resumes from it, and the survivors commit that round first (:func:`_commit_pending`)."""
+
+
+@dataclass
+class _Outcome:
+    """What the aggregator decided in a round (placeholders on the other ranks)."""
+
+    weights: torch.Tensor  # the candidate global model
+    flag: float  # 1.0: stop after this round; FAILED: aggregation failed
+    status: float  # OK | INVALID
+    error: Any  # the aggregation error (FAILED)
+    train: Sums  # the workers' summed training figures
 
 
 def run_federated(ctx: Ctx) -> TrainedModel | None:
     fed = _start(ctx)
     local_model: nn.Module | None = None
-    for rnd in range(ctx.start, fed.last_round + 1):
-        stopping, last_local = _round(ctx, fed, rnd)
-        local_model = last_local or local_model
+    first, stopping = ctx.start, False
+    pending = (ctx.ckpt or {}).get("secagg_pending")
+    if pending is not None and int(pending["round"]) == ctx.start:
+        stopping, local_model = _commit_pending(ctx, fed, pending)
+        first += 1
+    for rnd in range(first, fed.last_round + 1):
         if stopping:
             break
+        stopping, last_local = _round(ctx, fed, rnd)
+        local_model = last_local or local_model
     if fed.local_dp is not None:
         fed.local_dp.close()
     if not ctx.plan.is_worker and not fed.is_agg:
@@ -186,7 +221,8 @@ def _start(ctx: Ctx) -> _Federation:
                        is_agg=is_agg, d=d, rule=rule, kwargs=rule_kwargs(job), behavior=behavior, opt=opt,
                        reputation=reputation, spe=spe, accum=accum, commit=commit, last_round=last_round,
                        dp_cost=dp_cost, local_dp=local_dp,
-                       secagg=SecAggStats() if job.secure_aggregation else None)
+                       secagg=SecAggStats() if job.secure_aggregation else None,
+                       threshold=default_threshold(len(plan.workers)))
 
 
 def _privacy_plan(ctx: Ctx, is_agg: bool) -> tuple[RoundCost | None, int]:
@@ -219,40 +255,135 @@ def _privacy_plan(ctx: Ctx, is_agg: bool) -> tuple[RoundCost | None, int]:
 def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None]:
     """One round: local training, gather, aggregate, broadcast, commit, report. Returns
     (stopping, this worker's own model when the round is its last)."""
-    model, d = ctx.model, fed.d
-    is_worker = ctx.plan.is_worker
     ctx.epoch = rnd
     ctx.sink.update(epoch=rnd)
-    t_round = time.perf_counter()
+    t_round = fed.round_started = time.perf_counter()
     local = Sums(ctx.num_classes)
-    if is_worker:
-        local_training(ctx, model, fed.opt, rnd, local, fed.worker_group, fed.spe, fed.accum, fed.local_dp)
-    ctx.coord.barrier(f"round-{rnd}", fed.members)  # long waits happen here, on the store
     secure = None
-    if fed.secagg is not None:  # the weights travel masked; the row keeps only the figures
-        vector = _secure_vector(ctx, fed, rnd) if is_worker else None
-        secure = secure_sum(ctx, fed.group, fed.members, fed.agg, vector, d + 1, fed.secagg)
-    row = _row(ctx, fed, local, rnd, with_weights=fed.secagg is None)
+    if fed.secagg is not None:  # keys and secret shares first: a worker lost while training is recovered
+        secure = SecureRound(ctx.coord, rnd, ctx.plan.workers, fed.agg, ctx.plan.rank, fed.threshold)
+        secure.share_keys()
+    if ctx.plan.is_worker:
+        # under secure aggregation no gloo collective may span the workers while they train: one
+        # could die, and its masks are recovered only if the others reach the masked sum
+        local_training(ctx, ctx.model, fed.opt, rnd, local, fed.worker_group if secure is None else None,
+                       fed.spe, fed.accum, fed.local_dp)
+    outcome = _gather(ctx, fed, rnd, local) if secure is None else _secure_gather(ctx, fed, rnd, local, secure)
+    return _finish_round(ctx, fed, rnd, outcome, local, t_round)
+
+
+def _gather(ctx: Ctx, fed: _Federation, rnd: int, local: Sums) -> _Outcome:
+    """The weights in the clear: every member's row gathered on the aggregator, screened by the
+    commit rule, aggregated."""
+    d = fed.d
+    ctx.coord.barrier(f"round-{rnd}", fed.members)  # long waits happen here, on the store
+    row = _row(ctx, fed, local, rnd)
     t0 = time.perf_counter()
     table = [torch.empty_like(row) for _ in fed.members] if fed.is_agg else None
     dist.gather(row, gather_list=table, dst=fed.agg, group=fed.group)
     ctx.comm_s += time.perf_counter() - t0
     rows = _worker_rows(ctx, fed, table) if fed.is_agg else None  # stacked once: screened, then aggregated
-    updates = rows[:, :d] if rows is not None and fed.secagg is None else None
-    # proof-of-learning scores each update; under secure aggregation no single update is visible, so
-    # only the aggregate is judged (the session's start message says so)
-    kept = None if fed.secagg is not None else fed.commit.screen(rnd, updates, len(ctx.plan.workers))
-    if fed.is_agg:
-        assert table is not None and rows is not None
-        glob_w, flag, status, agg_error, train_sums = _aggregate(ctx, fed, table, rows, rnd, secure, kept)
-    else:
+    kept = fed.commit.screen(rnd, rows[:, :d] if rows is not None else None, len(ctx.plan.workers))
+    if not fed.is_agg:
         ctx.bytes_sent += row.numel() * 4
-        glob_w, flag, status, agg_error, train_sums = torch.empty(d), 0.0, OK, None, Sums(ctx.num_classes)
-    payload = torch.cat([glob_w, torch.tensor([flag, status])])
+        return _Outcome(torch.empty(d), 0.0, OK, None, Sums(ctx.num_classes))
+    assert table is not None and rows is not None
+    return _Outcome(*_aggregate(ctx, fed, table, rows, rnd, None, kept))
+
+
+def _secure_gather(ctx: Ctx, fed: _Federation, rnd: int, local: Sums, secure: SecureRound) -> _Outcome:
+    """The weights masked (secure aggregation, over the store): the aggregator gets the sum of the
+    surviving workers' vectors and every member's row without weights. proof-of-learning cannot
+    score single updates here, so only the aggregate is judged (the session's start message says
+    so). When a worker dropped out, the survivors hand the round over (:func:`_hand_over`)."""
+    d, plan = fed.d, ctx.plan
+    row = _row(ctx, fed, local, rnd, with_weights=False)
+    if not fed.is_agg:  # posted before the masked vector: a survivor's row is there when its vector is
+        ctx.coord.post(f"secagg/{rnd}/row", row.numpy().tobytes())
+        ctx.bytes_sent += row.numel() * 4
+    total = secure.masked_sum(_secure_vector(ctx, fed, rnd) if plan.is_worker else None, d + 1)
+    result = secure.outcome()
+    survivors, dropped, unmasked = result["survivors"], result["dropped"], result["unmasked"]
+    assert fed.secagg is not None
+    fed.secagg.add(secure.seconds, {**secure.figures(), "secagg_dropped_workers": float(len(dropped))})
+    outcome = _Outcome(torch.empty(d), 0.0, OK, None, Sums(ctx.num_classes))
+    if fed.is_agg:
+        others = [r for r in fed.members if r != fed.agg and (r in survivors or r not in plan.workers)]
+        got = ctx.coord.collect(f"secagg/{rnd}/row", others, DROPOUT_AFTER_S)
+        if missing := sorted(set(others) - set(got)):
+            raise TrainingError(f"round {rnd}: rank(s) {missing} showed no sign of life for {DROPOUT_AFTER_S:.0f} s "
+                                "(process dead or hung); the job cannot continue")
+        ctx.coord.forget(f"secagg/{rnd}/row", dropped)
+        have = {fed.agg: row, **{r: torch.frombuffer(bytearray(b), dtype=torch.float32) for r, b in got.items()}}
+        table = [have[r] for r in fed.members if r in have]
+        rows = torch.stack([have[r] for r in plan.workers if r in survivors])
+        outcome = _Outcome(*_aggregate(ctx, fed, table, rows, rnd, total, None))
+    if dropped:
+        _hand_over(ctx, fed, rnd, outcome, survivors, dropped, unmasked)
+    return outcome
+
+
+def _hand_over(ctx: Ctx, fed: _Federation, rnd: int, outcome: _Outcome, survivors: list[int],
+               dropped: list[int], unmasked: list[int]) -> None:
+    """Worker(s) ``dropped`` out of round ``rnd``, which the survivors recovered. This job's groups
+    hold the dead rank, so the round cannot be committed here: the aggregator writes the last
+    committed model with the round's candidate (``secagg_pending``) as the checkpoint of round
+    ``rnd - 1``, and every survivor ends the job (SurvivorsGoOn); the server re-forms the group
+    over the survivors (or a replacement, with auto_healing) and resumes from that checkpoint."""
+    early = [r for r in dropped if r not in unmasked]
+    what = (f"worker rank(s) {dropped} dropped out of round {rnd}; "
+            + (f"the survivors revealed their shares of the mask keys of {unmasked}, whose masks were removed, "
+               if unmasked else "")
+            + (f"{early} dropped before sharing secrets (no mask of theirs was in the sum), " if early else "")
+            + f"and the round's aggregate is the sum of the {len(survivors)} surviving workers' updates")
+    if fed.is_agg:
+        assert fed.secagg is not None
+        pending = {"round": rnd, "candidate": outcome.weights.clone(), "flag": outcome.flag, "status": outcome.status,
+                   "error": list(outcome.error) if outcome.error else None, "train": dict(outcome.train.train),
+                   "lr": ctx.lr, "survivors": survivors, "dropped": dropped, "secagg": dict(fed.secagg.last),
+                   "seconds": time.perf_counter() - fed.round_started}
+        before = ctx.last_checkpoint
+        set_weights(ctx.model, fed.commit.committed)
+        ctx.write_checkpoint(rnd - 1, ctx.model, None, extra={"secagg_pending": pending, **fed.commit.resume_fields()})
+        if ctx.last_checkpoint == before:
+            raise TrainingError(f"{what}, but the checkpoint to continue from could not be written; the round is lost")
+        ctx.node_stats(secagg_recovered_round=rnd)
+        ctx.say(f"{what}; the group is re-formed over the survivors, which commit round {rnd} and go on")
+    raise SurvivorsGoOn(f"{what}; this job ends so that {SECAGG_HANDOVER}, which resume from round {rnd}'s "
+                        "checkpoint")
+
+
+def _commit_pending(ctx: Ctx, fed: _Federation, pending: dict[str, Any]) -> tuple[bool, nn.Module | None]:
+    """The round a worker dropped out of, recovered by the survivors before this job: its candidate
+    (in the checkpoint) is broadcast, judged by the commit rule, evaluated and reported here, on
+    the re-formed group."""
+    rnd = int(pending["round"])
+    ctx.epoch = rnd
+    ctx.sink.update(epoch=rnd)
+    train = Sums(ctx.num_classes)
+    train.train.update({k: float(v) for k, v in (pending.get("train") or {}).items()})
+    error = tuple(pending["error"]) if pending.get("error") else None
+    outcome = _Outcome(pending["candidate"].float() if fed.is_agg else torch.empty(fed.d), float(pending["flag"]),
+                       float(pending["status"]), error, train)
+    ctx.lr = float(pending.get("lr") or ctx.lr)
+    if fed.secagg is not None:  # the round's figures as the aggregator measured them (its own secagg_ms)
+        fed.secagg.add(0.0, {k: float(v) for k, v in (pending.get("secagg") or {}).items()} if fed.is_agg else {})
+    if fed.is_agg:
+        ctx.say(f"round {rnd}: committing the aggregate the survivors recovered without worker rank(s) "
+                f"{pending.get('dropped')} (ranks of the earlier group)")
+    return _finish_round(ctx, fed, rnd, outcome, Sums(ctx.num_classes),
+                         time.perf_counter() - float(pending.get("seconds") or 0.0))
+
+
+def _finish_round(ctx: Ctx, fed: _Federation, rnd: int, outcome: _Outcome, local: Sums,
+                  t_round: float) -> tuple[bool, nn.Module | None]:
+    """The candidate to every member, the commit rule, the evaluation and the round's report."""
+    model, d, is_worker = ctx.model, fed.d, ctx.plan.is_worker
+    payload = torch.cat([outcome.weights, torch.tensor([outcome.flag, outcome.status])])
     broadcast(ctx, payload, fed.agg, fed.group, fed.members)
     flag, status = float(payload[d]), float(payload[d + 1])
     if flag >= FAILED:  # every member raises the aggregator's error
-        agree(agg_error, None, fed.group)
+        agree(outcome.error, None, fed.group)
     stopping = flag > 0
     final = stopping or rnd == fed.last_round  # the last round, or the last a privacy budget allows
     local_model = copy.deepcopy(model) if (is_worker and final) else None  # this worker's own last model
@@ -265,7 +396,7 @@ def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None
     if val is None:
         val, _, _ = evaluate_members(ctx, model, fed.group, judge=False)
     glob = Sums.from_tensor(val.tensor(), ctx.num_classes)
-    glob.train = train_sums.train
+    glob.train = outcome.train.train
     ctx.sink.update(step=rnd)
     ctx.epoch_end(rnd, rnd, glob, seconds, local if is_worker else None, model, fed.opt if is_worker else None,
                   final, extra=extra_metrics)

@@ -269,16 +269,16 @@ class Ctx:
             s.node_stat(k, v)
 
     def write_checkpoint(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                         best: bool = False) -> None:
+                         best: bool = False, extra: dict[str, Any] | None = None) -> None:
         """Write the checkpoint of ``epoch``; ``best``: it becomes the kept best (the previous best may
-        then be rotated away)."""
+        then be rotated away); ``extra``: further fields of the file."""
         directory = checkpoint_dir(self.job, self.sandbox)
         keep = self.best_checkpoint if not best else None
         try:
             path, removed = save_checkpoint(
                 directory, self.job, epoch, model, optimizer, self.setup.task, self.setup.tokenizer,
                 self.setup.label_names, self.setup.max_len, self.latest, self.quota,
-                keep=Path(keep) if keep else None,
+                keep=Path(keep) if keep else None, extra=extra,
             )
         except OSError as exc:
             # A full disk must not kill the training: say so and keep going.
