@@ -100,6 +100,17 @@ def test_preset_parameter_table_matches_the_built_models():
         templates.parse_model_size("125 millions")
 
 
+async def test_arguments_that_disagree_get_a_sentence_through_the_tool(home):
+    """Cross-field rules are checked on the whole option set: found by the fuzzer, they once left
+    the tool with the SDK's bare 'Error executing tool' (a pydantic error escaping the tool)."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        text = await err(client, "neural_train_distributed", {
+            "cluster_id": "dnc_000000000000", "dataset": "digits", "gradient_compression": 0.5,
+            "compression_ratio": 1})
+    assert "gradient_compression 0.5 and compression_ratio 1.0 disagree" in text, text
+    assert "internal error" not in text and "Value error" not in text
+
+
 def test_compression_true_is_top_k_half_and_sparse_only_when_smaller():
     opts = p.TrainOptions(dataset="digits", gradient_compression=True)
     assert opts.gradient_compression == 0.5

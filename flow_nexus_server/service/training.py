@@ -70,7 +70,9 @@ def training_options(args: dict[str, Any]) -> p.TrainOptions:
     try:
         options = p.TrainOptions.model_validate(args)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors())
         raise ServiceError(f"training arguments are invalid: {problems}") from exc
     if refusal := p.architecture_refusal(options.architecture):
         raise ServiceError(refusal)

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from flow_nexus_server import replies as r
 from flow_nexus_server.service import plots
+from flow_nexus_server.service.training import training_options
 from flow_nexus_server.tools.common import (
     DESTROYS,
     READ_ONLY,
@@ -21,6 +22,7 @@ from flow_nexus_server.tools.common import (
     App,
     ClusterId,
     call,
+    call_in_loop,
     model_fields_as_parameters,
     tool,
     training_started_hinted,
@@ -48,10 +50,9 @@ def register(mcp: MCPServer, app: App) -> None:
         """Train a real model across the cluster's nodes: synchronous data parallel along the topology,
         parameter-server mode (when the cluster has parameter_server nodes), or federated (FedAvg).
         Returns a session id at once unless `wait` is set."""
-        if refusal := p.architecture_refusal(options["architecture"]):
-            raise ToolError(refusal)
         options["rounds"] = options["rounds"] or aggregation_rounds
-        req = p.TrainOptions.model_validate(options)
+        # the whole model again: its cross-field rules (compression vs ratio, ...) give a sentence here
+        req = call_in_loop(training_options, options)
         reply = training_started_hinted(await call(app.training.start, cluster_id, req))
         if not wait:
             return reply
