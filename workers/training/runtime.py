@@ -177,6 +177,22 @@ class Ctx:
         self.comm_s += time.perf_counter() - t0
         return Sums.from_tensor(t, self.num_classes)
 
+    def validate_start(self, model: nn.Module | None, group: Any) -> None:
+        """Training that starts from loaded weights (a Hugging Face directory, a checkpoint at epoch 0):
+        validate them once before the first step, so the session's history shows where fine-tuning began
+        (val_* at epoch 0). Collective over ``group``; ranks without a model contribute nothing."""
+        if self.ckpt is None or self.start != 1:
+            return
+        sums = Sums(self.num_classes)
+        if model is not None and self.data is not None:
+            sums.set_val(evaluate(model, self.data.val, self.kind, self.num_classes))
+        metrics = {k: v for k, v in self.reduce_sums(sums, group).metrics(self.kind).items() if k.startswith("val_")}
+        if self.is_reporter and metrics:
+            for name, value in metrics.items():
+                if math.isfinite(value):
+                    self.sink.record(name, value, epoch=0, step=0)
+            self.say("starting weights (" + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + ")")
+
     # ------------------------------------------------------------------ reporting
 
     def report_baseline(self) -> None:
@@ -306,7 +322,7 @@ class Ctx:
             tokenizer=self.setup.tokenizer,
             label_names=list(self.setup.label_names),
             architecture=self.job.architecture,
-            preset=self.job.model,
+            preset=getattr(model, "preset", self.job.model),  # "custom" when a loaded model kept its own shape
             max_len=self.setup.max_len,
             local_model=local_model,
             session_id=self.job.session_id,
