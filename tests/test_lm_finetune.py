@@ -95,13 +95,39 @@ async def _fine_tune(client, cid: str, directory: Path, text: Path) -> tuple[flo
     return ppl[0], ppl[1], run
 
 
-async def test_fine_tune_a_hugging_face_directory_trained_elsewhere(home) -> None:
+@pytest.fixture(scope="module")
+def elsewhere(tmp_path_factory) -> tuple[Path, Path]:
+    return _trained_elsewhere(tmp_path_factory.mktemp("elsewhere"))
+
+
+def test_memory_check_counts_the_directory_model(elsewhere, tmp_path) -> None:
+    """The node's estimate before a session (what memory_mb is checked against) is of the model that
+    will train: the directory's, not the cluster's preset."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.budget import estimate_training_memory
+    from workers.data import load_dataset
+    from workers.protocol import TrainJob
+
+    text = tmp_path / "mill.txt"
+    text.write_text("\n".join(_lines(random.Random(1), 50, "bakes")), encoding="utf-8")
+    job = TrainJob(dataset=str(text), session_id="estimate", mode="sync", topology="mesh", architecture="transformer",
+                   roles=["worker"], batch_size=8, resume_from=str(elsewhere[0]))
+    estimate = estimate_training_memory(job, load_dataset(str(text)))
+    assert estimate.parameters == AutoModelForCausalLM.from_pretrained(elsewhere[0]).num_parameters()
+    preset = estimate_training_memory(job.model_copy(update={"resume_from": None}), load_dataset(str(text)))
+    assert preset.parameters > 10 * estimate.parameters  # the base preset the nodes were deployed with
+
+
+async def test_fine_tune_a_hugging_face_directory_trained_elsewhere(home, elsewhere) -> None:
+    import shutil
+
     from transformers import AutoModelForCausalLM
 
     models, data = home / "models", home / "data"
-    models.mkdir(parents=True)
-    data.mkdir()
-    trained, fresh = _trained_elsewhere(models)
+    data.mkdir(parents=True)
+    shutil.copytree(elsewhere[0].parent, models)  # under the state home: a path the server may read
+    trained, fresh = models / "trained", models / "fresh"
     text = data / "mill.txt"  # the user's text: the same scenes, other trades
     text.write_text("\n".join(_lines(random.Random(1), 1200, "bakes")) + "\n", encoding="utf-8")
 

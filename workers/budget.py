@@ -63,6 +63,9 @@ def estimate_training_memory(job: p.TrainJob, ds: Any) -> MemoryEstimate:
     task = probe_task(ds, job)
     # a resumed language model keeps the shape its source records (workers.training.engine)
     hf_config = recorded_hf_config(Path(job.resume_from)) if job.resume_from and task.kind == "lm" else None
+    if hf_config is not None:  # its vocabulary; windows no longer than its context
+        vocab = int(hf_config.get("vocab_size") or task.vocab_size)
+        task = TaskInfo("lm", (), vocab, vocab, min(task.max_len, int(hf_config.get("n_positions") or task.max_len)))
     with torch.device("meta"):
         model = build_model(job.architecture, job.model, task, layers=job.layers or None, hf_config=hf_config)
     parameters = sum(t.numel() for t in model.parameters())
