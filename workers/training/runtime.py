@@ -177,16 +177,20 @@ class Ctx:
         self.comm_s += time.perf_counter() - t0
         return Sums.from_tensor(t, self.num_classes)
 
-    def validate_start(self, model: nn.Module | None, group: Any) -> None:
+    def validate_start(self, model: nn.Module | None, group: Any, known: Sums | None = None) -> None:
         """Training that starts from loaded weights (a Hugging Face directory, a checkpoint at epoch 0):
         validate them once before the first step, so the session's history shows where fine-tuning began
-        (val_* at epoch 0). Collective over ``group``; ranks without a model contribute nothing."""
+        (val_* at epoch 0). ``known``: those figures already summed over ``group`` (proof-of-learning
+        validates the starting model too); else collective over ``group``, ranks without a model
+        contributing nothing."""
         if self.ckpt is None or self.start != 1:
             return
-        sums = Sums(self.num_classes)
-        if model is not None and self.data is not None:
-            sums.set_val(evaluate(model, self.data.val, self.kind, self.num_classes))
-        metrics = {k: v for k, v in self.reduce_sums(sums, group).metrics(self.kind).items() if k.startswith("val_")}
+        if known is None:
+            sums = Sums(self.num_classes)
+            if model is not None and self.data is not None:
+                sums.set_val(evaluate(model, self.data.val, self.kind, self.num_classes))
+            known = self.reduce_sums(sums, group)
+        metrics = {k: v for k, v in known.metrics(self.kind).items() if k.startswith("val_")}
         if self.is_reporter and metrics:
             for name, value in metrics.items():
                 if math.isfinite(value):
