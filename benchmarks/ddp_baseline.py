@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.data import load_dataset, partition, train_val_split  # noqa: E402
 from workers.models import TaskInfo, build_model  # noqa: E402
+from workers.priority import autogroup_at_own_nice  # noqa: E402
 
 
 def shard(name: str, rank: int, world: int, validation_split: float, seed: int,  # type: ignore[no-untyped-def]
@@ -97,6 +98,7 @@ def main() -> int:
                          "a diagnostic that separates that work from the framework's overhead")
     args = ap.parse_args()
 
+    autogroup_at_own_nice()  # torchrun gave this rank an autogroup of its own, at nice 0
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
