@@ -59,9 +59,9 @@ class Bench:
             status = await self.tool("neural_training_status", {"session_id": run["session_id"]})
             if status["status"] != SessionState.RUNNING or time.perf_counter() - t0 > TRAIN_WAIT_S:
                 break
-            await anyio.sleep(2.0)
+            await anyio.sleep(0.5)
         wall = time.perf_counter() - t0
-        await anyio.sleep(1.0)  # the session reads as ended just before its cluster is marked connected again
+        await anyio.sleep(0.5)  # the session reads as ended just before its cluster is marked connected again
         if status["status"] != SessionState.COMPLETED:
             raise BenchError(f"session {run['session_id']} ended {status['status']}: {status.get('error')}")
         run["client_wall_s"] = wall
