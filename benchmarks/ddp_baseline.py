@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.data import load_dataset, partition, train_val_split  # noqa: E402
 from workers.models import TaskInfo, build_model  # noqa: E402
+from workers.priority import autogroup_at_own_nice  # noqa: E402
 
 
 def shard(name: str, rank: int, world: int, validation_split: float, seed: int,  # type: ignore[no-untyped-def]
@@ -59,14 +60,15 @@ def lm_shard(ds, rank: int, world: int, validation_split: float, seed: int,  # t
     """A language-modelling shard as the node trainer builds it: the byte-level BPE trained on every
     training document (what the workers' summed pre-token counts give), this rank's documents as one
     token stream, cut into windows of the trainer's sequence length."""
-    from workers.data.bpe import BPETokenizer
+    from workers.data.bpe import BPETokenizer, pretoken_counts
     from workers.data.text import lm_windows
     from workers.models.gpt import requested_vocab_size
     from workers.training.setup import LM_SEQ_LEN
 
     tr, _ = train_val_split(len(ds), validation_split, seed)
     parts = partition(len(tr), world, "iid", 0.5, seed)
-    tokenizer = BPETokenizer.fit(list(ds.subset(tr).X), requested_vocab_size(preset, None))
+    counts = pretoken_counts(ds.subset(tr).X)  # the vocabulary rule of workers.training.setup.global_setup
+    tokenizer = BPETokenizer.fit_counts(counts, requested_vocab_size(preset, None, sum(counts.values())))
     xi, yi = lm_windows(tokenizer.encode_stream(list(ds.subset(tr[parts[rank]]).X)), LM_SEQ_LEN)
     v = tokenizer.vocab_size
     task = TaskInfo("lm", (), v, v, LM_SEQ_LEN)
@@ -96,6 +98,7 @@ def main() -> int:
                          "a diagnostic that separates that work from the framework's overhead")
     args = ap.parse_args()
 
+    autogroup_at_own_nice()  # torchrun gave this rank an autogroup of its own, at nice 0
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

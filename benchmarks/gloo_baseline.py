@@ -20,9 +20,14 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workers.priority import autogroup_at_own_nice  # noqa: E402
 
 OPS = ("all_reduce", "all_gather", "broadcast")
 
@@ -49,6 +54,7 @@ def main() -> int:
     ap.add_argument("--ops", nargs="+", choices=OPS, default=["all_reduce"])
     args = ap.parse_args()
 
+    autogroup_at_own_nice()  # torchrun gave this rank an autogroup of its own, at nice 0
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -55,11 +55,19 @@ def estimate_training_memory(job: p.TrainJob, ds: Any) -> MemoryEstimate:
     """Estimate for training ``job``'s model on dataset ``ds`` (a workers.data.Dataset) on this node.
 
     Raises workers.models.ModelError when the model cannot be built for this data."""
+    from pathlib import Path
+
+    from workers.training.checkpoint import recorded_hf_config
     from workers.training.common import eval_batch_size
 
     task = probe_task(ds, job)
+    # a resumed language model keeps the shape its source records (workers.training.engine)
+    hf_config = recorded_hf_config(Path(job.resume_from)) if job.resume_from and task.kind == "lm" else None
+    if hf_config is not None:  # its vocabulary; windows no longer than its context
+        vocab = int(hf_config.get("vocab_size") or task.vocab_size)
+        task = TaskInfo("lm", (), vocab, vocab, min(task.max_len, int(hf_config.get("n_positions") or task.max_len)))
     with torch.device("meta"):
-        model = build_model(job.architecture, job.model, task, layers=job.layers or None)
+        model = build_model(job.architecture, job.model, task, layers=job.layers or None, hf_config=hf_config)
     parameters = sum(t.numel() for t in model.parameters())
     slots = OPTIMIZER_SLOTS.get(job.optimizer, 2)
     copies = 2 + slots + COMMUNICATION_COPIES + (1 + slots)  # the last: the checkpoint's copy

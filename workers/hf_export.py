@@ -137,11 +137,9 @@ def load_huggingface(directory: Path, memory_mb: int | None = None) -> tuple[Any
     """A Hugging Face GPT-2 directory -> (TrainedModel, the training facts it records)."""
     from safetensors.torch import load_model
     from tokenizers import Tokenizer
-    from transformers import GPT2Config
 
     from workers.data.bpe import BPETokenizer
     from workers.data.dataset import DatasetError
-    from workers.models import TaskInfo
     from workers.models.gpt import GPTLanguageModel
     from workers.training.common import TrainedModel
 
@@ -167,18 +165,11 @@ def load_huggingface(directory: Path, memory_mb: int | None = None) -> tuple[Any
         raise HuggingFaceError(f"{directory}/tokenizer.json does not load as a byte-level BPE tokenizer with an "
                                f"<|endoftext|> token: {exc}") from None
     try:
-        hf_config = GPT2Config.from_dict({k: v for k, v in config.items() if k != "auto_map"})
-        task = TaskInfo("lm", (), int(hf_config.vocab_size), int(hf_config.vocab_size), int(hf_config.n_positions))
-        cfg = {"n_embd": hf_config.n_embd, "n_layer": hf_config.n_layer, "n_head": hf_config.n_head,
-               "n_inner": hf_config.n_inner or 4 * hf_config.n_embd, "dropout": hf_config.resid_pdrop,
-               "embd_dropout": hf_config.embd_pdrop}
-        model = GPTLanguageModel("custom", task, cfg)
+        model = GPTLanguageModel.from_hf_config(config)
+        hf_config, task = model.hf.config, model.task
         if tokenizer.vocab_size > task.vocab_size:
             raise HuggingFaceError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, the model's "
                                    f"embedding only {task.vocab_size}")
-        from transformers import GPT2LMHeadModel
-
-        model.hf = GPT2LMHeadModel(hf_config)  # the directory's own config (activation, epsilon, ...)
         load_model(model.hf, str(weights), strict=False)
         missing = _missing(model.hf, weights)
         if missing:

@@ -30,7 +30,7 @@ from workers.data import load_dataset, load_tokenizer, train_val_split
 from workers.data.bpe import BPETokenizer
 from workers.inference import InferenceError, model_size_bytes
 from workers.models import TaskInfo, build_model, describe_model
-from workers.training.checkpoint import model_from_checkpoint, read_checkpoint
+from workers.training.checkpoint import hf_config_of, model_from_checkpoint, read_checkpoint
 from workers.training.common import TrainedModel
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def export_model(trained: TrainedModel, directory: Path, fmt: str, card: dict[st
         **({"pytorch": PYTORCH} if fmt == "pytorch" else {}),
         "architecture": trained.architecture, "preset": trained.preset,
         "task": asdict(trained.task), "max_len": trained.max_len, "label_names": trained.label_names,
-        "layers": (job or {}).get("layers"), "parameters": info["parameters"],
+        "layers": (job or {}).get("layers"), "hf_config": hf_config_of(model), "parameters": info["parameters"],
         "training": {k: (job or {}).get(k) for k in ("session_id", "dataset", "mode", "topology", "epochs", "rounds",
                                                      "validation_split", "seed", "optimizer", "learning_rate")},
         "metrics": trained.metrics, "exported_at": time.time(),
@@ -156,7 +156,7 @@ def load_export(directory: Path) -> tuple[TrainedModel, dict[str, Any]]:
     from safetensors.torch import load_model
 
     try:
-        model = build_model(arch, preset, task, layers=config.get("layers"))
+        model = build_model(arch, preset, task, layers=config.get("layers"), hf_config=config.get("hf_config"))
         load_model(model, str(weights))
     except Exception as exc:  # a foreign or damaged file: no Python text in the reply
         log.info("loading export %s failed", directory, exc_info=True)

@@ -43,7 +43,8 @@ def train_twin(architecture: str, dataset: str, epochs: int, batch_size: int, le
     """The cluster's network (preset base) trained on one process with the effective batch of
     ``workers`` synchronous workers; its validation accuracy on the cluster's validation split."""
     from workers.models import build_model
-    from workers.training.common import batch_loss, epoch_order, evaluate, lr_factor, make_optimizer, set_lr
+    from workers.training.common import batch_loss, epoch_order, evaluate, make_optimizer, set_lr
+    from workers.training.schedule import lr_factor
     from workers.training.setup import encode_local, global_setup, read_local
 
     t0 = time.perf_counter()

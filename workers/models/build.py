@@ -26,13 +26,26 @@ _NETWORKS: dict[str, type[FlowModel]] = {
 
 def build_model(architecture: str, preset: str, task: TaskInfo,
                 layers: list[dict[str, Any]] | None = None,
-                gradient_checkpointing: bool = False) -> nn.Module:
+                gradient_checkpointing: bool = False,
+                hf_config: dict[str, Any] | None = None) -> nn.Module:
     """Build a freshly initialised model (deterministic given ``torch.manual_seed``).
+
+    ``hf_config``: an exact GPT-2 config (a Hugging Face directory's ``config.json``, or the one a
+    checkpoint recorded) that a language model is built from instead of the preset / layers, which
+    then only label it; its vocabulary and context are the config's.
 
     Raises :class:`ModelError` (before any module is built) when the architecture does not fit
     the dataset kind, the preset is unknown, or the custom layer list is invalid.
     """
     check_compatible(architecture, task.kind)
+    if hf_config is not None:
+        if architecture != "transformer" or task.kind != "lm":
+            raise ModelError(f"a GPT-2 config builds a transformer language model, not {architecture} for "
+                             f"{task.kind} data")
+        model = GPTLanguageModel.from_hf_config(hf_config, preset)
+        model.gradient_checkpointing = bool(gradient_checkpointing)
+        log.info("built transformer (GPT-2 config) for lm: %d parameters", describe_model(model)["parameters"])
+        return model
     if preset not in PRESETS:
         raise ModelError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     validate_task(task)

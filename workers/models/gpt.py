@@ -145,6 +145,30 @@ class GPTLanguageModel(FlowModel):
         self.config.update(vocab_size=task.vocab_size, n_positions=config.n_positions)
         self._apply_checkpointing()
 
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], preset: str = "custom") -> GPTLanguageModel:
+        """A model of exactly this GPT-2 config (a Hugging Face ``config.json`` or a checkpoint's
+        ``hf_config``: activation, epsilon and context included), freshly initialised and labelled
+        ``preset``; its task's vocabulary and context are the config's."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf_config = GPT2Config.from_dict({k: v for k, v in config.items() if k != "auto_map"})
+        shaped = TaskInfo("lm", (), int(hf_config.vocab_size), int(hf_config.vocab_size), int(hf_config.n_positions))
+        cfg = {"n_embd": hf_config.n_embd, "n_layer": hf_config.n_layer, "n_head": hf_config.n_head,
+               "n_inner": hf_config.n_inner or 4 * hf_config.n_embd, "dropout": hf_config.resid_pdrop,
+               "embd_dropout": hf_config.embd_pdrop}
+        with torch.device("meta"):  # the preset-shaped model is replaced at once: no need to fill it
+            model = cls(preset, shaped, cfg)
+        model.hf = GPT2LMHeadModel(hf_config)
+        model._apply_checkpointing()
+        return model
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        """The full GPT-2 config as JSON values (what a checkpoint records to rebuild this model)."""
+        import json
+
+        return dict(json.loads(self.hf.config.to_json_string(use_diff=False)))
+
     @property
     def hf_config(self) -> Any:
         return self.hf.config

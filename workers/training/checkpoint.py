@@ -7,7 +7,8 @@ every other field as JSON in the file's metadata (key ``flow_nexus``): ``job``
 (the tokenizer's ``to_dict()``: word for text, BPE for language models; or None),
 ``label_names``, ``architecture``, ``preset``,
 ``max_len``, ``epoch`` (epoch or federated round), ``mode``, ``metrics`` (the latest global
-metrics) and the optimizer state's non-tensor structure. Nothing in it is pickled: a file a
+metrics), ``hf_config`` (a GPT-2 language model's exact config, which rebuilds it whatever the
+job's preset; None for other models) and the optimizer state's non-tensor structure. Nothing in it is pickled: a file a
 client placed can at worst fail to load, never run code.
 
 :func:`read_checkpoint` returns the dict the rest of the code uses (``model_state``,
@@ -105,8 +106,35 @@ def checkpoint_payload(
         "epoch": int(epoch),
         "mode": job.mode,
         "metrics": dict(metrics),
+        "hf_config": hf_config_of(model),
         **extra,
     }
+
+
+def hf_config_of(model: nn.Module) -> dict[str, Any] | None:
+    """A GPT-2 language model's exact config (what rebuilds it whatever the job's preset); None for others."""
+    config = getattr(model, "hf_config_dict", None)
+    return config() if callable(config) else None
+
+
+def recorded_hf_config(path: Path) -> dict[str, Any] | None:
+    """The GPT-2 config a resume source records, read without loading weights: a Hugging Face
+    directory's config.json, or a checkpoint file's ``hf_config``; None when it records none or
+    cannot be read (training then reports what is wrong with it)."""
+    try:
+        if path.is_dir():
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            return config if isinstance(config, dict) and config.get("model_type") == "gpt2" else None
+        if path.suffix == CHECKPOINT_SUFFIX and path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:  # the header only
+                fields = json.loads((f.metadata() or {})[METADATA_KEY])["fields"]
+            config = fields.get("hf_config")
+            return config if isinstance(config, dict) else None
+    except Exception:  # unreadable: the trainer's own reading says why
+        log.info("no GPT-2 config read from %s", path, exc_info=True)
+    return None
 
 
 # --------------------------------------------------------------------------- the file format
@@ -290,7 +318,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def _read_huggingface(path: Path) -> dict[str, Any]:
     """A Hugging Face GPT-2 directory as a checkpoint at epoch 0: fine-tuning starts from its weights
-    (safetensors and JSON only, see workers.hf_export); the job's model must have its shape."""
+    (safetensors and JSON only, see workers.hf_export) in its own shape (``hf_config``), whatever preset
+    the cluster's nodes were deployed with."""
     from dataclasses import asdict
 
     from workers.hf_export import HuggingFaceError, is_huggingface_dir, load_huggingface
@@ -304,7 +333,8 @@ def _read_huggingface(path: Path) -> dict[str, Any]:
     return {"model_state": {k: v.detach().clone() for k, v in trained.model.state_dict().items()},
             "optimizer_state": None, "job": {}, "task": asdict(trained.task), "tokenizer": trained.tokenizer.to_dict(),
             "label_names": [], "architecture": "transformer", "preset": trained.preset, "max_len": trained.max_len,
-            "epoch": 0, "mode": "sync", "metrics": dict(trained.metrics)}
+            "epoch": 0, "mode": "sync", "metrics": dict(trained.metrics), "hf_config": hf_config_of(trained.model),
+            "source": "huggingface"}
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
@@ -410,7 +440,7 @@ def _model_from_checkpoint(ck: dict[str, Any], p: Path) -> TrainedModel:
     preset = ck.get("preset") or job.get("model") or "base"
     layers = job.get("layers") if preset == "custom" else None
     try:
-        model = build_model(arch, preset, task, layers=layers)
+        model = build_model(arch, preset, task, layers=layers, hf_config=ck.get("hf_config"))
     except ModelError as exc:
         raise TrainingError(f"checkpoint {p}: cannot rebuild its model: {exc}") from exc
     load_state(model, ck["model_state"], str(p))

@@ -185,9 +185,10 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
     del local
 
     torch.manual_seed(job.seed)
-    model = build_model(job.architecture, job.model, setup.task,
+    preset, hf_config = _model_source(job, ckpt, sink)
+    model = build_model(job.architecture, preset, setup.task,
                         layers=job.layers or None,
-                        gradient_checkpointing=job.gradient_checkpointing)
+                        gradient_checkpointing=job.gradient_checkpointing, hf_config=hf_config)
     if ckpt is not None:
         load_state(model, ckpt["model_state"], str(job.resume_from))
         sink.log(f"resumed from {job.resume_from} at {'round' if job.mode == 'federated' else 'epoch'} {start}")
@@ -238,6 +239,24 @@ def _run_mode(ctx: Ctx, mode: TrainingMode) -> tuple[TrainedModel | None, JobSta
         coord.set_done(state)
     dist.barrier()
     return result, state
+
+
+def _model_source(job: TrainJob, ckpt: dict[str, Any] | None, sink: ProgressSink) -> tuple[str, dict[str, Any] | None]:
+    """(the preset the model is labelled with, the GPT-2 config it is built from or None for the job's
+    preset / layers). A resume source that records its GPT-2 config (a Hugging Face directory, a
+    language-model checkpoint) keeps its own shape: fine-tuning starts from exactly that model, whatever
+    the cluster's nodes were deployed with."""
+    hf_config = (ckpt or {}).get("hf_config")
+    if not hf_config:
+        return job.model, None
+    ck_job = ckpt.get("job") or {}  # type: ignore[union-attr]
+    if ckpt.get("preset") == job.model and (ck_job.get("layers") or None) == (job.layers or None):  # type: ignore[union-attr]
+        return job.model, hf_config  # the job's own model, resumed
+    sink.log(f"the model keeps the shape {job.resume_from} records (GPT-2, {hf_config.get('n_layer')} layers, "
+             f"{hf_config.get('n_embd')} wide, {hf_config.get('n_head')} heads, vocabulary "
+             f"{hf_config.get('vocab_size')}, context {hf_config.get('n_positions')}); the cluster's "
+             f"'{job.model}' model is not used")
+    return "custom", hf_config
 
 
 def _compute_device(mode: TrainingMode, plan: Plan, sink: ProgressSink) -> torch.device:

@@ -86,6 +86,7 @@ def run_epochs(ctx: Ctx, strategy: StepStrategy, spe: int, accum: int, step: int
         judge = EpochJudge(ctx, strategy.group,
                            strategy.checkpoint_model if strategy.checkpoint_model is not None else ctx.model)
         gate = EpochCommit(ctx, strategy.optimizer, strategy.group, eval_model, judge)
+        ctx.validate_start(eval_model, strategy.group, gate.committed_val)
         for epoch in range(ctx.start, job.epochs + 1):
             ctx.epoch = epoch
             ctx.sink.update(epoch=epoch)

@@ -177,6 +177,26 @@ class Ctx:
         self.comm_s += time.perf_counter() - t0
         return Sums.from_tensor(t, self.num_classes)
 
+    def validate_start(self, model: nn.Module | None, group: Any, known: Sums | None = None) -> None:
+        """Training that starts from loaded weights (a Hugging Face directory, a checkpoint at epoch 0):
+        validate them once before the first step, so the session's history shows where fine-tuning began
+        (val_* at epoch 0). ``known``: those figures already summed over ``group`` (proof-of-learning
+        validates the starting model too); else collective over ``group``, ranks without a model
+        contributing nothing."""
+        if self.ckpt is None or self.start != 1:
+            return
+        if known is None:
+            sums = Sums(self.num_classes)
+            if model is not None and self.data is not None:
+                sums.set_val(evaluate(model, self.data.val, self.kind, self.num_classes))
+            known = self.reduce_sums(sums, group)
+        metrics = {k: v for k, v in known.metrics(self.kind).items() if k.startswith("val_")}
+        if self.is_reporter and metrics:
+            for name, value in metrics.items():
+                if math.isfinite(value):
+                    self.sink.record(name, value, epoch=0, step=0)
+            self.say("starting weights (" + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + ")")
+
     # ------------------------------------------------------------------ reporting
 
     def report_baseline(self) -> None:
@@ -306,7 +326,7 @@ class Ctx:
             tokenizer=self.setup.tokenizer,
             label_names=list(self.setup.label_names),
             architecture=self.job.architecture,
-            preset=self.job.model,
+            preset=getattr(model, "preset", self.job.model),  # "custom" when a loaded model kept its own shape
             max_len=self.setup.max_len,
             local_model=local_model,
             session_id=self.job.session_id,

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 VOCAB_SIZE = 20_000
 """Vocabulary of text classification tasks (most frequent training tokens)."""
 LM_SEQ_LEN = 128
-"""Tokens per language-modelling window (and the model's positions)."""
+"""Tokens per language-modelling window (and the preset models' positions; a loaded model with a longer
+context keeps it and is fine-tuned on windows of this length)."""
 SHORT_TEXT_MAX_LEN = 40
 LONG_TEXT_MAX_LEN = 256
 SHORT_TEXT_P95 = 64
@@ -417,8 +418,8 @@ def global_setup(plan: Plan, summaries: list[dict[str, Any] | None], ckpt: dict[
             tokenizer = BPETokenizer.fit_counts(counts, vocab_size)
         else:
             tokenizer = build_vocab(counts, VOCAB_SIZE)
-    if kind == "lm":
-        max_len = max_len or LM_SEQ_LEN
+    if kind == "lm":  # training windows; a longer context a loaded model has is kept, not trained at that length
+        max_len = min(max_len or LM_SEQ_LEN, LM_SEQ_LEN)
     elif kind == "text" and not max_len:
         lengths: Counter[int] = Counter()
         for s in mine:
