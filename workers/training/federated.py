@@ -78,6 +78,7 @@ from .consensus import WEIGHTED_RULES, Reputation, resolve_rule, rule_kwargs
 from .coord import agree, error_of
 from .private import LocalDP, SecAggStats, secure_sum, session_cost
 from .runtime import Ctx
+from .shards import ShardClient, federation_members, run_shard_server
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,12 @@ class _Federation:
     secagg: SecAggStats | None = None  # secure aggregation's cost on this rank
     agg_seconds: float = 0.0
     rounds_done: int = 0
+    shards: ShardClient | None = None  # the parameter servers that hold the global model, if any
 
 
 def run_federated(ctx: Ctx) -> TrainedModel | None:
+    if ctx.plan.rank in ctx.plan.ps:
+        return run_shard_server(ctx)  # holds a shard of the global model (:mod:`.shards`)
     fed = _start(ctx)
     local_model: nn.Module | None = None
     for rnd in range(ctx.start, fed.last_round + 1):
@@ -137,8 +141,8 @@ def _start(ctx: Ctx) -> _Federation:
     job, plan = ctx.job, ctx.plan
     agg = plan.aggregator
     assert agg is not None
-    group = ctx.groups["active"]
-    members = sorted(plan.active)
+    group = ctx.groups.get("federation") or ctx.groups["active"]
+    members = federation_members(plan)
     is_agg, is_worker = plan.rank == agg, plan.is_worker
     model = ctx.model
     model.train()
@@ -178,7 +182,11 @@ def _start(ctx: Ctx) -> _Federation:
         ctx.coord.barrier("privacy-ready", members)  # opacus' import may take long: wait on the store
 
     initial = flat_weights(model)
-    broadcast(ctx, initial, agg, group, members)
+    shards = ShardClient(ctx, members) if plan.ps else None
+    if shards is not None:
+        initial = shards.start(initial)  # handed to the parameter servers, pulled back from them
+    else:
+        broadcast(ctx, initial, agg, group, members)
     set_weights(model, initial)
     commit = commit_rule(plan.consensus)(ctx, model, group, members)
     commit.start(initial)
@@ -186,7 +194,7 @@ def _start(ctx: Ctx) -> _Federation:
                        is_agg=is_agg, d=d, rule=rule, kwargs=rule_kwargs(job), behavior=behavior, opt=opt,
                        reputation=reputation, spe=spe, accum=accum, commit=commit, last_round=last_round,
                        dp_cost=dp_cost, local_dp=local_dp,
-                       secagg=SecAggStats() if job.secure_aggregation else None)
+                       secagg=SecAggStats() if job.secure_aggregation else None, shards=shards)
 
 
 def _privacy_plan(ctx: Ctx, is_agg: bool) -> tuple[RoundCost | None, int]:
@@ -248,8 +256,12 @@ def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None
     else:
         ctx.bytes_sent += row.numel() * 4
         glob_w, flag, status, agg_error, train_sums = torch.empty(d), 0.0, OK, None, Sums(ctx.num_classes)
-    payload = torch.cat([glob_w, torch.tensor([flag, status])])
-    broadcast(ctx, payload, fed.agg, fed.group, fed.members)
+    if fed.shards is not None:  # through the parameter servers, which apply it to their shards
+        payload = fed.shards.deliver(rnd, glob_w if fed.is_agg else None, fed.commit.committed, flag, status,
+                                     final=flag > 0 or rnd == fed.last_round)
+    else:
+        payload = torch.cat([glob_w, torch.tensor([flag, status])])
+        broadcast(ctx, payload, fed.agg, fed.group, fed.members)
     flag, status = float(payload[d]), float(payload[d + 1])
     if flag >= FAILED:  # every member raises the aggregator's error
         agree(agg_error, None, fed.group)
@@ -259,6 +271,8 @@ def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None
     candidate = payload[:d].clone()
     set_weights(model, candidate)
     val, extra_metrics = fed.commit.commit(rnd, candidate, status == OK)
+    if fed.shards is not None:
+        fed.shards.verdict(rnd, fed.commit.committed is candidate)
     extra_metrics = {**extra_metrics, **_privacy_metrics(ctx, fed, rnd)}
     fed.rounds_done += 1
     seconds = time.perf_counter() - t_round
