@@ -166,7 +166,7 @@ def run_shard_server(ctx: Ctx) -> None:
         ctx.epoch = rnd
         msg = receive(f"shards-round-{rnd}", numel + 3)
         t0 = time.perf_counter()
-        flag, status, final = float(msg[numel]), float(msg[numel + 1]), msg[numel + 2] > 0
+        flag, final = float(msg[numel]), bool(msg[numel + 2] > 0)  # msg[numel + 1]: status, for the members
         candidate = committed + msg[:numel]
         serve(torch.cat([candidate, msg[numel:numel + 2]]))
         latency_s += time.perf_counter() - t0
