@@ -170,9 +170,12 @@ class WorkerStats(BaseModel):
 
 class ParameterServerStats(BaseModel):
     node_id: str
-    gradient_updates: float | None = Field(None, description="Optimizer updates it applied to its shard")
-    sync_latency_ms: float | None = Field(None, description="Measured mean time from the workers' gradients to "
-                                                           "its fresh weights")
+    gradient_updates: float | None = Field(None, description=(
+        "Updates it applied to its shard: optimizer steps (parameter-server training) or committed aggregates "
+        "(federated)"))
+    sync_latency_ms: float | None = Field(None, description=(
+        "Measured mean time of one exchange: from the workers' gradients to its fresh weights (parameter-server "
+        "training), or receiving, applying and serving a round's aggregate (federated)"))
     memory_mb: float | None = None
 
 
