@@ -361,6 +361,17 @@ class TrainingLive(BaseModel):
     reputation: dict[str, float] = Field(default_factory=dict, description="node_id -> reputation in [0, 1]")
 
 
+class DistributedConfig(BaseModel):
+    """Who takes part in a session and how they synchronise (the guides' ``distributed_config``)."""
+
+    workers: int = Field(description="Workers that train")
+    parameter_servers: int = Field(description="Parameter servers holding shards of the model in this session")
+    aggregators: int = Field(description="Aggregator nodes taking part")
+    validators: int = Field(0, description="Validator nodes taking part")
+    strategy: str = Field(description="How updates are combined")
+    sync_frequency: str = Field(description="When the nodes synchronise")
+
+
 class TrainStartReply(ToolReply):
     success: bool
     session_id: str
@@ -368,6 +379,7 @@ class TrainStartReply(ToolReply):
     status: SessionState
     nodes_training: int
     roles: dict[str, str] = Field(description="node_id -> role in this session")
+    distributed_config: DistributedConfig | None = None
     config: TrainConfig
     data: dict[str, Any] = Field(description="What the nodes found: kind, examples, classes")
     result: TrainingLive | None = Field(None, description="Final state when `wait` was set")

@@ -4,13 +4,14 @@
 Walkthrough A: a transformer language model on parameter servers, federated. Every call as the
 guide writes it, with these differences, each allowed by the issue: the first parameter server's
 162M-parameter layer list is refused with the memory numbers and a layer list this machine can
-train (embedding 32, one transformer block) takes its place; 2 federated rounds instead of 100 and
-1 more instead of 97; the wikitext-103 call is refused with a sentence naming bbc-news-lm, and the
-same call with bbc-news-lm trains. Four workers (WORKERS) instead of the guide's 8: on a shared 2-core
-test machine 8 worker processes (13 nodes) multiply the per-round validation of every worker's
-update (proof-of-learning screens each one) and the process start-up past the test's time, while
-each worker still reads its own share of the corpus. The prediction is made once the first session
-has ended (the nodes hold a model then) rather than while it trains.
+train takes its place (a 2,000-token vocabulary, embedding 32, one transformer block); 2 federated
+rounds instead of 100 and 1 more instead of 97; the wikitext-103 call is refused with a sentence
+naming bbc-news-lm, and the same call with bbc-news-lm trains. Four workers (WORKERS) instead of
+the guide's 8: on a shared 2-core test machine 8 worker processes (13 nodes) multiply the
+per-round validation of every worker's update (proof-of-learning screens each one) and the process
+start-up past the test's time, while each worker still reads its own share of the corpus. The
+prediction is made once the first session has ended (the nodes hold a model then) rather than
+while it trains.
 
 Walkthrough B: a federated sentiment classifier on private shards. The built-in tweet-polarity
 texts are written as four shard files, each uploaded into one worker's sandbox as
@@ -43,9 +44,11 @@ WORKERS = 4
 GUIDE_LAYERS = [{"type": "embedding", "vocab_size": 50000, "embedding_dim": 768},
                 {"type": "transformer_block", "num_heads": 12, "hidden_dim": 3072, "num_layers": 12},
                 {"type": "output", "num_classes": 50000}]
-SMALL_LAYERS = [{"type": "embedding", "vocab_size": 50000, "embedding_dim": 32},
+SMALL_LAYERS = [{"type": "embedding", "vocab_size": 2000, "embedding_dim": 32},
                 {"type": "transformer_block", "num_heads": 4, "hidden_dim": 64, "num_layers": 1},
-                {"type": "output", "num_classes": 50000}]
+                {"type": "output", "num_classes": 2000}]
+"""The guide's list scaled down: a 2,000-token BPE vocabulary (the layer list sets it; 50,000 would need
+about 3.3 GB of logits per node at the guide's batch_size 64), embedding 32, one transformer block."""
 LARGE_PS = {"node_type": "parameter_server", "role": "parameter_server", "model": "large", "template": "nodejs"}
 
 
@@ -232,6 +235,9 @@ async def test_walkthrough_a_transformer_language_model_on_parameter_servers(hom
         assert run["config"]["mode"] == "federated" and run["nodes_training"] == WORKERS
         assert run["data"]["kind"] == "lm"
         assert run["roles"][servers[0]] == "parameter_server" and "takes no part" not in run["message"]
+        dc = run["distributed_config"]
+        assert (dc["workers"], dc["parameter_servers"], dc["aggregators"]) == (WORKERS, 3, 1), dc
+        assert "federated averaging" in dc["strategy"] and "every round" in dc["sync_frequency"]
 
         # 7. the session's event stream
         stream = await ok(client, "execution_stream_subscribe", {"deployment_id": sid,

@@ -28,7 +28,7 @@ from flow_nexus_server.service.budget import check_training_memory
 from flow_nexus_server.service.cluster_model import cluster_model, options_ignored
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import Conflict, NextStep, NotFound, ServiceError
-from flow_nexus_server.service.guide_view import guide_fields
+from flow_nexus_server.service.guide_view import distributed_config, guide_fields
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.paths import check_dataset_spec, sandbox_path, under_allowed_root
 from flow_nexus_server.service.tensorboard import TENSORBOARD_DIR, TensorBoardLog
@@ -306,6 +306,8 @@ class TrainingService:
         return r.TrainStartReply(
             success=True, session_id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
             nodes_training=len(trainers), roles={n.id: n.role for n in nodes}, config=config,
+            distributed_config=distributed_config(job, roles, {i for i, n in enumerate(nodes) if n.id in idle},
+                                                  len(trainers)),
             data=data.model_dump(exclude={"ok", "error"}),
             message=start_message(req.continue_session, job, idle), ignored=ignored,
         )
