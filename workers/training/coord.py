@@ -137,6 +137,7 @@ class Coordinator:
         self.rank = rank
         self.stop = stop
         self._beats = 0
+        self._meetings: dict[tuple[int, ...], int] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self.beat()
@@ -223,6 +224,15 @@ class Coordinator:
 
         pending: list[int] = list(ranks)
         self._poll(f"waiting for ranks at '{name}'", ranks, done, watch=pending)
+
+    def meet(self, group: Any) -> None:
+        """A store barrier over ``group``'s ranks before a collective that follows uneven work (a judge
+        evaluating the whole validation split while workers evaluate their parts): a long evaluation on a
+        busy host must not time the collective out. Every rank of the group calls it the same number
+        of times, so the per-group count names the same barrier everywhere."""
+        ranks = tuple(sorted(dist.get_process_group_ranks(group)))
+        n = self._meetings[ranks] = self._meetings.get(ranks, 0) + 1
+        self.barrier(f"meet-{'.'.join(map(str, ranks))}-{n}", list(ranks))
 
     def set_done(self, status: str) -> None:
         """Publish the job's outcome for ranks without a part in it: completed | stopped | failed: ..."""
