@@ -172,8 +172,8 @@ async def _status_when(client, cid: str, done, timeout_s: float = 1800) -> dict:
             status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
             if done(status):
                 return status
-            assert status["training"] is None or status["training"]["status"] in ("running", "completed"), \
-                status["training"]
+            training = status["training"]
+            assert training is None or training["status"] in ("running", "completed"), training["error"]
             await anyio.sleep(1)
 
 
