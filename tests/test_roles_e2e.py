@@ -166,6 +166,9 @@ async def test_parameter_servers_hold_the_global_model_in_federated_runs(home):
     async with Client(build_server(Settings.from_env(home))) as client:
         run, status, ps = await _federated_digits(client, servers=2)
         assert run["status"] == "completed", run
+        dc = run["distributed_config"]
+        assert (dc["workers"], dc["parameter_servers"], dc["aggregators"]) == (2, 2, 1), dc
+        assert "sharded over 2 parameter server(s)" in dc["strategy"]
         assert run["result"]["metrics"]["val_accuracy"] >= 0.90, run["result"]["metrics"]
         servers = {s["node_id"]: s for s in status["parameter_server_stats"]}
         assert set(servers) == set(ps)
@@ -173,6 +176,7 @@ async def test_parameter_servers_hold_the_global_model_in_federated_runs(home):
             assert s["gradient_updates"] == 3 and s["sync_latency_ms"] > 0 and s["memory_mb"] > 0, s
         plain, _, _ = await _federated_digits(client, servers=0)
         assert plain["status"] == "completed", plain
+        assert plain["distributed_config"]["parameter_servers"] == 0
         with_ps, without = run["history"]["val_loss"], plain["history"]["val_loss"]
         assert [r[0] for r in with_ps] == [r[0] for r in without] == [1, 2, 3]
         for a, b in zip(with_ps, without):  # float rounding of the applied change only

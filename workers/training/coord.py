@@ -172,12 +172,13 @@ class Coordinator:
         self.close()
 
     def _poll(self, what: str, ranks: list[int], done: Any, watch: list[int] | None = None,
-              all_stale: bool = False) -> Any:
+              all_stale: bool = False, patient: bool = False) -> Any:
         """Poll ``done()`` until it returns something other than None.
 
         ``watch``: ranks whose heartbeats must keep moving (by default those in ``ranks``
         that ``done`` has not seen yet); with ``all_stale`` it gives up only when all of them
-        are stale.
+        are stale. ``patient``: a stop request does not end the wait (the awaited ranks finish
+        their work and arrive with the stop flag); only stale heartbeats do.
         """
         seen: dict[int, tuple[str | None, float]] = {}
         stop_since: float | None = None
@@ -205,15 +206,16 @@ class Coordinator:
                     f"{what}: rank(s) {stale} showed no sign of life for {STALE_AFTER_S:.0f} s "
                     "(process dead or hung); the job cannot continue"
                 )
-            if self.stop.is_set():
+            if self.stop.is_set() and not patient:
                 stop_since = stop_since or now
                 if now - stop_since > STOP_GRACE_S:
                     raise TrainingError(f"{what}: stopped while waiting for ranks {watched}")
             time.sleep(delay)
             delay = min(0.2, delay * 1.5)
 
-    def barrier(self, name: str, ranks: list[int]) -> None:
-        """Wait until every rank in ``ranks`` arrived (no process-group timeout applies)."""
+    def barrier(self, name: str, ranks: list[int], patient: bool = False) -> None:
+        """Wait until every rank in ``ranks`` arrived (no process-group timeout applies); ``patient``:
+        see :meth:`_poll`."""
         key = self._key("bar", name)
         self.store.set(f"{key}/{self.rank}", "1")
 
@@ -223,7 +225,7 @@ class Coordinator:
             return True if not missing else None
 
         pending: list[int] = list(ranks)
-        self._poll(f"waiting for ranks at '{name}'", ranks, done, watch=pending)
+        self._poll(f"waiting for ranks at '{name}'", ranks, done, watch=pending, patient=patient)
 
     def meet(self, group: Any) -> None:
         """A store barrier over ``group``'s ranks before a collective that follows uneven work (a judge

@@ -235,7 +235,9 @@ def _round(ctx: Ctx, fed: _Federation, rnd: int) -> tuple[bool, nn.Module | None
     local = Sums(ctx.num_classes)
     if is_worker:
         local_training(ctx, model, fed.opt, rnd, local, fed.worker_group, fed.spe, fed.accum, fed.local_dp)
-    ctx.coord.barrier(f"round-{rnd}", fed.members)  # long waits happen here, on the store
+    # long waits happen here, on the store; a stop request (the user's, or an elastic boundary) waits for
+    # the round's end, when the workers arrive with the stop flag
+    ctx.coord.barrier(f"round-{rnd}", fed.members, patient=True)
     secure = None
     if fed.secagg is not None:  # the weights travel masked; the row keeps only the figures
         vector = _secure_vector(ctx, fed, rnd) if is_worker else None

@@ -83,7 +83,7 @@ class ShardClient:
     def _hand_over(self, name: str, parts: dict[int, torch.Tensor]) -> None:
         """Aggregator: send every server its part, after all met on the store (no pg timeout)."""
         ctx = self.ctx
-        ctx.coord.barrier(name, [self.agg] + self.layout.servers)
+        ctx.coord.barrier(name, [self.agg] + self.layout.servers, patient=True)
         t0 = time.perf_counter()
         for p, part in parts.items():
             dist.send(part, dst=p)
@@ -144,7 +144,7 @@ def run_shard_server(ctx: Ctx) -> None:
             f"serving {len(members)} federation members")
 
     def receive(name: str, n: int) -> torch.Tensor:
-        ctx.coord.barrier(name, ranks)  # the aggregator arrives when it is ready to send
+        ctx.coord.barrier(name, ranks, patient=True)  # the aggregator arrives when the round's aggregate is ready
         buf = torch.empty(n)
         t0 = time.perf_counter()
         dist.recv(buf, src=agg)
