@@ -167,6 +167,14 @@ def session_totals(live: LiveSession) -> dict[str, Any]:
             "final_perplexity": view.metrics.get("val_perplexity"), "training_time_s": view.elapsed_s}
 
 
+def boundary_wait_s(live: LiveSession) -> float:
+    """How long the members may take to reach their next boundary after a stop request: a federated
+    round ends only when its local training does, so three of the session's measured epochs / rounds
+    (elapsed time over epochs begun), at least 120 s."""
+    view = live.view()
+    return max(120.0, 3.0 * view.elapsed_s / max(1, view.epoch))
+
+
 class TrainingService:
     def __init__(self, clusters: ClusterService) -> None:
         self.clusters = clusters
@@ -482,7 +490,7 @@ class TrainingService:
             leaving, live.leaving = live.leaving, {}
         members = [v.node for v in live.nodes]
         try:
-            snaps = self._stop_and_wait(cluster, members, timeout=120)
+            snaps = self._stop_and_wait(cluster, members, timeout=boundary_wait_s(live))
             total = live.job.rounds if live.job.mode == "federated" else live.job.epochs
             reached = max(x.epoch for x in snaps)
             written = [Path(c) for x in snaps for c in x.checkpoints if Path(c).is_file()]
