@@ -247,8 +247,15 @@ async def test_walkthrough_a_transformer_language_model_on_parameter_servers(hom
         assert any(e["kind"] == "session_started" for e in stream["events"])
 
         # 8. status after the first round: per-role stats, throughput in tokens/s, loss, perplexity, grad norm
-        status = await _status_when(client, cid, lambda s: s["training"] and s["training"]["epoch"] >= 1
-                                    and "val_perplexity" in s["training"]["metrics"])
+        def stats_in(s: dict) -> bool:  # the nodes push their stats about once a second: wait for all of them
+            return bool(s["training"] and "val_perplexity" in s["training"]["metrics"]
+                        and len(s["worker_stats"]) == WORKERS
+                        and all(w.get("samples_processed") for w in s["worker_stats"])
+                        and len(s["parameter_server_stats"]) == 3
+                        and all(x.get("gradient_updates") for x in s["parameter_server_stats"])
+                        and all(a.get("consensus_rounds") for a in s["aggregator_stats"]))
+
+        status = await _status_when(client, cid, stats_in)
         m = status["training"]["metrics"]
         assert _measured(m["loss"]) and m["val_perplexity"] > 1 and _measured(m["grad_norm"]), m
         assert _measured(status["throughput"]["tokens_per_s"])
