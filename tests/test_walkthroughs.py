@@ -293,9 +293,11 @@ async def test_walkthrough_a_transformer_language_model_on_parameter_servers(hom
             assert node["latency_ms"] > 0 and math.isfinite(node["confidence"]) and node["new_tokens"] > 0
 
         # 10b. "continue from epoch 3": the guide's call, with the session it continues
-        more = await ok(client, "neural_train_distributed", {
-            "cluster_id": cid, "dataset": "bbc-news-lm", "epochs": 1, "batch_size": 128, "learning_rate": 0.0006,
-            "optimizer": "adam", "federated": True, "continue_session": sid, "wait": True, "wait_timeout_s": 1800})
+        go_on = {"cluster_id": cid, "dataset": "bbc-news-lm", "epochs": 1, "batch_size": 128, "learning_rate": 0.0006,
+                 "optimizer": "adam", "federated": True, "continue_session": sid, "wait": True, "wait_timeout_s": 1800}
+        too_big = await client.call_tool("neural_train_distributed", go_on)  # 577 MB of activations per node
+        assert too_big.is_error and "batch_size 128 needs about" in text_of(too_big) and "MB" in text_of(too_big)
+        more = await ok(client, "neural_train_distributed", {**go_on, "batch_size": 64})
         assert more["status"] == "completed", more
         assert more["result"]["epoch"] == more["config"]["rounds"] == 4
         history = await ok(client, "neural_training_status", {"session_id": more["session_id"]})
