@@ -170,9 +170,12 @@ class WorkerStats(BaseModel):
 
 class ParameterServerStats(BaseModel):
     node_id: str
-    gradient_updates: float | None = Field(None, description="Optimizer updates it applied to its shard")
-    sync_latency_ms: float | None = Field(None, description="Measured mean time from the workers' gradients to "
-                                                           "its fresh weights")
+    gradient_updates: float | None = Field(None, description=(
+        "Updates it applied to its shard: optimizer steps (parameter-server training) or committed aggregates "
+        "(federated)"))
+    sync_latency_ms: float | None = Field(None, description=(
+        "Measured mean time of one exchange: from the workers' gradients to its fresh weights (parameter-server "
+        "training), or receiving, applying and serving a round's aggregate (federated)"))
     memory_mb: float | None = None
 
 
@@ -358,6 +361,17 @@ class TrainingLive(BaseModel):
     reputation: dict[str, float] = Field(default_factory=dict, description="node_id -> reputation in [0, 1]")
 
 
+class DistributedConfig(BaseModel):
+    """Who takes part in a session and how they synchronise (the guides' ``distributed_config``)."""
+
+    workers: int = Field(description="Workers that train")
+    parameter_servers: int = Field(description="Parameter servers holding shards of the model in this session")
+    aggregators: int = Field(description="Aggregator nodes taking part")
+    validators: int = Field(0, description="Validator nodes taking part")
+    strategy: str = Field(description="How updates are combined")
+    sync_frequency: str = Field(description="When the nodes synchronise")
+
+
 class TrainStartReply(ToolReply):
     success: bool
     session_id: str
@@ -365,6 +379,7 @@ class TrainStartReply(ToolReply):
     status: SessionState
     nodes_training: int
     roles: dict[str, str] = Field(description="node_id -> role in this session")
+    distributed_config: DistributedConfig | None = None
     config: TrainConfig
     data: dict[str, Any] = Field(description="What the nodes found: kind, examples, classes")
     result: TrainingLive | None = Field(None, description="Final state when `wait` was set")

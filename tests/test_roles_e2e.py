@@ -138,3 +138,62 @@ async def test_a_worker_deployed_mid_run_joins_at_the_next_boundary(home):
         assert status["live"]["nodes"][added["node_id"]]["samples_processed"] > 0  # it trained
         assert status["live"]["metrics"]["val_accuracy"] >= 0.90
         await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+
+
+async def _federated_digits(client, servers: int, workers: int = 2, **options) -> tuple[dict, dict, list[str]]:
+    """A federated digits run (``workers`` workers, an aggregator, ``servers`` parameter servers):
+    (the finished session's reply, the cluster status, the servers' node ids)."""
+    cid = (await ok(client, "neural_cluster_init", {"name": f"fed-ps{servers}", "topology": "star",
+                                                     "architecture": "mlp"}))["cluster_id"]
+    await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "aggregator"})
+    ps = [n["node_id"] for n in (await ok(client, "neural_node_deploy", {
+        "cluster_id": cid, "role": "parameter_server", "count": servers}))["nodes"]] if servers else []
+    await ok(client, "neural_node_deploy", {"cluster_id": cid, "role": "worker", "count": workers})
+    await ok(client, "neural_cluster_connect", {"cluster_id": cid})
+    run = await ok(client, "neural_train_distributed", {
+        "cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 3, "local_epochs": 1,
+        "batch_size": 16, "learning_rate": 0.01, "seed": 7, "wait": True, **options})
+    status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
+    history = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
+    await ok(client, "neural_cluster_terminate", {"cluster_id": cid})
+    return {**run, "history": history["history"]}, status, ps
+
+
+async def test_parameter_servers_hold_the_global_model_in_federated_runs(home):
+    """Two parameter servers hold the federated global model in shards: the aggregator hands them
+    each round's aggregate, the members pull the candidate from them, the verdict is theirs to keep.
+    Same seed without servers (plain FedAvg): the same rounds, the same figures."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        run, status, ps = await _federated_digits(client, servers=2)
+        assert run["status"] == "completed", run
+        dc = run["distributed_config"]
+        assert (dc["workers"], dc["parameter_servers"], dc["aggregators"]) == (2, 2, 1), dc
+        assert "sharded over 2 parameter server(s)" in dc["strategy"]
+        assert run["result"]["metrics"]["val_accuracy"] >= 0.90, run["result"]["metrics"]
+        servers = {s["node_id"]: s for s in status["parameter_server_stats"]}
+        assert set(servers) == set(ps)
+        for s in servers.values():  # every round's aggregate committed and served by each server
+            assert s["gradient_updates"] == 3 and s["sync_latency_ms"] > 0 and s["memory_mb"] > 0, s
+        plain, _, _ = await _federated_digits(client, servers=0)
+        assert plain["status"] == "completed", plain
+        assert plain["distributed_config"]["parameter_servers"] == 0
+        with_ps, without = run["history"]["val_loss"], plain["history"]["val_loss"]
+        assert [r[0] for r in with_ps] == [r[0] for r in without] == [1, 2, 3]
+        for a, b in zip(with_ps, without):  # float rounding of the applied change only
+            assert abs(a[-1] - b[-1]) <= 1e-3 * abs(b[-1]), (with_ps, without)
+
+
+@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.parametrize("options", [{"secure_aggregation": True}, {"consensus": "byzantine",
+                                                                    "aggregation_rule": "median"}],
+                         ids=["secure-aggregation", "byzantine-median"])
+async def test_parameter_servers_with_secure_aggregation_and_robust_rules(home, options):
+    """The servers hold the model while the aggregator combines masked updates (secure aggregation)
+    or applies a robust rule: both train as without servers."""
+    async with Client(build_server(Settings.from_env(home))) as client:
+        run, status, ps = await _federated_digits(client, servers=2, workers=3, **options)
+        assert run["status"] == "completed", run
+        assert run["result"]["metrics"]["val_accuracy"] >= 0.85, run["result"]["metrics"]
+        servers = {s["node_id"]: s for s in status["parameter_server_stats"]}
+        assert set(servers) == set(ps) and all(s["gradient_updates"] == 3 for s in servers.values()), servers

@@ -82,8 +82,11 @@ def idle_role_reason(role: str, mode: str, consensus: str) -> str | None:
     if role == "aggregator":  # in sync and parameter-server runs it validates, commits and checkpoints each epoch
         if mode == "federated" and consensus == "gossip":
             return "gossip averages between neighbours without an aggregator"
-    if role == "parameter_server" and mode != "parameter_server":
-        return f"parameter servers hold the parameters in parameter-server training, not in {mode} training"
+    if role == "parameter_server" and mode == "federated" and consensus == "gossip":
+        return "gossip averages between neighbours; there is no global model for parameter servers to hold"
+    if role == "parameter_server" and mode not in ("parameter_server", "federated"):
+        return (f"parameter servers hold the parameters in parameter-server and federated training, not in "
+                f"{mode} training")
     return None
 
 

@@ -74,3 +74,24 @@ def guide_fields(view: r.TrainingLive, roles: dict[str, str],
     return {"training_sessions": [summary], "worker_stats": workers, "parameter_server_stats": servers,
             "aggregator_stats": aggregators, "convergence_rate": rate, "estimated_completion": done,
             "throughput": r.Throughput(samples_per_s=m.get("samples_per_s"), tokens_per_s=m.get("tokens_per_s"))}
+
+
+def distributed_config(job: Any, roles: list[str], idle: set[int], workers: int) -> r.DistributedConfig:
+    """The session's ``distributed_config``: ``roles`` of every rank, ``idle`` the ranks without a part."""
+    def count(role: str) -> int:
+        return sum(1 for i, x in enumerate(roles) if x == role and i not in idle)
+
+    servers = count("parameter_server")
+    if job.mode == "federated":
+        rule = job.aggregation_rule if job.aggregation_rule != "fedavg" else (
+            "krum or the coordinate median (by worker count)" if job.consensus == "byzantine"
+            else "neighbour averaging" if job.consensus == "gossip" else "federated averaging")
+        strategy = f"{rule} under {job.consensus}" + (f", the global model sharded over {servers} parameter "
+                                                       "server(s)" if servers else "")
+        frequency = f"every round (after {job.local_epochs} local epoch(s) on each worker)"
+    elif job.mode == "parameter_server":
+        strategy, frequency = f"gradients to {servers} parameter server(s), each stepping its shard", "every step"
+    else:
+        strategy, frequency = f"gradient all-reduce over the {job.topology} topology", "every step"
+    return r.DistributedConfig(workers=workers, parameter_servers=servers, aggregators=count("aggregator"),
+                               validators=count("validator"), strategy=strategy, sync_frequency=frequency)

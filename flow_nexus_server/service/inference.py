@@ -217,11 +217,16 @@ class InferenceService:
         return cluster, nodes
 
     def serving_nodes(self, cluster_id: str) -> tuple[Cluster, list[Node], list[p.ModelInfo]]:
-        """The inference nodes that hold a model, with what each holds."""
+        """The inference nodes that hold a model, with what each holds; when none does, the other nodes
+        that hold one (a cluster whose capabilities name no model holder 'inference')."""
         svc = self.clusters
         cluster, nodes = self.inference_nodes(cluster_id)
         infos = parallel(lambda n: svc.client(cluster, n).model_info(), nodes)
         ready = [(n, i) for n, i in zip(nodes, infos) if isinstance(i, p.ModelInfo) and i.loaded]
+        if not ready:  # e.g. the guides' workers list capabilities without 'inference': the model holders answer
+            others = [n for n in svc.store.nodes(cluster_id) if n.id not in {x.id for x in nodes}]
+            infos = parallel(lambda n: svc.client(cluster, n).model_info(), others)
+            ready = [(n, i) for n, i in zip(others, infos) if isinstance(i, p.ModelInfo) and i.loaded]
         if not ready:
             raise ServiceError(f"no node of cluster {cluster_id} holds a model yet", next_step=NextStep.TRAIN_OR_LOAD)
         return cluster, [n for n, _ in ready], [i for _, i in ready]

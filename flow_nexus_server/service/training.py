@@ -28,7 +28,7 @@ from flow_nexus_server.service.budget import check_training_memory
 from flow_nexus_server.service.cluster_model import cluster_model, options_ignored
 from flow_nexus_server.service.clusters import ClusterService
 from flow_nexus_server.service.errors import Conflict, NextStep, NotFound, ServiceError
-from flow_nexus_server.service.guide_view import guide_fields
+from flow_nexus_server.service.guide_view import distributed_config, guide_fields
 from flow_nexus_server.service.parallel import parallel
 from flow_nexus_server.service.paths import check_dataset_spec, sandbox_path, under_allowed_root
 from flow_nexus_server.service.tensorboard import TENSORBOARD_DIR, TensorBoardLog
@@ -175,6 +175,14 @@ def session_totals(live: LiveSession) -> dict[str, Any]:
             "final_perplexity": view.metrics.get("val_perplexity"), "training_time_s": view.elapsed_s}
 
 
+def boundary_wait_s(live: LiveSession) -> float:
+    """How long the members may take to reach their next boundary after a stop request: a federated
+    round ends only when its local training does, so three of the session's measured epochs / rounds
+    (elapsed time over epochs begun), at least 120 s."""
+    view = live.view()
+    return max(120.0, 3.0 * view.elapsed_s / max(1, view.epoch))
+
+
 class TrainingService:
     def __init__(self, clusters: ClusterService) -> None:
         self.clusters = clusters
@@ -314,6 +322,8 @@ class TrainingService:
         return r.TrainStartReply(
             success=True, session_id=session_id, cluster_id=cluster_id, status=SessionState.RUNNING,
             nodes_training=len(trainers), roles={n.id: n.role for n in nodes}, config=config,
+            distributed_config=distributed_config(job, roles, {i for i, n in enumerate(nodes) if n.id in idle},
+                                                  len(trainers)),
             data=data.model_dump(exclude={"ok", "error"}),
             message=start_message(req.continue_session, job, idle), ignored=ignored,
         )
@@ -534,7 +544,7 @@ class TrainingService:
             leaving, live.leaving = live.leaving, {}
         members = [v.node for v in live.nodes]
         try:
-            snaps = self._stop_and_wait(cluster, members, timeout=120)
+            snaps = self._stop_and_wait(cluster, members, timeout=boundary_wait_s(live))
             total = live.job.rounds if live.job.mode == "federated" else live.job.epochs
             reached = max(x.epoch for x in snaps)
             written = [Path(c) for x in snaps for c in x.checkpoints if Path(c).is_file()]

@@ -59,7 +59,40 @@ def test_idle_roles_are_named_with_a_reason() -> None:
     assert idle_role_reason("aggregator", "sync", "proof-of-learning") is None  # it judges each epoch
     assert idle_role_reason("aggregator", "parameter_server", "proof-of-learning") is None
     assert idle_role_reason("aggregator", "sync", "byzantine") is None
-    assert "parameter-server training" in idle_role_reason("parameter_server", "federated", "proof-of-learning")
+    assert idle_role_reason("parameter_server", "federated", "proof-of-learning") is None  # holds model shards
+    assert idle_role_reason("parameter_server", "federated", "byzantine") is None
+    assert "gossip" in idle_role_reason("parameter_server", "federated", "gossip")
     assert idle_role_reason("validator", "federated", "proof-of-learning") is None
     assert idle_role_reason("validator", "sync", "proof-of-learning") is not None
     assert idle_role_reason("aggregator", "federated", "raft") is None
+
+
+def test_parameter_servers_take_part_in_central_federated_runs_only() -> None:
+    roles = ["aggregator", "parameter_server", "worker", "parameter_server", "worker"]
+    plan = make_plan(_job(roles), rank=1, world=5)
+    assert plan.is_active and plan.ps == [1, 3] and plan.aggregator == 0
+    from workers.training.shards import federation_members
+    assert federation_members(plan) == [0, 2, 4]  # the servers serve the members, they do not judge
+    assert plan.checkpointer == 0  # a server holds only its shard
+    gossip = make_plan(_job(roles, consensus="gossip"), rank=1, world=5)
+    assert not gossip.is_active
+
+
+def test_shard_layout_splits_the_flat_weights_by_whole_tensors() -> None:
+    import torch
+    from torch import nn
+
+    from workers.training.common import flat_weights
+    from workers.training.shards import ShardLayout
+
+    class _Ctx:  # what ShardLayout reads
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        plan = make_plan(_job(["aggregator", "parameter_server", "worker", "parameter_server"]), rank=0, world=4)
+
+    layout = ShardLayout(_Ctx)
+    flat = flat_weights(_Ctx.model)
+    assert sum(layout.numel.values()) == flat.numel() and all(n > 0 for n in layout.numel.values())
+    rebuilt = torch.full_like(flat, float("nan"))
+    for p in layout.servers:
+        layout.put(rebuilt, p, layout.take(flat, p))
+    assert torch.equal(rebuilt, flat)  # every value in exactly one shard

@@ -60,6 +60,7 @@ def evaluate_members(ctx: Ctx, model: nn.Module, group: object,
         ev = evaluate(model, ctx.judge_val, ctx.kind, ctx.num_classes)
         judged = [ev["loss_sum"], ev["count"]]
     t = torch.cat([val.tensor(), torch.tensor(judged, dtype=torch.float64)])
+    ctx.coord.meet(group)  # the judges' evaluation may outlast the process-group timeout
     t0 = time.perf_counter()
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     ctx.comm_s += time.perf_counter() - t0
@@ -173,6 +174,7 @@ class ProofOfLearningCommit(PlainCommit):
                 ev = evaluate(self.model, ctx.judge_val, ctx.kind, ctx.num_classes)
                 scores[i, 2], scores[i, 3] = ev["loss_sum"], ev["count"]
         set_weights(self.model, own)
+        ctx.coord.meet(self.group)  # n evaluations of the whole validation split on a judge take long
         t0 = time.perf_counter()
         dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=self.group)
         ctx.comm_s += time.perf_counter() - t0

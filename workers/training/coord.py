@@ -139,6 +139,7 @@ class Coordinator:
         self.rank = rank
         self.stop = stop
         self._beats = 0
+        self._meetings: dict[tuple[int, ...], int] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self.beat()
@@ -173,12 +174,13 @@ class Coordinator:
         self.close()
 
     def _poll(self, what: str, ranks: list[int], done: Any, watch: list[int] | None = None,
-              all_stale: bool = False) -> Any:
+              all_stale: bool = False, patient: bool = False) -> Any:
         """Poll ``done()`` until it returns something other than None.
 
         ``watch``: ranks whose heartbeats must keep moving (by default those in ``ranks``
         that ``done`` has not seen yet); with ``all_stale`` it gives up only when all of them
-        are stale.
+        are stale. ``patient``: a stop request does not end the wait (the awaited ranks finish
+        their work and arrive with the stop flag); only stale heartbeats do.
         """
         seen: dict[int, tuple[str | None, float]] = {}
         stop_since: float | None = None
@@ -198,7 +200,7 @@ class Coordinator:
                     f"{what}: rank(s) {stale} showed no sign of life for {STALE_AFTER_S:.0f} s "
                     "(process dead or hung); the job cannot continue"
                 )
-            if self.stop.is_set():
+            if self.stop.is_set() and not patient:
                 stop_since = stop_since or now
                 if now - stop_since > STOP_GRACE_S:
                     raise TrainingError(f"{what}: stopped while waiting for ranks {watched}")
@@ -270,8 +272,9 @@ class Coordinator:
             except Exception:  # already gone, or the store host is: nothing to free
                 log.debug("deleting a message failed", exc_info=True)
 
-    def barrier(self, name: str, ranks: list[int]) -> None:
-        """Wait until every rank in ``ranks`` arrived (no process-group timeout applies)."""
+    def barrier(self, name: str, ranks: list[int], patient: bool = False) -> None:
+        """Wait until every rank in ``ranks`` arrived (no process-group timeout applies); ``patient``:
+        see :meth:`_poll`."""
         key = self._key("bar", name)
         self.store.set(f"{key}/{self.rank}", "1")
 
@@ -281,7 +284,16 @@ class Coordinator:
             return True if not missing else None
 
         pending: list[int] = list(ranks)
-        self._poll(f"waiting for ranks at '{name}'", ranks, done, watch=pending)
+        self._poll(f"waiting for ranks at '{name}'", ranks, done, watch=pending, patient=patient)
+
+    def meet(self, group: Any) -> None:
+        """A store barrier over ``group``'s ranks before a collective that follows uneven work (a judge
+        evaluating the whole validation split while workers evaluate their parts): a long evaluation on a
+        busy host must not time the collective out. Every rank of the group calls it the same number
+        of times, so the per-group count names the same barrier everywhere."""
+        ranks = tuple(sorted(dist.get_process_group_ranks(group)))
+        n = self._meetings[ranks] = self._meetings.get(ranks, 0) + 1
+        self.barrier(f"meet-{'.'.join(map(str, ranks))}-{n}", list(ranks))
 
     def set_done(self, status: str) -> None:
         """Publish the job's outcome for ranks without a part in it: completed | stopped | failed: ..."""

@@ -197,7 +197,9 @@ def _run_job(job: TrainJob, plan: Plan, node_id: str, sandbox: Path, sink: Progr
         sink.log(f"task {setup.kind}: {len(enc.train):,} training and {len(enc.val) if enc.val else 0:,} "
                  f"validation {'windows' if setup.kind == 'lm' else 'examples'} here{tail}")
 
-    # 6. groups, same order on every rank
+    # 6. groups, same order on every rank, once all are there: building a model may take long on a busy host
+    # (the first import of transformers), past the store timeout that creating a group waits under
+    coord.barrier("groups", everyone)
     mode.make_groups(plan, groups)
 
     # 7. the mode

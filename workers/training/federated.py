@@ -88,6 +88,7 @@ from .coord import agree, error_of
 from .private import LocalDP, SecAggStats, session_cost
 from .runtime import Ctx
 from .secure_round import DROPOUT_AFTER_S, SecureRound
+from .shards import ShardClient, federation_members, run_shard_server
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class _Federation:
     threshold: int = 0  # secure aggregation: shares needed to unmask (t of the session's n workers)
     agg_seconds: float = 0.0
     rounds_done: int = 0
+    shards: ShardClient | None = None  # the parameter servers that hold the global model, if any
     round_started: float = 0.0  # perf_counter() at the start of the current round
 
 
@@ -148,6 +150,8 @@ class _Outcome:
 
 
 def run_federated(ctx: Ctx) -> TrainedModel | None:
+    if ctx.plan.rank in ctx.plan.ps:
+        return run_shard_server(ctx)  # holds a shard of the global model (:mod:`.shards`)
     fed = _start(ctx)
     local_model: nn.Module | None = None
     first, stopping = ctx.start, False
@@ -172,8 +176,8 @@ def _start(ctx: Ctx) -> _Federation:
     job, plan = ctx.job, ctx.plan
     agg = plan.aggregator
     assert agg is not None
-    group = ctx.groups["active"]
-    members = sorted(plan.active)
+    group = ctx.groups.get("federation") or ctx.groups["active"]
+    members = federation_members(plan)
     is_agg, is_worker = plan.rank == agg, plan.is_worker
     model = ctx.model
     model.train()
@@ -213,7 +217,11 @@ def _start(ctx: Ctx) -> _Federation:
         ctx.coord.barrier("privacy-ready", members)  # opacus' import may take long: wait on the store
 
     initial = flat_weights(model)
-    broadcast(ctx, initial, agg, group, members)
+    shards = ShardClient(ctx, members) if plan.ps else None
+    if shards is not None:
+        initial = shards.start(initial)  # handed to the parameter servers, pulled back from them
+    else:
+        broadcast(ctx, initial, agg, group, members)
     set_weights(model, initial)
     commit = commit_rule(plan.consensus)(ctx, model, group, members)
     commit.start(initial)
@@ -222,7 +230,7 @@ def _start(ctx: Ctx) -> _Federation:
                        reputation=reputation, spe=spe, accum=accum, commit=commit, last_round=last_round,
                        dp_cost=dp_cost, local_dp=local_dp,
                        secagg=SecAggStats() if job.secure_aggregation else None,
-                       threshold=default_threshold(len(plan.workers)))
+                       threshold=default_threshold(len(plan.workers)), shards=shards)
 
 
 def _privacy_plan(ctx: Ctx, is_agg: bool) -> tuple[RoundCost | None, int]:
@@ -276,7 +284,9 @@ def _gather(ctx: Ctx, fed: _Federation, rnd: int, local: Sums) -> _Outcome:
     """The weights in the clear: every member's row gathered on the aggregator, screened by the
     commit rule, aggregated."""
     d = fed.d
-    ctx.coord.barrier(f"round-{rnd}", fed.members)  # long waits happen here, on the store
+    # long waits happen here, on the store; a stop request (the user's, or an elastic boundary) waits for
+    # the round's end, when the workers arrive with the stop flag
+    ctx.coord.barrier(f"round-{rnd}", fed.members, patient=True)
     row = _row(ctx, fed, local, rnd)
     t0 = time.perf_counter()
     table = [torch.empty_like(row) for _ in fed.members] if fed.is_agg else None
@@ -379,8 +389,12 @@ def _finish_round(ctx: Ctx, fed: _Federation, rnd: int, outcome: _Outcome, local
                   t_round: float) -> tuple[bool, nn.Module | None]:
     """The candidate to every member, the commit rule, the evaluation and the round's report."""
     model, d, is_worker = ctx.model, fed.d, ctx.plan.is_worker
-    payload = torch.cat([outcome.weights, torch.tensor([outcome.flag, outcome.status])])
-    broadcast(ctx, payload, fed.agg, fed.group, fed.members)
+    if fed.shards is not None:  # through the parameter servers, which apply it to their shards
+        payload = fed.shards.deliver(rnd, outcome.weights if fed.is_agg else None, fed.commit.committed,
+                                     outcome.flag, outcome.status, final=outcome.flag > 0 or rnd == fed.last_round)
+    else:
+        payload = torch.cat([outcome.weights, torch.tensor([outcome.flag, outcome.status])])
+        broadcast(ctx, payload, fed.agg, fed.group, fed.members)
     flag, status = float(payload[d]), float(payload[d + 1])
     if flag >= FAILED:  # every member raises the aggregator's error
         agree(outcome.error, None, fed.group)
@@ -390,6 +404,8 @@ def _finish_round(ctx: Ctx, fed: _Federation, rnd: int, outcome: _Outcome, local
     candidate = payload[:d].clone()
     set_weights(model, candidate)
     val, extra_metrics = fed.commit.commit(rnd, candidate, status == OK)
+    if fed.shards is not None:
+        fed.shards.verdict(rnd, fed.commit.committed is candidate)
     extra_metrics = {**extra_metrics, **_privacy_metrics(ctx, fed, rnd)}
     fed.rounds_done += 1
     seconds = time.perf_counter() - t_round

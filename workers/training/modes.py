@@ -21,6 +21,7 @@ from .ps import run_parameter_server
 from .robust_sync import run_sync_robust
 from .runtime import Ctx
 from .setup import Plan
+from .shards import federation_members
 from .sync import run_sync
 
 
@@ -54,6 +55,10 @@ def _federated_groups(plan: Plan, groups: dict[str, Any]) -> None:
     groups["active"] = new_group(plan.active)
     if len(plan.workers) > 1:
         groups["workers"] = new_group(plan.workers)
+    if plan.ps and plan.aggregator is not None:  # central federation with parameter servers
+        members = federation_members(plan)
+        groups["federation"] = new_group(members)  # who trains, aggregates and judges (not the servers)
+        groups["shards"] = {p: new_group([p] + members) for p in plan.ps}  # a server serves its shard to them
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ def make_plan(job: TrainJob, rank: int, world: int) -> Plan:
             aggregator = aggs[0] if aggs else workers[0]
             if consensus in ("proof-of-learning", "raft"):
                 validators = list(vals)
-            active = sorted(set(workers) | {aggregator} | set(validators))
+            active = sorted(set(workers) | {aggregator} | set(validators) | set(ps))  # PS hold the global model
             if consensus == "proof-of-learning":
                 judges = sorted(set(vals) | {r for r in having("validation") if r in active}) or [aggregator]
             reporter = aggregator
