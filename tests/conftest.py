@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+_ENV_AT_IMPORT = frozenset(os.environ)  # what the test run began with
 
 
 @pytest.fixture
@@ -51,6 +52,18 @@ def stop_controller(home: Path, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + 30
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def shutdown_in_process_ray() -> None:
+    """An in-memory server given launcher 'ray' (the fuzzer draws it) joins or starts Ray inside the
+    test process; that connection, and the instance it started, would outlive the test and capture
+    every later ``ray.init`` in the process (ignore_reinit_error), so later Ray tests would talk to
+    the wrong cluster."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    for name in [k for k in os.environ if k.startswith("RAY_") and k not in _ENV_AT_IMPORT]:
+        del os.environ[name]  # ray.init leaves RAY_AUTH_MODE & co. behind; server subprocesses inherit them
 
 
 def pid_alive(pid: int) -> bool:

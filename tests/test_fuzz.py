@@ -32,13 +32,14 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import pytest
-from conftest import pid_alive
+from conftest import pid_alive, shutdown_in_process_ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client
@@ -280,14 +281,15 @@ def short(args: dict[str, Any]) -> str:
 
 
 @pytest.fixture
-def fuzz_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def fuzz_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("FLOW_NEXUS_MAX_NODE_PROCESSES", "3")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("FLOW_NEXUS_DB_URL", raising=False)
     canary = tmp_path / "canary"
     canary.mkdir()
     (canary / "secret.txt").write_text("canary")
-    return tmp_path / "home"
+    yield tmp_path / "home"
+    shutdown_in_process_ray()  # the fuzzer's launcher 'ray' calls start Ray inside this process
 
 
 def test_fuzz_every_tool(fuzz_home: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from conftest import StdioRpc, ok, pid_alive, server_command, server_env  # noqa: E402
+from conftest import StdioRpc, ok, pid_alive, server_command, server_env, shutdown_in_process_ray  # noqa: E402
 from mcp import Client  # noqa: E402
 
 from flow_nexus_server.config import Settings  # noqa: E402
@@ -112,6 +112,7 @@ def ray_cluster():
     """A head and a second Ray node on this machine; the server joins it by address."""
     from ray.cluster_utils import Cluster
 
+    shutdown_in_process_ray()  # an earlier test's in-process Ray would capture this module's ray.init calls
     cluster = start_ray_cluster(Cluster)
     saved = os.environ.get("FLOW_NEXUS_RAY_ADDRESS")
     os.environ["FLOW_NEXUS_RAY_ADDRESS"] = cluster.address
