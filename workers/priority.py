@@ -25,12 +25,7 @@ def lower_cpu_priority(increment: int) -> None:
     except (OSError, AttributeError) as exc:  # AttributeError: no os.nice on Windows
         log.warning("could not lower this node's CPU priority: %s", exc)
         return
-    if sys.platform == "linux":
-        try:
-            with open("/proc/self/autogroup", "w", encoding="ascii") as group:
-                group.write(str(increment))
-        except OSError:
-            pass  # no autogroups (CONFIG_SCHED_AUTOGROUP off): the plain nice value counts
+    _set_autogroup_nice(increment)
 
 
 def priority_from_environment() -> int:
@@ -45,10 +40,15 @@ def autogroup_at_own_nice() -> None:
     session of its own, so a rank of a baseline launched at the nodes' priority lands in a new
     autogroup at nice 0 and, on a loaded machine, takes about nine times the CPU share of a niced
     node: a benchmark would then measure the priorities, not the code."""
+    _set_autogroup_nice(os.nice(0))
+
+
+def _set_autogroup_nice(value: int) -> None:
+    """The nice value of this process's scheduling autogroup (Linux only; psutil has no call for it)."""
     if sys.platform != "linux":
         return
     try:
         with open("/proc/self/autogroup", "w", encoding="ascii") as group:
-            group.write(str(os.nice(0)))
+            group.write(str(value))
     except OSError:
-        pass  # no autogroups: the process's nice value already counts
+        pass  # no autogroups (CONFIG_SCHED_AUTOGROUP off): the plain nice value counts
