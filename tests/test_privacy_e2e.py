@@ -32,6 +32,25 @@ async def _cluster(client: Client, workers: int, **init: object) -> str:
     return cid
 
 
+async def _kill_a_worker_in_round_2(client: Client, cid: str, session_id: str) -> tuple[dict, dict]:
+    """SIGKILL the last worker once round 2 began (its keys are shared before training); returns the
+    victim's node row and the session's status once it is no longer running."""
+    for _ in range(1200):
+        status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
+        if (status.get("current_epoch") or 0) >= 2:
+            break
+        await anyio.sleep(0.05)
+    assert status["training"]["status"] == "running", "the session ended before the kill"
+    victim = next(n for n in reversed(status["nodes"]) if n["role"] == "worker")
+    os.kill(victim["pid"], signal.SIGKILL)
+    for _ in range(1200):
+        done = await ok(client, "neural_training_status", {"session_id": session_id})
+        if done["status"] != "running":
+            break
+        await anyio.sleep(0.5)
+    return victim, done
+
+
 async def test_local_dp_stops_at_the_budget_and_reports_epsilon(home):
     dp = {"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 3.0}
     # digits, 2 workers: the shards the nodes cut; the session spends what the smallest one spends
@@ -112,19 +131,7 @@ async def test_a_worker_killed_mid_round_is_recovered_and_the_session_completes(
         run = await ok(client, "neural_train_distributed", {
             "cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 4, "local_epochs": 40,
             "batch_size": 32, "learning_rate": 0.01, "secure_aggregation": True, "consensus": consensus})
-        for _ in range(1200):
-            status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
-            if (status.get("current_epoch") or 0) >= 2:  # round 2 began: its keys are shared before training
-                break
-            await anyio.sleep(0.05)
-        assert status["training"]["status"] == "running", "the session ended before the kill"
-        victim = next(n for n in reversed(status["nodes"]) if n["role"] == "worker")
-        os.kill(victim["pid"], signal.SIGKILL)
-        for _ in range(1200):
-            done = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
-            if done["status"] != "running":
-                break
-            await anyio.sleep(0.5)
+        victim, done = await _kill_a_worker_in_round_2(client, cid, run["session_id"])
         assert done["status"] == "completed", done.get("error")
         final = done["final_metrics"]
         assert final["epochs_done"] == 4 and final["val_accuracy"] > 0.8
@@ -157,18 +164,7 @@ async def test_a_dropout_below_the_threshold_fails_the_session_naming_it(home):
         run = await ok(client, "neural_train_distributed", {
             "cluster_id": cid, "dataset": "digits", "federated": True, "rounds": 3, "local_epochs": 40,
             "batch_size": 32, "learning_rate": 0.01, "secure_aggregation": True})
-        for _ in range(1200):
-            status = await ok(client, "neural_cluster_status", {"cluster_id": cid})
-            if (status.get("current_epoch") or 0) >= 2:
-                break
-            await anyio.sleep(0.05)
-        victim = next(n for n in reversed(status["nodes"]) if n["role"] == "worker")
-        os.kill(victim["pid"], signal.SIGKILL)
-        for _ in range(1200):
-            done = await ok(client, "neural_training_status", {"session_id": run["session_id"]})
-            if done["status"] != "running":
-                break
-            await anyio.sleep(0.5)
+        victim, done = await _kill_a_worker_in_round_2(client, cid, run["session_id"])
         assert done["status"] == "failed"
         assert victim["node_id"] in done["error"]
         assert "only 1 of 2 workers survived" in done["error"] and "the threshold (2 of 2)" in done["error"]
